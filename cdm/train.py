@@ -1,0 +1,218 @@
+"""Training one shard with accelerate: seeded, reproducible, optional EMA, slice checkpoints.
+
+Slices (SISA-style): a shard's samples are assigned to ordered slices by their content hash. Training visits the
+slices in order; while on slice k it draws batches from slices 0..k and takes `steps // num_slices` optimizer
+steps, then writes a checkpoint keyed by the hash of the slices so far (plus the configuration). Removing samples
+that sit in slice k changes only the keys from k on, so retraining resumes from checkpoint k-1 and reproduces,
+bit for bit on CPU, what training on the reduced data from scratch with the same seed gives.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from cdm.data import Dataset
+from cdm.model import ModelConfig, build_unet
+from cdm.safetensors_io import load_tree, save_tree
+from cdm.schedulers import NoiseSchedule, train_scheduler
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 600  # total optimizer steps over all slices
+    batch_size: int = 64
+    lr: float = 2e-3  # tiny UNets on 8x8 images tolerate a high rate; lower it for `base`
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    # Probability of replacing a label by the null label, so the shard also learns p(x) (unconditional sampling
+    # and classifier-free guidance).
+    label_dropout: float = 0.15
+    # EMA of the weights; the effective decay warms up as min(decay, (1+step)/(10+step)). None disables it.
+    ema_decay: float | None = 0.995
+    num_slices: int = 1
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+
+    def config_hash(self, model: ModelConfig, schedule: NoiseSchedule) -> str:
+        """Hash of everything that determines the weights besides the data."""
+        blob = json.dumps({"train": asdict(self), "model": json.loads(model.to_json()), "schedule": asdict(schedule)},
+                          sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+@dataclass
+class TrainResult:
+    unet: torch.nn.Module  # EMA weights when EMA is on
+    losses: list[float]  # one per optimizer step, including steps restored from checkpoints
+    slice_keys: list[str]  # checkpoint key after each slice
+    resumed_from_slice: int  # index of the last slice restored from a checkpoint, -1 when trained from scratch
+    seconds: float
+    steps_run: int  # optimizer steps actually run in this call
+    extra: dict = field(default_factory=dict)
+
+
+def assign_slices(ids: list[str], num_slices: int) -> torch.Tensor:
+    """Slice index per sample, from its content hash: stable when other samples are added or removed."""
+    return torch.tensor([int(hashlib.sha256(i.encode()).hexdigest()[:8], 16) % num_slices for i in ids],
+                        dtype=torch.long)
+
+
+def slice_keys(ids: list[str], num_slices: int, config_hash: str) -> list[str]:
+    """Checkpoint key after each slice: hash of the config and of the sorted sample ids of slices 0..k."""
+    slices = assign_slices(ids, num_slices).tolist()
+    keys, h = [], hashlib.sha256(config_hash.encode())
+    for k in range(num_slices):
+        for sample_id in sorted(i for i, s in zip(ids, slices) if s == k):
+            h.update(sample_id.encode())
+        h.update(f"|slice{k}|".encode())
+        keys.append(h.copy().hexdigest())
+    return keys
+
+
+def _slice_generator(seed: int, k: int) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(int(hashlib.sha256(f"{seed}:{k}".encode()).hexdigest()[:15], 16))
+    return g
+
+
+class EMA:
+    """Exponential moving average of parameters, with decay warm-up."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step))
+        for k, v in model.state_dict().items():
+            if v.dtype.is_floating_point:
+                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
+            else:
+                self.shadow[k].copy_(v)
+
+
+def train_shard(
+    data: Dataset,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    schedule: NoiseSchedule | None = None,
+    checkpoint_dir: str | Path | None = None,
+    progress: bool = True,
+    desc: str = "shard",
+) -> TrainResult:
+    """Train one shard's UNet on `data`.
+
+    Args:
+        data: the shard's samples (x in [-1, 1], labels, content ids).
+        model_cfg: the UNet architecture.
+        cfg: optimisation settings (steps, slices, seed, EMA, mixed precision).
+        schedule: the forward noising process shared by all shards.
+        checkpoint_dir: where slice checkpoints are read and written; None disables them.
+        progress: show a tqdm progress bar.
+        desc: label of the progress bar.
+    Returns:
+        The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    if len(data) == 0:
+        raise ValueError("cannot train a shard on no data")
+    schedule = schedule or NoiseSchedule()
+    noise = train_scheduler(schedule)
+    ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    keys = slice_keys(data.ids, cfg.num_slices, cfg.config_hash(model_cfg, schedule))
+    steps_per_slice = [cfg.steps // cfg.num_slices + (1 if k < cfg.steps % cfg.num_slices else 0)
+                       for k in range(cfg.num_slices)]
+
+    # Canonical order: by slice, then by id, so that batch indices mean the same samples on every run.
+    slices = assign_slices(data.ids, cfg.num_slices)
+    order = sorted(range(len(data)), key=lambda i: (int(slices[i]), data.ids[i]))
+    data = data.subset(order)
+    slices = slices[order]
+    ends = [int((slices <= k).sum()) for k in range(cfg.num_slices)]  # samples in slices 0..k = data[:ends[k]]
+
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    torch.manual_seed(cfg.seed)
+    unet = build_unet(model_cfg)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
+    losses: list[float] = []
+
+    # 1. Resume from the last slice whose checkpoint exists (its key covers config and data of slices 0..k).
+    resumed = -1
+    if ckpt_dir is not None:
+        for k in reversed(range(cfg.num_slices)):
+            path = ckpt_dir / f"{keys[k]}.safetensors"
+            if path.is_file():
+                state = load_tree(path)
+                unet.load_state_dict(state["model"])
+                optimizer.load_state_dict(state["optimizer"])
+                if ema is not None:
+                    ema.shadow = state["ema"]
+                losses = list(state["losses"])
+                resumed = k
+                break
+
+    unet, optimizer = accelerator.prepare(unet, optimizer)
+    device = accelerator.device
+    x_all, y_all = data.x.to(device), data.y.to(device)
+    rank, world = accelerator.process_index, accelerator.num_processes
+    started, steps_run = time.perf_counter(), 0
+    bar = tqdm(total=cfg.steps, initial=sum(steps_per_slice[: resumed + 1]), desc=desc, disable=not progress,
+               leave=False)
+    unet.train()
+    for k in range(resumed + 1, cfg.num_slices):
+        g = _slice_generator(cfg.seed, k)
+        n_avail = ends[k]
+        for _ in range(steps_per_slice[k]):
+            # 2. Draw a batch from slices 0..k, timesteps, noise and the label-dropout mask (CPU generator).
+            idx = torch.randint(0, n_avail, (cfg.batch_size,), generator=g)
+            t = torch.randint(0, schedule.num_train_timesteps, (cfg.batch_size,), generator=g)
+            eps = torch.randn((cfg.batch_size, *data.x.shape[1:]), generator=g)
+            drop = torch.rand(cfg.batch_size, generator=g) < cfg.label_dropout
+            # Each process takes its share of the batch (multi-GPU); one process takes all of it.
+            idx, t, eps, drop = (v[rank::world].to(device) for v in (idx, t, eps, drop))
+            x0, y = x_all[idx], y_all[idx]
+            y = torch.where(drop, torch.full_like(y, model_cfg.null_label), y)
+            # 3. Noise and predict.
+            x_t = noise.add_noise(x0, eps, t)
+            with accelerator.autocast():
+                pred = unet(x_t, t, class_labels=y).sample
+            loss = F.mse_loss(pred.float(), eps)
+            # 4. Optimise.
+            accelerator.backward(loss)
+            if cfg.grad_clip:
+                accelerator.clip_grad_norm_(unet.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update(accelerator.unwrap_model(unet), len(losses))
+            losses.append(float(loss.detach()))
+            steps_run += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
+        # 5. Checkpoint after the slice.
+        if ckpt_dir is not None and accelerator.is_main_process:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            state = {"model": accelerator.unwrap_model(unet).state_dict(), "optimizer": optimizer.state_dict(),
+                     "losses": losses}
+            if ema is not None:
+                state["ema"] = ema.shadow
+            save_tree(state, ckpt_dir / f"{keys[k]}.safetensors")
+    bar.close()
+
+    final = accelerator.unwrap_model(unet).to("cpu").float()
+    if ema is not None:
+        final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+    final.eval()
+    return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run)
