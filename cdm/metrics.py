@@ -1,0 +1,191 @@
+"""Evaluation (DESIGN.md §6): FID/KID with our own feature network, memorization, membership inference.
+
+The feature network is a small classifier trained on a held-out split that belongs to no owner, so no weights are
+downloaded. Every score carries the sha256 of the feature network's weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from cdm.data import Dataset
+from cdm.model import Denoiser
+
+
+class FeatureNet(torch.nn.Module):
+    """Classifier on [-1, 1] images; `forward` returns the penultimate features (torchmetrics' `feature` module)."""
+
+    def __init__(self, channels: int = 1, num_classes: int = 10, width: int = 32, num_features: int = 64):
+        super().__init__()
+        self.config = dict(channels=channels, num_classes=num_classes, width=width, num_features=num_features)
+        self.num_features = num_features
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.Conv2d(width, 2 * width, 3, padding=1, stride=2), torch.nn.SiLU(),
+            torch.nn.Conv2d(2 * width, 2 * width, 3, padding=1), torch.nn.SiLU(),
+            torch.nn.AdaptiveAvgPool2d(2), torch.nn.Flatten(),
+            torch.nn.Linear(8 * width, num_features), torch.nn.SiLU(),
+        )
+        self.classifier = torch.nn.Linear(num_features, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """[B, C, H, W] in [-1, 1] -> features [B, num_features] (float64 for torchmetrics' statistics)."""
+        return self.body(x.float()).double()
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.body(x.float()))
+
+    def predict(self, x: torch.Tensor, batch: int = 512) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([self.logits(x[i:i + batch]).argmax(1) for i in range(0, len(x), batch)])
+
+    def sha256(self) -> str:
+        """Hash of the weights (names, shapes and bytes, in a fixed order)."""
+        h = hashlib.sha256()
+        for k, v in sorted(self.state_dict().items()):
+            h.update(k.encode())
+            h.update(str(tuple(v.shape)).encode())
+            h.update(v.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def train_feature_net(data: Dataset, num_classes: int = 10, steps: int = 800, batch_size: int = 128,
+                      lr: float = 2e-3, seed: int = 0) -> FeatureNet:
+    """Train the feature network on (held-out) labelled images, with small random shifts as augmentation."""
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = FeatureNet(data.x.shape[1], num_classes)
+    opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+    for _ in range(steps):
+        idx = torch.randint(0, len(data), (batch_size,), generator=g)
+        x = data.x[idx]
+        dx, dy = torch.randint(-1, 2, (2,), generator=g).tolist()
+        x = torch.roll(x, shifts=(dx, dy), dims=(2, 3))
+        x = x + 0.1 * torch.randn(x.shape, generator=g)
+        loss = F.cross_entropy(net.logits(x), data.y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return net.eval()
+
+
+def save_feature_net(net: FeatureNet, path: str | Path) -> str:
+    """Save as safetensors (config in the metadata). Returns the weights' sha256."""
+    import json
+
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path),
+              metadata={"config": json.dumps(net.config)})
+    return net.sha256()
+
+
+def load_feature_net(path: str | Path, expected_sha256: str | None = None) -> FeatureNet:
+    """Load a feature network; refuses weights whose hash differs from `expected_sha256`."""
+    import json
+
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        config = json.loads(f.metadata()["config"])
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    net = FeatureNet(**config)
+    net.load_state_dict(state)
+    net.eval()
+    if expected_sha256 and net.sha256() != expected_sha256:
+        raise ValueError(f"{path}: feature network hash {net.sha256()[:12]} != recorded {expected_sha256[:12]}")
+    return net
+
+
+@dataclass
+class DistributionScores:
+    fid: float
+    kid_mean: float
+    kid_std: float
+    n_real: int
+    n_fake: int
+    feature_sha256: str
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def fid_kid(real: torch.Tensor, fake: torch.Tensor, net: FeatureNet, kid_subsets: int = 50) -> DistributionScores:
+    """FID and KID (torchmetrics) between two image sets [N, C, H, W] in [-1, 1], through `net`'s features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    subset = min(len(real), len(fake), 1000)
+    fid = FrechetInceptionDistance(feature=net, normalize=False)
+    kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=False)
+    with torch.no_grad():
+        for metric in (fid, kid):
+            for i in range(0, len(real), 512):
+                metric.update(real[i:i + 512], real=True)
+            for i in range(0, len(fake), 512):
+                metric.update(fake[i:i + 512], real=False)
+        kid_mean, kid_std = kid.compute()
+        return DistributionScores(float(fid.compute()), float(kid_mean), float(kid_std), len(real), len(fake),
+                                  net.sha256())
+
+
+def memorization(generated: torch.Tensor, train: torch.Tensor, ratio: float = 1 / 3) -> dict:
+    """Share of generated samples whose nearest training image is much closer than the second nearest.
+
+    Returns:
+        {"share": fraction with d1 / d2 < ratio, "flags": [N] bool, "nearest": [N] index of the nearest image}.
+    """
+    if len(train) < 2:
+        raise ValueError("memorization needs at least two training images")
+    d = torch.cdist(generated.flatten(1).double(), train.flatten(1).double())  # [N, M]
+    two = d.topk(2, dim=1, largest=False)
+    flags = two.values[:, 0] < ratio * two.values[:, 1]
+    return {"share": float(flags.float().mean()), "flags": flags, "nearest": two.indices[:, 0]}
+
+
+@torch.no_grad()
+def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
+                   timesteps: tuple[int, ...] = (50, 100, 200, 300, 400), repeats: int = 4,
+                   seed: int = 0) -> torch.Tensor:
+    """Per-sample denoising loss (mean squared error of the predicted noise) over fixed timesteps. -> [N]."""
+    g = torch.Generator().manual_seed(seed)
+    total = torch.zeros(len(x0), dtype=torch.float64)
+    for t_val in timesteps:
+        for _ in range(repeats):
+            eps = torch.randn(x0.shape, generator=g)
+            a = alphas_cumprod[t_val].float()
+            x_t = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            t = torch.full((len(x0),), t_val, dtype=torch.long)
+            if hasattr(denoiser, "reset"):
+                denoiser.reset()
+            pred = denoiser(x_t, t, labels)
+            total += ((pred - eps) ** 2).flatten(1).mean(1).double()
+    return (total / (len(timesteps) * repeats)).float()
+
+
+def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor) -> float:
+    """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie)."""
+    pos, neg = np.asarray(scores_pos, dtype=np.float64), np.asarray(scores_neg, dtype=np.float64)
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("AUC needs both positive and negative scores")
+    allv = np.concatenate([pos, neg])
+    order = allv.argsort(kind="mergesort")
+    ranks = np.empty(len(allv))
+    ranks[order] = np.arange(1, len(allv) + 1)
+    # Average ranks over ties.
+    for v in np.unique(allv):
+        m = allv == v
+        if m.sum() > 1:
+            ranks[m] = ranks[m].mean()
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+def membership_auc(loss_members: torch.Tensor, loss_heldout: torch.Tensor) -> float:
+    """Membership-inference AUC: lower loss means "member". 0.5 = the model cannot tell them apart."""
+    return auc(-loss_members.numpy(), -loss_heldout.numpy())

@@ -1,0 +1,183 @@
+"""Composition on Gaussian shards with closed-form eps (no training): the estimators against the exact posterior."""
+
+import pytest
+import torch
+
+from cdm.compose import CompositeDenoiser, RouterConfig, ShardStack, class_priors, train_router
+from cdm.data import Dataset
+from cdm.model import ModelConfig, UNetDenoiser, build_unet
+from cdm.pipeline import CDMPipeline
+from cdm.schedulers import NoiseSchedule, sampling_scheduler
+from tests.cdm.gaussian import GaussianShard
+
+STD = 0.3
+# Shard 0 and shard 1: label 0 and label 1 each have their own mean per shard, in a 2x2 "image".
+MEANS = [torch.tensor([[1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0]]),
+         torch.tensor([[-1.0, -1.0, 0.0, 0.0], [0.0, 0.0, -1.0, -1.0]])]
+COUNTS = torch.tensor([[30.0, 10.0], [10.0, 50.0]])  # samples per (shard, label)
+
+
+def gaussian_setup(counts=COUNTS, sampler="ddpm"):
+    sched = sampling_scheduler(NoiseSchedule(), sampler)
+    label_probs = counts / counts.sum(1, keepdim=True)
+    shards = [GaussianShard(MEANS[i], STD, sched.alphas_cumprod, label_probs[i]) for i in range(len(counts))]
+    return sched, shards, class_priors(counts)
+
+
+def exact_posterior(shards, priors, x, t, labels):
+    logp = torch.stack([s.log_density(x, t, labels) for s in shards], 1) + priors[:, labels].T.double().log()
+    return logp.softmax(1).float()
+
+
+def record_inputs(comp):
+    seen, forward = [], comp.forward
+
+    def spy(x, t, y):
+        seen.append((x.clone(), t.clone()))
+        return forward(x, t, y)
+
+    comp.forward = spy
+    return seen
+
+
+def test_class_priors():
+    p = class_priors(torch.tensor([[3.0, 0.0], [1.0, 4.0]]))
+    assert torch.allclose(p, torch.tensor([[0.75, 0.0, 3 / 8], [0.25, 1.0, 5 / 8]]))
+
+
+def test_path_weights_match_exact_posterior_along_ddpm_trajectory():
+    sched, shards, priors = gaussian_setup()
+    comp = CompositeDenoiser(shards, priors, "path", scheduler=sched)
+    seen = record_inputs(comp)
+    labels = torch.tensor([0] * 150 + [1] * 150 + [2] * 150)  # 2 = null label (unconditional)
+    CDMPipeline(comp, sched, (1, 2, 2))(labels, 100, generator=torch.Generator().manual_seed(0))
+    errors = torch.stack([(exact_posterior(shards, priors, x, t, labels) - w).abs().mean()
+                          for (x, t), w in zip(seen, comp.trace)])
+    assert errors.mean() < 0.02, errors
+    assert errors.max() < 0.05
+    # The estimator did real work: the final weights are decisive, not the prior.
+    assert (comp.trace[-1].max(1).values > 0.99).float().mean() > 0.95
+
+
+@pytest.mark.parametrize("estimator", ["path", "prior"])
+def test_samples_reproduce_the_mixture(estimator):
+    sched, shards, priors = gaussian_setup()
+    comp = CompositeDenoiser(shards, priors, estimator, scheduler=sched, generator=torch.Generator().manual_seed(1))
+    n = 600
+    for label in (0, 1):
+        labels = torch.full((n,), label)
+        x = CDMPipeline(comp, sched, (1, 2, 2))(labels, 100, generator=torch.Generator().manual_seed(label), clip=False)
+        x = x.flatten(1)
+        d = torch.stack([(x - MEANS[i][label]).norm(dim=1) for i in range(2)], 1)
+        comp_of = d.argmin(1)
+        share0 = (comp_of == 0).float().mean()
+        assert abs(share0 - priors[0, label]) < 0.06, (label, share0)
+        for i in range(2):
+            xi = x[comp_of == i]
+            assert (xi.mean(0) - MEANS[i][label]).abs().max() < 0.1
+            assert abs(xi.std(0).mean() - STD) < 0.05
+
+
+def test_average_estimator_blurs_and_is_worse_than_path():
+    sched, shards, priors = gaussian_setup()
+    labels = torch.full((300,), 0)
+    out = {}
+    for est in ("average", "path"):
+        comp = CompositeDenoiser(shards, priors, est, scheduler=sched)
+        x = CDMPipeline(comp, sched, (1, 2, 2))(labels, 100, generator=torch.Generator().manual_seed(0)).flatten(1)
+        d = torch.stack([(x - MEANS[i][0]).norm(dim=1) for i in range(2)], 1).min(1).values
+        out[est] = d.mean()
+    assert out["path"] < out["average"]
+
+
+def test_subset_never_draws_from_an_excluded_shard():
+    sched, shards, priors = gaussian_setup()
+    for est in ("path", "prior", "average"):
+        comp = CompositeDenoiser(shards, priors, est, scheduler=sched, subset=[1],
+                                 generator=torch.Generator().manual_seed(0))
+        labels = torch.tensor([0] * 100 + [1] * 100 + [2] * 100)
+        x = CDMPipeline(comp, sched, (1, 2, 2))(labels, 50, generator=torch.Generator().manual_seed(0)).flatten(1)
+        assert all(float(w[:, 0].abs().max()) == 0.0 for w in comp.trace), est
+        for label in (0, 1):
+            rows = x[labels == label]
+            assert ((rows - MEANS[1][label]).norm(dim=1) < (rows - MEANS[0][label]).norm(dim=1)).all()
+
+
+def test_zero_prior_shard_gets_zero_weight_for_that_label():
+    counts = torch.tensor([[30.0, 0.0], [10.0, 50.0]])  # shard 0 holds no label 1
+    sched, shards, priors = gaussian_setup(counts)
+    comp = CompositeDenoiser(shards, priors, "path", scheduler=sched)
+    labels = torch.tensor([1] * 50 + [0] * 50)
+    CDMPipeline(comp, sched, (1, 2, 2))(labels, 50, generator=torch.Generator().manual_seed(0))
+    assert all(float(w[:50, 0].max()) == 0.0 for w in comp.trace)
+    assert float(comp.trace[-1][50:, 0].max()) > 0.5
+
+
+def test_subset_without_the_label_is_a_clear_error():
+    counts = torch.tensor([[30.0, 0.0], [10.0, 50.0]])
+    sched, shards, priors = gaussian_setup(counts)
+    comp = CompositeDenoiser(shards, priors, "average", subset=[0])
+    with pytest.raises(ValueError, match="label"):
+        comp(torch.randn(2, 1, 2, 2), torch.tensor([10, 10]), torch.tensor([1, 1]))
+
+
+def test_router_approaches_the_exact_posterior():
+    sched, shards, priors = gaussian_setup()
+    g = torch.Generator().manual_seed(0)
+    xs, ys, owner = [], [], []
+    for i in range(2):
+        for label in range(2):
+            n = int(COUNTS[i, label]) * 40
+            xs.append(MEANS[i][label] + STD * torch.randn(n, 4, generator=g))
+            ys.append(torch.full((n,), label))
+            owner.append(torch.full((n,), i))
+    x = torch.cat(xs).view(-1, 1, 2, 2)
+    data = Dataset(x, torch.cat(ys), [str(k) for k in range(len(x))])
+    router, losses = train_router(data, torch.cat(owner), 2, num_classes=2,
+                                  cfg=RouterConfig(steps=1500, batch_size=256, width=16, label_dropout=0.3))
+    assert losses[-1] < losses[0]
+    # Compare with the exact posterior on fresh noised samples.
+    idx = torch.randint(0, len(data), (2000,), generator=g)
+    t = torch.randint(0, 1000, (2000,), generator=g)
+    ac = sched.alphas_cumprod[t].view(-1, 1, 1, 1)
+    x_t = ac.sqrt() * data.x[idx] + (1 - ac).sqrt() * torch.randn(data.x[idx].shape, generator=g)
+    labels = torch.where(torch.rand(2000, generator=g) < 0.3, torch.full_like(data.y[idx], 2), data.y[idx])
+    with torch.no_grad():
+        w = router(x_t, t, labels).softmax(1)
+    exact = exact_posterior(shards, priors, x_t, t, labels)
+    assert (w - exact).abs().mean() < 0.05
+
+
+def tiny_unets(n):
+    cfg = ModelConfig.preset("tiny")
+    unets = []
+    for i in range(n):
+        torch.manual_seed(i)
+        unets.append(build_unet(cfg).eval())
+    return cfg, unets
+
+
+def test_batched_and_sparse_zero_reproduce_the_plain_loop():
+    cfg, unets = tiny_unets(3)
+    sched = sampling_scheduler(NoiseSchedule(), "ddpm")
+    priors = class_priors(torch.tensor([[10.0] * 10, [5.0] * 10, [1.0] * 10]))
+    labels = torch.tensor([0, 3, 7, 10, 10, 2])
+    outs = []
+    for shards, evaluation in (([UNetDenoiser(u, cfg.null_label) for u in unets], "loop"),
+                               (ShardStack(unets), "batched")):
+        comp = CompositeDenoiser(shards, priors, "path", scheduler=sched, evaluation=evaluation, threshold=0.0)
+        outs.append(CDMPipeline(comp, sched, (1, 8, 8))(labels, 20, generator=torch.Generator().manual_seed(0)))
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+
+
+def test_sparse_threshold_skips_evaluations():
+    sched, shards, priors = gaussian_setup()
+    labels = torch.tensor([0] * 100 + [1] * 100)
+    dense = CompositeDenoiser(shards, priors, "path", scheduler=sched)
+    sparse = CompositeDenoiser(shards, priors, "path", scheduler=sched, threshold=1e-3)
+    xd = CDMPipeline(dense, sched, (1, 2, 2))(labels, 100, generator=torch.Generator().manual_seed(0))
+    xs = CDMPipeline(sparse, sched, (1, 2, 2))(labels, 100, generator=torch.Generator().manual_seed(0))
+    assert sparse.evaluations < 0.85 * dense.evaluations
+    # Same samples for almost all trajectories (they only differ where a dropped shard mattered).
+    close = ((xd - xs).flatten(1).abs().max(1).values < 1e-2).float().mean()
+    assert close > 0.95
