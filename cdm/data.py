@@ -55,7 +55,7 @@ def image_to_tensor(image, image_size: int, channels: int) -> torch.Tensor:
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         hi = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        image = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8), mode="L")
+        image = Image.fromarray(np.clip(arr / hi * 255.0, 0, 255).astype(np.uint8))
     if image.mode in ("RGBA", "LA", "P", "PA"):
         # Composite transparency onto black, the digits' background.
         rgba = image.convert("RGBA")
@@ -125,8 +125,7 @@ def save_grid(x: torch.Tensor, path: str | Path, nrow: int | None = None, scale:
     for i in range(n):
         r, q = divmod(i, nrow)
         grid[1 + r * (h + 1): 1 + r * (h + 1) + h, 1 + q * (w + 1): 1 + q * (w + 1) + w] = imgs[i]
-    mode = "L" if c == 1 else "RGB"
-    image = Image.fromarray(grid[..., 0] if c == 1 else grid, mode=mode)
+    image = Image.fromarray(grid[..., 0] if c == 1 else grid)
     image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -201,7 +200,7 @@ def write_class_folders(images: np.ndarray, labels: np.ndarray, root: str | Path
     files = []
     for image, label in zip(images, labels):
         buf = BytesIO()
-        Image.fromarray(image, mode="L").save(buf, format="PNG")
+        Image.fromarray(image).save(buf, format="PNG")
         data = buf.getvalue()
         path = root / str(int(label)) / f"{sha256_bytes(data)[:16]}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
