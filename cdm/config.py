@@ -1,0 +1,126 @@
+"""Typed workspace parameters (`params.yaml`, grouped by stage) and consumer policy (`consumers.yaml`).
+
+Only entry points (the CLI, flows) read these files; library functions receive the values as arguments.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+
+class ConfigError(ValueError):
+    """A configuration file is missing or malformed (exit 2)."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Strict):
+    image_size: int = Field(8, ge=4, le=512)
+    channels: Literal[1, 3] = 1
+    labels: list[int] = Field(default_factory=lambda: list(range(10)))
+    max_file_bytes: int = Field(1_000_000, ge=100)  # per file
+    min_dimension: int = Field(4, ge=1)
+    max_dimension: int = Field(1024, ge=4)  # decompression bombs are refused before decoding
+    max_files: int = Field(100_000, ge=1)  # per ingestion batch
+
+
+class TrainParams(_Strict):
+    preset: Literal["tiny", "small", "base"] = "tiny"
+    steps: int = Field(600, ge=1)  # per shard
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    ema_decay: float | None = 0.995
+    label_dropout: float = Field(0.15, ge=0, lt=1)
+    num_slices: int = Field(4, ge=1)
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    min_shard_samples: int = Field(0, ge=0)  # owners under it are grouped into shared shards
+    task_runner: Literal["threads", "dask", "sequential"] = "threads"
+    max_workers: int = Field(2, ge=1)
+
+
+class ComposeParams(_Strict):
+    estimator: Literal["path", "router", "prior", "average"] = "path"
+    sampler: Literal["ddpm", "ddim"] = "ddpm"
+    num_inference_steps: int = Field(100, ge=2)
+    eta: float = Field(1.0, ge=0)
+    threshold: float = Field(1e-3, ge=0, lt=1)  # sparse composition
+    router_steps: int = Field(1500, ge=1)
+
+
+class EvaluateParams(_Strict):
+    n_samples: int = Field(500, ge=10)
+    seed: int = 0
+    feature_steps: int = Field(800, ge=1)
+    fid_ratio_max: float = 1.5  # thresholds checked by --fail-on-regression
+    fid_max: float | None = None
+    membership_auc_max: float = 0.6
+    memorization_max: float = 0.2
+
+
+class Params(_Strict):
+    data: DataParams = Field(default_factory=DataParams)
+    train: TrainParams = Field(default_factory=TrainParams)
+    compose: ComposeParams = Field(default_factory=ComposeParams)
+    evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Params":
+        return _load_yaml_model(cls, Path(path))
+
+    def dump(self, path: str | Path) -> None:
+        import yaml
+
+        Path(path).write_text(yaml.safe_dump(self.model_dump(), sort_keys=False))
+
+
+class Consumer(_Strict):
+    owners: list[str] | None = None
+    licenses: list[str] | None = None
+
+
+class Consumers(_Strict):
+    consumers: dict[str, Consumer] = Field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Consumers":
+        path = Path(path)
+        if not path.exists():
+            return cls()
+        c = _load_yaml_model(cls, path)
+        for name, rule in c.consumers.items():
+            if (rule.owners is None) == (rule.licenses is None):
+                raise ConfigError(f"{path}: consumer {name!r} needs exactly one of 'owners' or 'licenses'")
+        return c
+
+    def allowed_owners(self, name: str, owner_licenses: dict[str, str | None]) -> list[str]:
+        """Owners consumer `name` may use, among `owner_licenses` ({owner: license})."""
+        if name not in self.consumers:
+            raise KeyError(f"unknown consumer {name!r}; known: {sorted(self.consumers) or 'none'}")
+        rule = self.consumers[name]
+        if rule.owners is not None:
+            return sorted(o for o in owner_licenses if o in rule.owners)
+        return sorted(o for o, lic in owner_licenses.items() if lic in (rule.licenses or []))
+
+
+def _load_yaml_model(cls, path: Path):
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        problems = "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+        raise ConfigError(f"{path}: {problems}") from None

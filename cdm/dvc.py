@@ -1,0 +1,160 @@
+"""DVC versioning of `data/`: thin wrappers around the real `dvc` commands, and the targeted deletion of one
+owner's objects from the cache and the remote (which `dvc gc` cannot do without deleting everyone's history).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Iterable
+
+
+class DvcError(RuntimeError):
+    pass
+
+
+def run(workspace: str | Path, *args: str, check: bool = True, env: dict | None = None) -> str:
+    """Run `dvc ARGS` in the workspace; returns stdout. Raises DvcError with DVC's message on failure."""
+    import os
+
+    full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True,
+                          env=full_env)
+    if check and proc.returncode != 0:
+        raise DvcError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
+    return proc.stdout
+
+
+def init(workspace: str | Path, remote_url: str, endpoint_url: str | None = None) -> None:
+    run(workspace, "init", "-q")
+    run(workspace, "config", "core.autostage", "true")
+    run(workspace, "remote", "add", "-d", "storage", remote_url)
+    if endpoint_url:
+        run(workspace, "remote", "modify", "storage", "endpointurl", endpoint_url)
+
+
+def remote_config(workspace: str | Path) -> dict:
+    """{'url': ..., 'endpointurl': ...} of the default remote, from `dvc remote list` and `dvc config`."""
+    out = run(workspace, "remote", "list").split()
+    remotes = dict(zip(out[::2], out[1::2]))
+    url = remotes.get("storage") or next(iter(remotes.values()), None)
+    endpoint = run(workspace, "config", "remote.storage.endpointurl", check=False).strip() or None
+    if url and not url.startswith("s3://"):
+        # Relative local remotes are relative to .dvc/
+        p = Path(url)
+        url = str(p if p.is_absolute() else (Path(workspace) / ".dvc" / p).resolve())
+    return {"url": url, "endpointurl": endpoint}
+
+
+def add_and_push(workspace: str | Path, push: bool = True) -> str:
+    """`dvc add data` (+ `dvc push`); returns the new md5 of data/ recorded in data.dvc."""
+    run(workspace, "add", "-q", "data")
+    if push:
+        run(workspace, "push", "-q")
+    return data_hash(workspace)
+
+
+def data_hash(workspace: str | Path) -> str | None:
+    import yaml
+
+    path = Path(workspace) / "data.dvc"
+    if not path.exists():
+        return None
+    outs = (yaml.safe_load(path.read_text()) or {}).get("outs") or [{}]
+    return outs[0].get("md5")
+
+
+def md5_bytes(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()  # noqa: S324 - DVC's content address, not a security hash
+
+
+def _object_key(md5: str) -> str:
+    return f"files/md5/{md5[:2]}/{md5[2:]}"
+
+
+def cache_dir(workspace: str | Path) -> Path:
+    return Path(workspace) / ".dvc" / "cache"
+
+
+def dir_objects_referencing(workspace: str | Path, prefix: str) -> list[str]:
+    """md5 ids (with `.dir`) of cached directory listings that list a path under `prefix` (e.g. 'owners/alice/')."""
+    found = []
+    root = cache_dir(workspace) / "files" / "md5"
+    for f in root.glob("*/*.dir") if root.exists() else []:
+        try:
+            listing = json.loads(f.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if any(entry.get("relpath", "").startswith(prefix) for entry in listing):
+            found.append(f.parent.name + f.name)
+    return sorted(found)
+
+
+def delete_objects(workspace: str | Path, object_ids: Iterable[str], s3_client=None) -> dict:
+    """Delete content-addressed objects (md5, or md5.dir) from the cache and the default remote.
+
+    Returns:
+        {"cache": [ids deleted], "remote": [ids deleted]}.
+    """
+    ids = sorted(set(object_ids))
+    deleted = {"cache": [], "remote": []}
+    for oid in ids:
+        p = cache_dir(workspace) / _object_key(oid)
+        if p.exists():
+            p.unlink()
+            deleted["cache"].append(oid)
+    remote = remote_config(workspace)
+    url = remote["url"]
+    if not url:
+        return deleted
+    if url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        for oid in ids:
+            key = "/".join(x for x in (prefix.strip("/"), _object_key(oid)) if x)
+            if _s3_exists(s3_client, bucket, key):
+                s3_client.delete_object(Bucket=bucket, Key=key)
+                deleted["remote"].append(oid)
+    else:
+        for oid in ids:
+            p = Path(url) / _object_key(oid)
+            if p.exists():
+                p.unlink()
+                deleted["remote"].append(oid)
+    return deleted
+
+
+def _s3_exists(client, bucket: str, key: str) -> bool:
+    from botocore.exceptions import ClientError
+
+    try:
+        client.head_object(Bucket=bucket, Key=key)
+        return True
+    except ClientError:
+        return False
+
+
+def list_objects(workspace: str | Path, s3_client=None) -> dict[str, set[str]]:
+    """Object ids present in the cache and in the remote (for verification by listing)."""
+    def ids_under(keys: Iterable[str]) -> set[str]:
+        out = set()
+        for k in keys:
+            parts = k.split("/")
+            if len(parts) >= 2 and len(parts[-2]) == 2:
+                out.add(parts[-2] + parts[-1])
+        return out
+
+    cache_root = cache_dir(workspace) / "files" / "md5"
+    cache = ids_under(str(p.relative_to(cache_root)) for p in cache_root.glob("*/*")) if cache_root.exists() else set()
+    remote = set()
+    url = remote_config(workspace)["url"]
+    if url and url.startswith("s3://"):
+        bucket, _, prefix = url[5:].partition("/")
+        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.strip("/"))
+        remote = ids_under(o["Key"] for page in pages for o in page.get("Contents", []))
+    elif url and Path(url).exists():
+        root = Path(url) / "files" / "md5"
+        remote = ids_under(str(p.relative_to(root)) for p in root.glob("*/*")) if root.exists() else set()
+    return {"cache": cache, "remote": remote}

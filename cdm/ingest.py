@@ -1,0 +1,130 @@
+"""Ingestion of one owner's batch: read the source, validate, commit atomically, version with DVC.
+
+A rejected batch raises `IngestionRejected` with the report; the workspace is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import secrets
+import shutil
+import uuid
+from dataclasses import dataclass
+
+from cdm import dvc
+from cdm.config import Params
+from cdm.sources import SourceFile, list_folder, list_s3
+from cdm.validation import Limits, ValidationReport, validate_batch
+from cdm.workspace import Workspace, WorkspaceError, check_owner_id, git, now
+
+
+class IngestionRejected(WorkspaceError):
+    def __init__(self, owner: str, report: ValidationReport):
+        self.owner, self.report = owner, report
+        lines = "\n".join(f"  {p.file}: {p.reason}" for p in report.problems)
+        docs = f"\nData Docs: {report.docs}" if report.docs else ""
+        super().__init__(f"ingestion of {owner!r} rejected, nothing was changed:\n{lines}{docs}")
+
+
+@dataclass
+class IngestResult:
+    owner: str
+    owner_key: str
+    added: int
+    total: int
+    data_hash: str | None
+    token: str | None  # issued at first ingestion only; stored as a hash
+    docs: str | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def limits_of(params: Params) -> Limits:
+    d = params.data
+    return Limits(d.labels, d.max_file_bytes, d.min_dimension, d.max_dimension, d.max_files)
+
+
+def read_source(ws: Workspace, source: str, max_bytes: int) -> list[SourceFile]:
+    if source.startswith("s3://"):
+        return list_s3(source, ws.s3_client(), max_bytes)
+    return list_folder(source, max_bytes)
+
+
+def owner_metadata(files: list[SourceFile], license: str | None) -> dict:
+    """license and contact from an optional `owner.yaml` at the source's top; `--license` wins."""
+    import yaml
+
+    meta = {}
+    for f in files:
+        if f.path == "owner.yaml" and f.data is not None:
+            try:
+                raw = yaml.safe_load(f.data.decode("utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise WorkspaceError(f"owner.yaml: not valid YAML ({e})") from None
+            if not isinstance(raw, dict):
+                raise WorkspaceError("owner.yaml: expected a mapping with 'license' and 'contact'")
+            meta = {k: str(raw[k]) for k in ("license", "contact") if raw.get(k) is not None}
+    if license:
+        meta["license"] = license
+    return meta
+
+
+def validate(ws: Workspace, owner: str, files: list[SourceFile], params: Params) -> ValidationReport:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    docs = ws.reports_dir / f"ingest-{owner}-{stamp}-{uuid.uuid4().hex[:6]}"
+    return validate_batch(files, limits_of(params), docs_dir=docs)
+
+
+def commit(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool = True) -> IngestResult:
+    """Commit a validated batch: owner folder + manifest, `dvc add data`, `dvc push`, git commit of data.dvc.
+
+    Any failure restores the previous owner folder and data.dvc.
+    """
+    key = ws.owner_key(owner)
+    target = ws.owner_dir(owner)
+    backup = ws.staging_dir / f"backup-{owner}-{uuid.uuid4().hex[:8]}"
+    before = len(ws.manifest(owner)["samples"]) if target.exists() else 0
+    if target.exists():
+        shutil.copytree(target, backup)
+    dvc_file = ws.root / "data.dvc"
+    dvc_before = dvc_file.read_bytes() if dvc_file.exists() else None
+    try:
+        pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
+        manifest = ws.commit_owner_files(owner, pairs, meta)
+        data_hash = dvc.add_and_push(ws.root, push=push)
+        git(ws.root, "add", "data.dvc", ".gitignore")
+        git(ws.root, "commit", "-q", "-m", f"data: ingest {key}", "--allow-empty")
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        if backup.exists():
+            backup.rename(target)
+        if dvc_before is not None:
+            dvc_file.write_bytes(dvc_before)
+        raise
+    finally:
+        shutil.rmtree(backup, ignore_errors=True)
+    token = None
+    record = ws.owner_records().get(key, {})
+    if "token_sha256" not in record:
+        import hashlib
+
+        token = secrets.token_urlsafe(24)
+        record["token_sha256"] = hashlib.sha256(token.encode()).hexdigest()
+    ws.update_owner_record(key, state="active", license=manifest.get("license"), token_sha256=record["token_sha256"],
+                           updated=now())
+    return IngestResult(owner, key, len(manifest["samples"]) - before, len(manifest["samples"]), data_hash, token, None)
+
+
+def ingest(ws: Workspace, owner: str, source: str, params: Params, license: str | None = None,
+           push: bool = True) -> IngestResult:
+    """The whole ingestion in one call (the flow runs the same steps as separate tasks)."""
+    check_owner_id(owner)
+    files = read_source(ws, source, params.data.max_file_bytes)
+    meta = owner_metadata(files, license)
+    report = validate(ws, owner, files, params)
+    if not report.ok:
+        raise IngestionRejected(owner, report)
+    result = commit(ws, owner, files, meta, push=push)
+    result.docs = report.docs
+    return result

@@ -1,0 +1,188 @@
+"""MLflow 3 registry: shard, paragon and composite versions with provenance tags; aliases; purge.
+
+Registered models: `cdm-shard-<shard>`, `cdm-paragon`, `cdm-composite` (alias `production`). Tags carry
+pseudonymous owner keys and hashes only — never raw owner ids or per-sample hashes, because `mlflow gc` leaves
+registry tags behind (FIELD-NOTES).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+SHARD_PREFIX = "cdm-shard-"
+PARAGON = "cdm-paragon"
+COMPOSITE = "cdm-composite"
+PRODUCTION = "production"
+EXPERIMENT = "cdm"
+PIP_REQUIREMENTS = ["torch", "diffusers", "safetensors", "cdm"]
+MODELS_DIR = Path(__file__).parent / "mlflow_models"
+
+
+@dataclass
+class Logged:
+    run_id: str
+    model_id: str
+    name: str
+    version: str
+
+
+def client(tracking_uri: str):
+    import mlflow
+    from mlflow import MlflowClient
+
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_registry_uri(tracking_uri)
+    return MlflowClient(tracking_uri, tracking_uri)
+
+
+def experiment_id(c, artifact_root: str, name: str = EXPERIMENT) -> str:
+    exp = c.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
+
+
+def log_model_run(c, exp_id: str, name: str, run_name: str, model_code: str, artifacts: dict[str, str],
+                  params: dict, metrics: dict[str, list[float]] | None, files: list[str | Path],
+                  version_tags: dict[str, str], run_tags: dict[str, str] | None = None,
+                  summary: dict[str, float] | None = None) -> Logged:
+    """One MLflow run: params, metric histories, files (e.g. sample grids), a pyfunc model registered as `name`."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags or {}) as run:
+        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+        for key, history in (metrics or {}).items():
+            # Log every step, in batches (MLflow caps a batch at 1000 metrics).
+            ms = [Metric(key, float(v), 0, i) for i, v in enumerate(history)]
+            for i in range(0, len(ms), 1000):
+                c.log_batch(run.info.run_id, metrics=ms[i:i + 1000])
+        if summary:
+            mlflow.log_metrics(summary)
+        for f in files:
+            mlflow.log_artifact(str(f))
+        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code), artifacts=artifacts,
+                                       registered_model_name=name, pip_requirements=PIP_REQUIREMENTS)
+    version = str(info.registered_model_version)
+    for k, v in version_tags.items():
+        c.set_model_version_tag(name, version, k, str(v))
+    c.set_registered_model_tag(name, "cdm.kind", name.split("-")[1])
+    return Logged(run.info.run_id, info.model_id, name, version)
+
+
+def versions(c, name: str) -> list:
+    """All versions of a registered model, oldest first ([] when it does not exist)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = c.search_model_versions(f"name = '{name}'")
+    except MlflowException:
+        return []
+    return sorted(found, key=lambda v: int(v.version))
+
+
+def latest(c, name: str):
+    vs = versions(c, name)
+    return vs[-1] if vs else None
+
+
+def alias_version(c, name: str, alias: str = PRODUCTION):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version_by_alias(name, alias)
+    except MlflowException:
+        return None
+
+
+def registered_names(c, prefix: str) -> list[str]:
+    return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
+
+
+def download_model(c, name: str, version: str, dest: str | Path) -> Path:
+    """Download a version's logged model into `dest` (a cache); returns the folder holding MLmodel."""
+    import mlflow
+
+    dest = Path(dest)
+    if not (dest / "MLmodel").exists():
+        dest.mkdir(parents=True, exist_ok=True)
+        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))
+    return dest
+
+
+def model_id_of(c, name: str, version: str) -> str | None:
+    mv = c.get_model_version(name, version)
+    return getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
+
+
+def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str]) -> dict:
+    """Hard-delete model versions: their runs and logged models are deleted and garbage-collected (`mlflow gc`,
+    which also empties their artifact folders), then the versions (and whole registered models) are deleted.
+
+    Returns:
+        {"versions": [...], "runs": [...], "logged_models": [...], "registered_models": [...]}.
+    """
+    from mlflow.exceptions import MlflowException
+
+    runs, models = set(), set()
+    for name, version in versions_to_delete:
+        try:
+            mv = c.get_model_version(name, version)
+        except MlflowException:
+            continue
+        if mv.run_id:
+            runs.add(mv.run_id)
+        mid = model_id_of(c, name, version)
+        if mid:
+            models.add(mid)
+    for mid in sorted(models):
+        try:
+            c.delete_logged_model(mid)
+        except MlflowException:
+            pass
+    for rid in sorted(runs):
+        try:
+            c.delete_run(rid)
+        except MlflowException:
+            pass
+    if runs or models:
+        gc(tracking_uri, sorted(runs), sorted(models))
+    for name, version in versions_to_delete:
+        try:
+            for alias in c.get_model_version(name, version).aliases:
+                c.delete_registered_model_alias(name, alias)
+            c.delete_model_version(name, version)
+        except MlflowException:
+            pass
+    for name in registered_to_delete:
+        try:
+            c.delete_registered_model(name)
+        except MlflowException:
+            pass
+    return {"versions": [f"{n}/{v}" for n, v in versions_to_delete], "runs": sorted(runs),
+            "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
+
+
+def gc(tracking_uri: str, run_ids: list[str], model_ids: list[str]) -> None:
+    """`mlflow gc` for the given deleted runs and logged models (deletes their rows and artifacts)."""
+    args = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri]
+    if run_ids:
+        args += ["--run-ids", ",".join(run_ids)]
+    if model_ids:
+        args += ["--logged-model-ids", ",".join(model_ids)]
+    proc = subprocess.run(args, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"mlflow gc failed: {proc.stderr.strip()[-2000:]}")
+
+
+def version_tags(mv) -> dict[str, str]:
+    return dict(mv.tags or {})
+
+
+def json_tag(mv, key: str, default=None):
+    value = (mv.tags or {}).get(key)
+    return json.loads(value) if value is not None else default

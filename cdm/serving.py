@@ -1,0 +1,178 @@
+"""MLflow pyfunc models: one shard, and the composite served as `models:/cdm-composite@production`.
+
+Both are logged as *models from code* (`cdm/mlflow_models/*.py`), so loading them unpickles nothing; weights are
+safetensors whose sha256 is checked against the record before use.
+
+The composite's `spec.json` lists its component shard versions (by registry URI and weights hash), the owners of
+each shard (pseudonymous keys with sample counts), class counts, the estimator and the sampler settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+UNET_ARTIFACT = "unet"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_verified_unet(folder: str | Path, expected_sha256: str | None):
+    """Load a diffusers UNet folder, refusing weights whose hash differs from the record."""
+    from cdm.model import load_unet
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no {WEIGHTS_FILE} (weights load through safetensors only)")
+    if expected_sha256 is not None and sha256_file(weights) != expected_sha256:
+        raise ValueError(f"{weights}: sha256 does not match the recorded {expected_sha256[:12]}…; refusing to load")
+    return load_unet(folder).eval()
+
+
+def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: list[str] | None = None,
+                    estimator: str | None = None, seed: int = 0, batched: bool = False):
+    """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its loaded shard UNets."""
+    from cdm.compose import CompositeDenoiser, ShardStack, class_priors
+    from cdm.model import ModelConfig, UNetDenoiser
+    from cdm.schedulers import NoiseSchedule, sampling_scheduler
+
+    cfg = ModelConfig.from_json(json.dumps(spec["model_config"]))
+    shards = spec["shards"]
+    subset = list(range(len(shards)))
+    if allowed_owner_keys is not None:
+        allowed = set(allowed_owner_keys)
+        # A shard is usable only if every owner in it is allowed: a sample must not be influenced by others.
+        subset = [i for i, s in enumerate(shards) if set(s["owners"]) <= allowed]
+        if not subset:
+            raise PermissionError("no shard is composed solely of allowed owners")
+    counts = torch.tensor([s["class_counts"] for s in shards], dtype=torch.float32)
+    sampler = sampling_scheduler(NoiseSchedule(**spec.get("schedule", {})), spec["sampler"])
+    estimator = estimator or spec["estimator"]
+    if estimator == "router" and router is None:
+        raise ValueError("this composite has no router; choose another estimator")
+    members = ShardStack(unets) if batched else [UNetDenoiser(u, cfg.null_label) for u in unets]
+    comp = CompositeDenoiser(members, class_priors(counts), estimator, scheduler=sampler, eta=spec["eta"],
+                             subset=subset, threshold=spec.get("threshold", 0.0),
+                             evaluation="batched" if batched else "loop", router=router,
+                             generator=torch.Generator().manual_seed(seed))
+    return comp, sampler, subset
+
+
+def sample_composite(comp, sampler, spec: dict, labels: torch.Tensor, seed: int, progress: bool = False) -> dict:
+    """Run the pipeline; returns images [n, C, H, W] and per-sample attribution per owner key."""
+    from cdm.attribution import attribute
+    from cdm.pipeline import CDMPipeline
+
+    cfg = spec["model_config"]
+    pipe = CDMPipeline(comp, sampler, (cfg["channels"], cfg["image_size"], cfg["image_size"]))
+    images = pipe(labels, spec["num_inference_steps"], eta=spec["eta"],
+                  generator=torch.Generator().manual_seed(seed), progress=progress)
+    weights = comp.attribution()
+    owners = [s["owners"] for s in spec["shards"]]
+    return {"images": images, "attribution": attribute(weights["mean"], owners),
+            "attribution_final": attribute(weights["final"], owners), "evaluations": comp.evaluations}
+
+
+def _labels(n: int, label: int | None, null_label: int) -> torch.Tensor:
+    if n < 1:
+        raise ValueError("n must be at least 1")
+    if label is None or label < 0:
+        return torch.full((n,), null_label)
+    if label >= null_label:
+        raise ValueError(f"label {label} is out of range [0, {null_label - 1}]")
+    return torch.full((n,), int(label))
+
+
+def _first(model_input: Any, key: str, default=None):
+    """One parameter from a one-row DataFrame or a dict."""
+    if hasattr(model_input, "iloc"):
+        if key not in model_input.columns:
+            return default
+        value = model_input[key].iloc[0]
+    else:
+        value = model_input.get(key, default)
+    try:
+        import pandas as pd
+
+        if not isinstance(value, (list, tuple)) and pd.isna(value):
+            return default
+    except (TypeError, ValueError):
+        pass
+    return value
+
+
+try:
+    from mlflow.pyfunc import PythonModel
+except ImportError:  # mlflow is only needed where models are logged or served
+    PythonModel = object
+
+
+class ShardModel(PythonModel):
+    """One shard served alone: `predict({"n", "label", "seed"})` -> images."""
+
+    def load_context(self, context):
+        meta = json.loads(Path(context.artifacts["meta"]).read_text())
+        self.unet = load_verified_unet(context.artifacts[UNET_ARTIFACT], meta.get("weights_sha256"))
+        self.meta = meta
+
+    def predict(self, context, model_input, params=None):
+        from cdm.model import UNetDenoiser, model_config_of
+        from cdm.pipeline import CDMPipeline
+        from cdm.schedulers import NoiseSchedule, sampling_scheduler
+
+        cfg = model_config_of(self.unet)
+        labels = _labels(int(_first(model_input, "n", 1)), _first(model_input, "label"), cfg.null_label)
+        sched = sampling_scheduler(NoiseSchedule(), "ddpm")
+        pipe = CDMPipeline(UNetDenoiser(self.unet, cfg.null_label), sched, (cfg.channels, cfg.image_size, cfg.image_size))
+        seed = int(_first(model_input, "seed", 0))
+        return {"images": pipe(labels, 100, generator=torch.Generator().manual_seed(seed)).numpy()}
+
+
+class CompositeModel(PythonModel):
+    """The composite: `predict({"n", "label", "allowed_owners", "estimator", "seed"})`.
+
+    Returns {"images": [n, C, H, W] in [-1, 1], "attribution": [{owner_key: weight}], "shards": [ids used]}.
+    Component shards are fetched from the registry (the caller's MLflow tracking URI) and hash-checked.
+    """
+
+    def load_context(self, context):
+        import mlflow
+
+        from cdm.compose import Router
+        from cdm.safetensors_io import load_tree
+
+        self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
+        self.unets = []
+        for shard in self.spec["shards"]:
+            local = mlflow.artifacts.download_artifacts(f"models:/{shard['model']}/{shard['version']}")
+            self.unets.append(load_verified_unet(Path(local) / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"]))
+        self.router = None
+        if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
+            state = load_tree(context.artifacts["router"])
+            self.router = Router(**state["config"])
+            self.router.load_state_dict(state["weights"])
+            self.router.eval()
+
+    def predict(self, context, model_input, params=None):
+        n = int(_first(model_input, "n", 1))
+        labels = _labels(n, _first(model_input, "label"), self.spec["model_config"]["num_classes"])
+        allowed = _first(model_input, "allowed_owners")
+        seed = int(_first(model_input, "seed", 0))
+        comp, sampler, subset = build_composite(self.spec, self.unets, self.router,
+                                                list(allowed) if allowed is not None else None,
+                                                _first(model_input, "estimator"), seed)
+        out = sample_composite(comp, sampler, self.spec, labels, seed)
+        return {"images": out["images"].numpy(), "attribution": out["attribution"],
+                "shards": [self.spec["shards"][i]["id"] for i in subset]}

@@ -1,0 +1,110 @@
+"""Reading an owner's source — a local folder or `s3://bucket/prefix` — as a flat list of files, safely.
+
+Nothing is followed outside the source: symlinks that resolve outside it, absolute names and `..` components are
+reported as such, not read. Files over the size bound are not read either.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+
+
+class SourceError(ValueError):
+    """The source as a whole cannot be read (missing folder or bucket, no access)."""
+
+
+@dataclass
+class SourceFile:
+    path: str  # relative to the source, POSIX separators, as found
+    data: bytes | None  # None when not read (see `problem`)
+    size: int
+    problem: str | None = None  # why it was not read: escaping symlink, unsafe path, too large, unreadable
+
+
+def _unsafe_path(rel: str) -> str | None:
+    p = PurePosixPath(rel)
+    if rel.startswith("/") or p.is_absolute():
+        return "absolute path"
+    if any(part in ("..", "") for part in rel.split("/")):
+        return "path traversal ('..' or empty component)"
+    return None
+
+
+def list_folder(root: str | Path, max_bytes: int) -> list[SourceFile]:
+    root = Path(root)
+    if not root.is_dir():
+        raise SourceError(f"{root}: source folder not found")
+    real_root = root.resolve()
+    files: list[SourceFile] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        here = Path(dirpath)
+        # Symlinked folders are not walked into; report them like files.
+        for name in sorted(dirnames):
+            if (here / name).is_symlink():
+                filenames.append(name)
+        dirnames[:] = sorted(d for d in dirnames if not (here / d).is_symlink())
+        for name in sorted(filenames):
+            full = here / name
+            rel = full.relative_to(root).as_posix()
+            if full.is_symlink():
+                target = full.resolve()
+                if not target.is_relative_to(real_root):
+                    files.append(SourceFile(rel, None, 0, "symlink pointing outside the source"))
+                    continue
+                if not target.is_file():
+                    files.append(SourceFile(rel, None, 0, "symlink to a folder or a missing file"))
+                    continue
+            try:
+                size = full.stat().st_size
+                if size > max_bytes:
+                    files.append(SourceFile(rel, None, size, f"file larger than {max_bytes} bytes"))
+                    continue
+                files.append(SourceFile(rel, full.read_bytes(), size))
+            except OSError as e:
+                files.append(SourceFile(rel, None, 0, f"unreadable: {e.strerror or e}"))
+    return files
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    if not url.startswith("s3://"):
+        raise SourceError(f"{url}: not an s3:// URL")
+    bucket, _, prefix = url[5:].partition("/")
+    if not bucket:
+        raise SourceError(f"{url}: no bucket")
+    return bucket, prefix.strip("/")
+
+
+def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
+    """List and read `s3://bucket/prefix` through a boto3 client."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    bucket, prefix = parse_s3_url(url)
+    files: list[SourceFile] = []
+    try:
+        pages = client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/" if prefix else "")
+        objects = [o for page in pages for o in page.get("Contents", [])]
+    except ClientError as e:
+        code = e.response.get("Error", {}).get("Code", "")
+        if code in ("NoSuchBucket", "404"):
+            raise SourceError(f"{url}: bucket {bucket!r} does not exist") from None
+        raise SourceError(f"{url}: cannot list ({code or e})") from None
+    except BotoCoreError as e:
+        raise SourceError(f"{url}: cannot reach S3 ({e})") from None
+    for o in sorted(objects, key=lambda o: o["Key"]):
+        key = o["Key"]
+        if key.endswith("/"):
+            continue
+        rel = key[len(prefix) + 1:] if prefix else key
+        if problem := _unsafe_path(rel):
+            files.append(SourceFile(rel, None, o["Size"], problem))
+        elif o["Size"] > max_bytes:
+            files.append(SourceFile(rel, None, o["Size"], f"file larger than {max_bytes} bytes"))
+        else:
+            try:
+                data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
+                files.append(SourceFile(rel, data, len(data)))
+            except (ClientError, BotoCoreError) as e:
+                files.append(SourceFile(rel, None, o["Size"], f"unreadable object ({e})"))
+    return files

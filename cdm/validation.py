@@ -1,0 +1,187 @@
+"""Validation of an ingestion batch with great-expectations, over a per-file table.
+
+Each file of the source becomes one row (path, label folder, name, size, decodes, dimensions, mode, sha256, ...);
+an expectation suite checks the rows; every failed row is reported with its file and a reason. A Data Docs site is
+written when a folder is given.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from cdm.data import sha256_bytes
+from cdm.sources import SourceFile
+
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.png$"
+METADATA_FILES = ("owner.yaml",)
+
+
+@dataclass
+class Limits:
+    labels: Sequence[int]
+    max_file_bytes: int
+    min_dimension: int
+    max_dimension: int
+    max_files: int
+
+
+@dataclass
+class Problem:
+    file: str
+    reason: str
+
+
+@dataclass
+class ValidationReport:
+    ok: bool
+    files: int
+    problems: list[Problem] = field(default_factory=list)
+    docs: str | None = None  # Data Docs index.html
+
+    def as_dict(self) -> dict:
+        return {"ok": self.ok, "files": self.files, "docs": self.docs,
+                "problems": [{"file": p.file, "reason": p.reason} for p in self.problems]}
+
+
+def inspect_image(data: bytes, max_dimension: int) -> dict:
+    """Decode check without trusting the file: dimensions are read from the header before any pixel is decoded."""
+    from PIL import Image
+
+    out = {"decodes": False, "decode_error": "", "width": 0, "height": 0, "mode": ""}
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            out.update(width=im.width, height=im.height, mode=im.mode)
+            if im.format != "PNG":
+                out["decode_error"] = f"not a PNG (found {im.format})"
+                return out
+            if im.width > max_dimension or im.height > max_dimension:
+                out["decode_error"] = f"dimensions {im.width}x{im.height} beyond the bound {max_dimension} (not decoded)"
+                return out
+            im.load()
+        with Image.open(io.BytesIO(data)) as im:
+            im.verify()  # checksums of the chunks
+        out["decodes"] = True
+    except Image.DecompressionBombError as e:
+        out["decode_error"] = f"decompression bomb: {e}"
+    except Image.UnidentifiedImageError:
+        out["decode_error"] = "not an image (unidentified format)"
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the file
+        out["decode_error"] = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return out
+
+
+def file_table(files: Sequence[SourceFile], limits: Limits):
+    """One row per image file of the batch (metadata files such as owner.yaml are left out)."""
+    import pandas as pd
+
+    rows = []
+    for f in files:
+        if f.path in METADATA_FILES:
+            continue
+        parts = f.path.split("/")
+        row = {"path": f.path, "label": parts[0] if len(parts) == 2 else "", "file_name": parts[-1],
+               "depth": len(parts), "size_bytes": f.size, "read_problem": f.problem or "",
+               "sha256": sha256_bytes(f.data) if f.data is not None else f"unread:{f.path}"}
+        if f.data is not None:
+            row.update(inspect_image(f.data, limits.max_dimension))
+        else:
+            row.update(decodes=False, decode_error=f.problem or "not read", width=0, height=0, mode="")
+        rows.append(row)
+    columns = ["path", "label", "file_name", "depth", "size_bytes", "read_problem", "sha256", "decodes",
+               "decode_error", "width", "height", "mode"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _reasons(expectation: str, column: str | None, row: dict, table, limits: Limits) -> str:
+    """A human reason for a failed row."""
+    if column == "read_problem":
+        return row["read_problem"]
+    if column == "file_name":
+        return f"unsafe file name {row['file_name']!r} (allowed: letters, digits, '.', '_', '-', ending in .png)"
+    if column == "depth":
+        return "not in <label>/<file>.png layout"
+    if column == "label":
+        return f"label folder {row['label']!r} is not in the label set {list(limits.labels)}"
+    if column == "size_bytes":
+        return "empty file (0 bytes)" if row["size_bytes"] == 0 else f"file larger than {limits.max_file_bytes} bytes"
+    if column == "decodes":
+        return f"does not decode as a PNG image: {row['decode_error']}"
+    if column in ("width", "height"):
+        return (f"dimensions {row['width']}x{row['height']} outside "
+                f"[{limits.min_dimension}, {limits.max_dimension}]")
+    if column == "sha256":
+        others = table[(table.sha256 == row["sha256"]) & (table.path != row["path"])].path.tolist()
+        return f"duplicate content of {', '.join(others)}"
+    return expectation
+
+
+def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | Path | None = None) -> ValidationReport:
+    """Run the ingestion suite over `files`. The batch is accepted only when every expectation holds."""
+    import great_expectations as gx
+
+    table = file_table(files, limits)
+    ctx = gx.get_context(mode="ephemeral")
+    asset = ctx.data_sources.add_pandas("owner_source").add_dataframe_asset("batch")
+    batch = asset.add_batch_definition_whole_dataframe("all_files")
+    suite = ctx.suites.add(gx.ExpectationSuite(name="cdm_ingestion"))
+    E = gx.expectations
+    for exp in (
+        E.ExpectTableRowCountToBeBetween(min_value=1, max_value=limits.max_files),
+        E.ExpectColumnValuesToBeInSet(column="read_problem", value_set=[""]),
+        E.ExpectColumnValuesToMatchRegex(column="file_name", regex=SAFE_NAME),
+        E.ExpectColumnValuesToBeInSet(column="depth", value_set=[2]),
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=[str(v) for v in limits.labels]),
+        E.ExpectColumnValuesToBeBetween(column="size_bytes", min_value=1, max_value=limits.max_file_bytes),
+        E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
+        E.ExpectColumnValuesToBeBetween(column="width", min_value=limits.min_dimension, max_value=limits.max_dimension),
+        E.ExpectColumnValuesToBeBetween(column="height", min_value=limits.min_dimension,
+                                        max_value=limits.max_dimension),
+        E.ExpectColumnValuesToBeUnique(column="sha256"),
+    ):
+        suite.add_expectation(exp)
+    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="ingest", data=batch, suite=suite))
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]}
+    docs = None
+    if docs_dir is not None:
+        ctx.add_data_docs_site(site_name="cdm", site_config={
+            "class_name": "SiteBuilder",
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+            name="ingest", validation_definitions=[definition], result_format=result_format,
+            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+        run = checkpoint.run(batch_parameters={"dataframe": table})
+        result = next(iter(run.run_results.values()))
+        docs = str(Path(docs_dir) / "index.html")
+    else:
+        result = definition.run(batch_parameters={"dataframe": table}, result_format=result_format)
+
+    problems: dict[tuple[str, str], Problem] = {}
+    records = table.set_index("path", drop=False)
+    for r in result.results:
+        if r.success:
+            continue
+        column = r.expectation_config.kwargs.get("column")
+        if column is None:  # table-level: row count
+            observed = r.result.get("observed_value")
+            reason = "no samples in the batch" if not observed else f"{observed} files exceed {limits.max_files}"
+            problems[("<batch>", reason)] = Problem("<batch>", reason)
+            continue
+        for hit in r.result.get("unexpected_index_list") or []:
+            row = records.loc[hit["path"]].to_dict()
+            if column != "read_problem" and row["read_problem"]:
+                continue  # one reason per unread file is enough
+            if column in ("width", "height") and not row["decodes"]:
+                continue  # the decode reason says it
+            if column == "decodes" and row["size_bytes"] == 0:
+                continue  # "empty file" says it
+            if column == "label" and row["depth"] != 2:
+                continue  # the layout reason says it
+            reason = _reasons(r.expectation_config.type, column, row, table, limits)
+            problems.setdefault((row["path"], reason), Problem(row["path"], reason))
+    ordered = sorted(problems.values(), key=lambda p: (p.file, p.reason))
+    return ValidationReport(ok=result.success, files=len(table), problems=ordered, docs=docs)
