@@ -1,0 +1,201 @@
+"""Shards of a workspace: the plan (which owners each shard holds), and training + registering shard models and
+the paragon with their provenance (DESIGN.md §4).
+
+The plan is kept in `.cdm/shards.json`. Existing shards keep their owners when new owners arrive (continual
+learning: a new owner gets a new shard); owners under `min_shard_samples` are grouped into shared shards; a
+revoked owner is removed from its shard, and a shard left with no owner is dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from cdm.config import Params
+from cdm.data import Dataset
+from cdm.model import ModelConfig, save_unet
+from cdm.schedulers import NoiseSchedule
+from cdm.train import TrainConfig
+from cdm.workspace import Workspace, WorkspaceError
+
+
+@dataclass
+class ShardData:
+    data: Dataset
+    owner_index: torch.Tensor  # [N] index into `owners`
+    owners: list[str]
+
+    def owner_counts(self, ws: Workspace) -> dict[str, int]:
+        counts = torch.bincount(self.owner_index, minlength=len(self.owners)).tolist()
+        return {ws.owner_key(o): int(n) for o, n in zip(self.owners, counts)}
+
+
+def model_config(params: Params) -> ModelConfig:
+    d = params.data
+    return ModelConfig.preset(params.train.preset, image_size=d.image_size, channels=d.channels,
+                              num_classes=max(d.labels) + 1)
+
+
+def train_config(params: Params, steps: int | None = None, num_slices: int | None = None) -> TrainConfig:
+    t = params.train
+    return TrainConfig(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
+                       label_dropout=t.label_dropout, num_slices=num_slices or t.num_slices, seed=t.seed,
+                       mixed_precision=t.mixed_precision)
+
+
+def load_plan(ws: Workspace) -> dict[str, list[str]]:
+    path = ws.state_dir / "shards.json"
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def save_plan(ws: Workspace, plan: dict[str, list[str]]) -> None:
+    ws.state_dir.mkdir(parents=True, exist_ok=True)
+    tmp = ws.state_dir / "shards.json.tmp"
+    tmp.write_text(json.dumps(plan, indent=2, sort_keys=True))
+    tmp.replace(ws.state_dir / "shards.json")
+
+
+def plan_shards(ws: Workspace, owner_sizes: dict[str, int], min_samples: int,
+                previous: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
+    """Shard id -> owners. Keeps previous assignments of still-active owners; places new owners.
+
+    Args:
+        owner_sizes: active owners and their sample counts.
+        min_samples: owners with fewer samples are grouped (greedily, in id order) until a group reaches it.
+        previous: the plan so far.
+    """
+    plan: dict[str, list[str]] = {}
+    placed = set()
+    for sid, owners in (previous or {}).items():
+        kept = [o for o in owners if o in owner_sizes]
+        if kept:
+            plan[sid] = kept
+            placed.update(kept)
+    group: list[str] = []
+    for owner in sorted(o for o in owner_sizes if o not in placed):
+        if owner_sizes[owner] >= min_samples:
+            plan["s" + ws.owner_key(owner)[3:13]] = [owner]
+        else:
+            group.append(owner)
+            if sum(owner_sizes[o] for o in group) >= min_samples:
+                plan[_group_id(ws, group)] = group
+                group = []
+    if group:
+        plan[_group_id(ws, group)] = group
+    return plan
+
+
+def _group_id(ws: Workspace, owners: list[str]) -> str:
+    keys = "|".join(sorted(ws.owner_key(o) for o in owners))
+    return "g" + hashlib.sha256(keys.encode()).hexdigest()[:10]
+
+
+def load_shard_data(ws: Workspace, owners: list[str], params: Params) -> ShardData:
+    d = params.data
+    parts, index = [], []
+    for i, owner in enumerate(owners):
+        ds = ws.load_owner(owner, d.image_size, d.channels, d.labels)
+        parts.append(ds)
+        index.append(torch.full((len(ds),), i, dtype=torch.long))
+    return ShardData(Dataset.concat(parts), torch.cat(index), list(owners))
+
+
+def data_hash(ws: Workspace, shard: ShardData) -> str:
+    """Hash of exactly which owner contributed which content to the shard."""
+    keys = [ws.owner_key(o) for o in shard.owners]
+    rows = sorted(f"{keys[int(i)]}:{sid}" for i, sid in zip(shard.owner_index, shard.data.ids))
+    return hashlib.sha256("\n".join(rows).encode()).hexdigest()
+
+
+def manifest_hash(ws: Workspace, owners: list[str]) -> str:
+    h = hashlib.sha256()
+    for owner in sorted(owners):
+        h.update((ws.owner_dir(owner) / "manifest.json").read_bytes())
+    return h.hexdigest()
+
+
+def code_version() -> str:
+    import cdm
+
+    root = Path(cdm.__file__).resolve().parent.parent
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else f"cdm-{cdm.__version__}"
+
+
+def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 50, seed: int = 0) -> Path:
+    """A 2-row grid: one sample per label, then unconditional samples."""
+    from cdm.data import save_grid
+    from cdm.model import UNetDenoiser
+    from cdm.pipeline import CDMPipeline
+    from cdm.schedulers import sampling_scheduler
+
+    labels = torch.cat([torch.arange(cfg.num_classes), torch.full((cfg.num_classes,), cfg.null_label)])
+    pipe = CDMPipeline(UNetDenoiser(unet, cfg.null_label), sampling_scheduler(NoiseSchedule()),
+                       (cfg.channels, cfg.image_size, cfg.image_size))
+    return save_grid(pipe(labels, steps, generator=torch.Generator().manual_seed(seed)), path, nrow=cfg.num_classes)
+
+
+def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[str], params: Params,
+                       steps: int | None = None, checkpoints: bool = True, progress: bool = True,
+                       force: bool = False) -> dict:
+    """Train one shard (or the paragon) on `owners`' data and register a version with provenance tags.
+
+    Skips training when the latest version already has the same data and config hashes.
+    Returns a summary: name, version, skipped, seconds, steps run, resumed slice, final loss.
+    """
+    from cdm import dvc, registry
+    from cdm.serving import WEIGHTS_FILE, sha256_file
+    from cdm.train import train_shard
+
+    if not owners:
+        raise WorkspaceError(f"{name}: no owners to train on")
+    shard = load_shard_data(ws, owners, params)
+    cfg, tcfg = model_config(params), train_config(params, steps, None if checkpoints else 1)
+    schedule = NoiseSchedule()
+    dhash, chash = data_hash(ws, shard), tcfg.config_hash(cfg, schedule)
+    latest = registry.latest(c, name)
+    if not force and latest is not None and latest.tags.get("cdm.data_hash") == dhash \
+            and latest.tags.get("cdm.config_hash") == chash:
+        return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
+    shard_id = name.removeprefix(registry.SHARD_PREFIX)
+    result = train_shard(shard.data, cfg, tcfg, schedule,
+                         checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
+                         progress=progress, desc=shard_id)
+    with tempfile.TemporaryDirectory() as tmp:
+        unet_dir = save_unet(result.unet, Path(tmp) / "unet")
+        weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
+        meta = Path(tmp) / "meta.json"
+        meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
+        grid = preview_grid(result.unet, cfg, Path(tmp) / "samples.png")
+        counts = shard.data.class_counts(cfg.num_classes).tolist()
+        tags = {
+            "cdm.owner_keys": json.dumps(sorted(shard.owner_counts(ws))),
+            "cdm.owner_counts": json.dumps(shard.owner_counts(ws), sort_keys=True),
+            "cdm.manifest_sha256": manifest_hash(ws, owners),
+            "cdm.dvc_data_hash": dvc.data_hash(ws.root) or "",
+            "cdm.data_hash": dhash,
+            "cdm.samples": str(len(shard.data)),
+            "cdm.class_counts": json.dumps(counts),
+            "cdm.config_hash": chash,
+            "cdm.code_version": code_version(),
+            "cdm.slice_keys": json.dumps(result.slice_keys),
+            "cdm.weights_sha256": weights_sha,
+            "cdm.resumed_from_slice": str(result.resumed_from_slice),
+        }
+        logged = registry.log_model_run(
+            c, exp_id, name, run_name=f"train-{shard_id}", model_code="shard.py",
+            artifacts={"unet": str(unet_dir), "meta": str(meta)},
+            params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
+                    "train": json.dumps(tcfg.__dict__), "config_hash": chash},
+            metrics={"loss": result.losses}, files=[grid], version_tags=tags,
+            run_tags={"cdm.kind": "paragon" if name == registry.PARAGON else "shard", "cdm.shard": shard_id},
+            summary={"train_seconds": result.seconds, "final_loss": sum(result.losses[-20:]) / min(20, len(result.losses))})
+    return {"name": name, "version": logged.version, "skipped": False, "seconds": round(result.seconds, 2),
+            "steps_run": result.steps_run, "resumed_from_slice": result.resumed_from_slice,
+            "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4), "run_id": logged.run_id}
