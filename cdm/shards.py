@@ -78,16 +78,23 @@ def plan_shards(ws: Workspace, owner_sizes: dict[str, int], min_samples: int,
             plan[sid] = kept
             placed.update(kept)
     group: list[str] = []
+    formed: list[list[str]] = []
     for owner in sorted(o for o in owner_sizes if o not in placed):
         if owner_sizes[owner] >= min_samples:
             plan["s" + ws.owner_key(owner)[3:13]] = [owner]
         else:
             group.append(owner)
             if sum(owner_sizes[o] for o in group) >= min_samples:
-                plan[_group_id(ws, group)] = group
+                formed.append(group)
                 group = []
     if group:
-        plan[_group_id(ws, group)] = group
+        # A remainder under the threshold joins the last group formed now, or stands alone.
+        if formed:
+            formed[-1] += group
+        else:
+            formed.append(group)
+    for members in formed:
+        plan[_group_id(ws, members)] = members
     return plan
 
 
@@ -104,6 +111,18 @@ def load_shard_data(ws: Workspace, owners: list[str], params: Params) -> ShardDa
         parts.append(ds)
         index.append(torch.full((len(ds),), i, dtype=torch.long))
     return ShardData(Dataset.concat(parts), torch.cat(index), list(owners))
+
+
+def owner_slices(ws: Workspace, shard: ShardData, num_slices: int) -> torch.Tensor | None:
+    """Slices of a shared shard follow its owners in ingestion order (owner of rank r starts at slice
+    r * num_slices // n_owners), so revoking a later owner resumes from the checkpoint before its data.
+    A single-owner shard keeps the default (by content hash)."""
+    if len(shard.owners) < 2:
+        return None
+    first_seen = {o: min(s["consent_time"] for s in ws.manifest(o)["samples"]) for o in shard.owners}
+    ranked = sorted(shard.owners, key=lambda o: (first_seen[o], ws.owner_key(o)))
+    start = torch.tensor([ranked.index(o) * num_slices // len(ranked) for o in shard.owners])
+    return start[shard.owner_index]
 
 
 def data_hash(ws: Workspace, shard: ShardData) -> str:
@@ -166,7 +185,7 @@ def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[st
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     result = train_shard(shard.data, cfg, tcfg, schedule,
                          checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
-                         progress=progress, desc=shard_id)
+                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard, tcfg.num_slices))
     with tempfile.TemporaryDirectory() as tmp:
         unet_dir = save_unet(result.unet, Path(tmp) / "unet")
         weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)

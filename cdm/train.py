@@ -65,9 +65,9 @@ def assign_slices(ids: list[str], num_slices: int) -> torch.Tensor:
                         dtype=torch.long)
 
 
-def slice_keys(ids: list[str], num_slices: int, config_hash: str) -> list[str]:
+def slice_keys(ids: list[str], num_slices: int, config_hash: str, slice_of: torch.Tensor | None = None) -> list[str]:
     """Checkpoint key after each slice: hash of the config and of the sorted sample ids of slices 0..k."""
-    slices = assign_slices(ids, num_slices).tolist()
+    slices = (assign_slices(ids, num_slices) if slice_of is None else slice_of).tolist()
     keys, h = [], hashlib.sha256(config_hash.encode())
     for k in range(num_slices):
         for sample_id in sorted(i for i, s in zip(ids, slices) if s == k):
@@ -108,6 +108,7 @@ def train_shard(
     checkpoint_dir: str | Path | None = None,
     progress: bool = True,
     desc: str = "shard",
+    slice_of: torch.Tensor | None = None,
 ) -> TrainResult:
     """Train one shard's UNet on `data`.
 
@@ -119,6 +120,8 @@ def train_shard(
         checkpoint_dir: where slice checkpoints are read and written; None disables them.
         progress: show a tqdm progress bar.
         desc: label of the progress bar.
+        slice_of: [N] slice of each sample (e.g. by owner, in ingestion order, for shared shards); default: by
+            content hash.
     Returns:
         The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
     """
@@ -130,12 +133,14 @@ def train_shard(
     schedule = schedule or NoiseSchedule()
     noise = train_scheduler(schedule)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    keys = slice_keys(data.ids, cfg.num_slices, cfg.config_hash(model_cfg, schedule))
+    slices = assign_slices(data.ids, cfg.num_slices) if slice_of is None else torch.as_tensor(slice_of)
+    if len(slices) != len(data) or int(slices.min()) < 0 or int(slices.max()) >= cfg.num_slices:
+        raise ValueError(f"slice_of must give each of the {len(data)} samples a slice in [0, {cfg.num_slices})")
+    keys = slice_keys(data.ids, cfg.num_slices, cfg.config_hash(model_cfg, schedule), slices)
     steps_per_slice = [cfg.steps // cfg.num_slices + (1 if k < cfg.steps % cfg.num_slices else 0)
                        for k in range(cfg.num_slices)]
 
     # Canonical order: by slice, then by id, so that batch indices mean the same samples on every run.
-    slices = assign_slices(data.ids, cfg.num_slices)
     order = sorted(range(len(data)), key=lambda i: (int(slices[i]), data.ids[i]))
     data = data.subset(order)
     slices = slices[order]

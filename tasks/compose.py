@@ -1,0 +1,16 @@
+"""Composition task: register a composite version and move `production`."""
+
+from __future__ import annotations
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from cdm.composites import build_spec, register
+from tasks.common import context
+
+
+@task(cache_policy=NO_CACHE)
+def compose(workspace: str, estimator: str | None = None) -> dict:
+    ctx = context(workspace)
+    spec = build_spec(ctx.ws, ctx.client, ctx.params, estimator or ctx.params.compose.estimator)
+    return register(ctx.ws, ctx.client, ctx.experiment_id, ctx.params, spec)
