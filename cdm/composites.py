@@ -106,7 +106,7 @@ def production(c) -> tuple[str, dict] | None:
         return None
     path = mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{mv.version}")
     spec = json.loads((Path(path) / "artifacts" / "spec.json").read_text())
-    return mv.version, spec
+    return str(mv.version), spec
 
 
 def load_production(c):

@@ -81,7 +81,7 @@ def step_plan(ws: Workspace, c, state: dict) -> dict:
     new_plan.update(shared)
     prod = production(c)
     state_update = {"exclusive_shards": exclusive, "shared_shards": sorted(shared),
-                    "composite_before": prod[0] if prod else None,
+                    "composite_before": str(prod[0]) if prod else None,
                     "estimator": prod[1]["estimator"] if prod else None}
     save_plan(ws, new_plan)
     return done(ws, state, "plan", **state_update)
@@ -301,18 +301,23 @@ def _versions_tagged(c, key: str, exclude: set) -> list[str]:
 
 
 def _artifacts_left(ws: Workspace, mlflow_result: dict) -> list[str]:
-    """Artifact folders of purged logged models and runs that still exist (local artifact store)."""
-    root = ws.artifact_root
-    if not root.startswith("file://"):
+    """Artifacts of purged logged models and runs that still exist in the artifact store (local or S3)."""
+    root = ws.artifact_root.rstrip("/")
+    ids = list(mlflow_result["logged_models"]) + list(mlflow_result["runs"])
+    if not ids:
         return []
+    if root.startswith("s3://"):
+        bucket, _, prefix = root[5:].partition("/")
+        pages = ws.s3_client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+        keys = [o["Key"] for page in pages for o in page.get("Contents", [])]
+        return sorted(k for k in keys if any(f"/{i}/" in k for i in ids))
     from urllib.parse import urlparse
 
     base = Path(urlparse(root).path)
     left = []
-    for mid in mlflow_result["logged_models"]:
-        left += [str(p) for p in base.glob(f"*/models/{mid}") if any(p.rglob("*"))]
-    for rid in mlflow_result["runs"]:
-        left += [str(p) for p in base.glob(f"*/{rid}") if any(p.rglob("*"))]
+    for i in ids:
+        left += [str(p) for p in base.glob(f"*/models/{i}") if any(p.rglob("*"))]
+        left += [str(p) for p in base.glob(f"*/{i}") if any(p.rglob("*"))]
     return left
 
 
@@ -368,8 +373,8 @@ def step_certify(ws: Workspace, c, state: dict) -> dict:
                                            "certificate_sha256": _sha(cert)})
     git(ws.root, "add", "ledger.jsonl")
     git(ws.root, "commit", "-q", "-m", f"ledger: revocation {cert['request_id']}", "--allow-empty")
-    ws.update_owner_record(state["owner_key"], state="revoked", revoked=cert["completed"],
-                           request_id=cert["request_id"])
+    ws.update_owner_record(state["owner_key"], drop=("source", "cron", "license"), state="revoked",
+                           revoked=cert["completed"], request_id=cert["request_id"])
     state.pop("owner", None)  # the raw id is not kept once the owner is gone
     state.update(completed=True, certificate=cert, ledger_seq=entry["seq"], audit_run=run.info.run_id)
     return done(ws, state, "certify")

@@ -121,10 +121,15 @@ def _reasons(expectation: str, column: str | None, row: dict, table, limits: Lim
 
 def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | Path | None = None) -> ValidationReport:
     """Run the ingestion suite over `files`. The batch is accepted only when every expectation holds."""
-    import great_expectations as gx
+    import logging
 
+    import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
+
+    logging.getLogger("great_expectations").setLevel(logging.WARNING)
     table = file_table(files, limits)
     ctx = gx.get_context(mode="ephemeral")
+    ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = ctx.data_sources.add_pandas("owner_source").add_dataframe_asset("batch")
     batch = asset.add_batch_definition_whole_dataframe("all_files")
     suite = ctx.suites.add(gx.ExpectationSuite(name="cdm_ingestion"))

@@ -153,9 +153,9 @@ class Workspace:
         path = self.state_dir / "owners.json"
         return json.loads(path.read_text()) if path.exists() else {}
 
-    def update_owner_record(self, key: str, **fields) -> dict:
+    def update_owner_record(self, key: str, drop: Sequence[str] = (), **fields) -> dict:
         records = self.owner_records()
-        records[key] = {**records.get(key, {}), **fields}
+        records[key] = {k: v for k, v in {**records.get(key, {}), **fields}.items() if k not in drop}
         self.state_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.state_dir / "owners.json.tmp"
         tmp.write_text(json.dumps(records, indent=2, sort_keys=True))

@@ -17,6 +17,6 @@ def ingest_owner(workspace: str, owner: str, source: str, license: str | None = 
     params = Params.load(ws.params_path)
     files = read_owner_source(workspace, source, params.data.max_file_bytes)
     report = validate_batch(workspace, owner, files, params)
-    result = commit_batch(workspace, owner, files, license).as_dict()
+    result = commit_batch(workspace, owner, source, files, license).as_dict()
     result["docs"] = report["docs"]
     return result

@@ -37,8 +37,9 @@ def train(workspace: str, owners: list[str] | None = None, paragon: bool = False
         raise WorkspaceError(f"unknown owner(s): {', '.join(unknown)}")
     selected = {s: o for s, o in shard_plan.items() if not owners or set(o) & set(owners)}
     futures = {s: train_shard.submit(workspace, s, o, progress) for s, o in selected.items()}
+    para_future = train_paragon.submit(workspace, ws.owners(), len(shard_plan), progress) if paragon else None
     results = {s: f.result() for s, f in futures.items()}
-    para = train_paragon(workspace, ws.owners(), len(shard_plan), progress) if paragon else None
+    para = para_future.result() if para_future is not None else None
     return {"shards": results, "paragon": para, "seconds": round(time.perf_counter() - started, 2)}
 
 

@@ -26,6 +26,10 @@ def validate_batch(workspace: str, owner: str, files: list[SourceFile], params: 
 
 
 @task(cache_policy=NO_CACHE)
-def commit_batch(workspace: str, owner: str, files: list[SourceFile], license: str | None) -> IngestResult:
-    """Owner folder + manifest, `dvc add`, `dvc push`, git commit — all or nothing."""
-    return commit(Workspace(workspace), owner, files, owner_metadata(files, license))
+def commit_batch(workspace: str, owner: str, source: str, files: list[SourceFile], license: str | None) -> IngestResult:
+    """Owner folder + manifest, `dvc add`, `dvc push`, git commit — all or nothing. Remembers the source for the
+    owner's scheduled ingestion deployment."""
+    ws = Workspace(workspace)
+    result = commit(ws, owner, files, owner_metadata(files, license))
+    ws.update_owner_record(result.owner_key, source=source)
+    return result

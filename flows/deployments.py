@@ -1,0 +1,81 @@
+"""Deployments: a cron-scheduled ingestion per owner, and the unlearning flow triggered by `cdm.owner.revoked`.
+
+Cron schedules need a real Prefect server (the ephemeral API runs no scheduler) and triggered runs need a serving
+process: `cdm serve` starts a server on loopback unless PREFECT_API_URL points at one, then serves both.
+
+Emit a revocation (the owner proves it with the token issued at first ingestion):
+
+    from prefect.events import emit_event
+    emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.alice"},
+               payload={"owner": "alice", "token": "...", "reason": "consent withdrawn"})
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+
+REVOKED_EVENT = "cdm.owner.revoked"
+DEFAULT_CRON = "0 3 * * *"  # daily at 03:00
+
+
+def deployments(workspace: str) -> list:
+    from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
+
+    from cdm.workspace import Workspace
+    from flows.ingestion import ingest_owner
+    from flows.unlearning import unlearn_owner
+
+    ws = Workspace(workspace).require()
+    out = []
+    for owner in ws.owners():
+        record = ws.owner_records().get(ws.owner_key(owner), {})
+        source = record.get("source")
+        if not source:
+            continue
+        out.append(ingest_owner.to_deployment(
+            name=f"ingest-{owner}", cron=record.get("cron", DEFAULT_CRON),
+            parameters={"workspace": str(ws.root), "owner": owner, "source": source},
+            tags=["cdm", "ingestion"]))
+    out.append(unlearn_owner.to_deployment(
+        name="on-revocation", tags=["cdm", "unlearning"],
+        triggers=[DeploymentEventTrigger(
+            name="owner revoked", expect={REVOKED_EVENT},
+            parameters={"workspace": str(ws.root), "owner": "{{ event.payload.owner }}",
+                        "token": "{{ event.payload.token }}", "reason": "{{ event.payload.reason }}"})]))
+    return out
+
+
+def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Popen:
+    """`prefect server start` on loopback; returns the process once /api/health answers."""
+    proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/api/health"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return proc
+        except OSError:
+            time.sleep(1)
+    proc.terminate()
+    raise RuntimeError(f"prefect server did not answer on {url} within {timeout} s")
+
+
+def serve(workspace: str) -> None:
+    from prefect import serve as prefect_serve
+
+    server = None
+    if not os.environ.get("PREFECT_API_URL"):
+        server = start_local_server()
+        os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+        print("Prefect UI: http://127.0.0.1:4200", file=sys.stderr)
+    try:
+        prefect_serve(*deployments(workspace))
+    finally:
+        if server is not None:
+            server.terminate()
