@@ -121,9 +121,13 @@ def fid_kid(real: torch.Tensor, fake: torch.Tensor, net: FeatureNet, kid_subsets
     from torchmetrics.image.fid import FrechetInceptionDistance
     from torchmetrics.image.kid import KernelInceptionDistance
 
+    import warnings
+
     subset = min(len(real), len(fake), 1000)
     fid = FrechetInceptionDistance(feature=net, normalize=False)
-    kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=False)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
+        kid = KernelInceptionDistance(feature=net, subsets=kid_subsets, subset_size=subset, normalize=False)
     with torch.no_grad():
         for metric in (fid, kid):
             for i in range(0, len(real), 512):

@@ -65,8 +65,13 @@ def log_model_run(c, exp_id: str, name: str, run_name: str, model_code: str, art
             mlflow.log_metrics(summary)
         for f in files:
             mlflow.log_artifact(str(f))
-        info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code), artifacts=artifacts,
-                                       registered_model_name=name, pip_requirements=PIP_REQUIREMENTS)
+        import warnings
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*type hint.*")  # inputs are dicts, validated in predict
+            info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
+                                           artifacts=artifacts, registered_model_name=name,
+                                           pip_requirements=PIP_REQUIREMENTS)
     version = str(info.registered_model_version)
     for k, v in version_tags.items():
         c.set_model_version_tag(name, version, k, str(v))
@@ -151,15 +156,21 @@ def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], regis
             pass
     if runs or models:
         gc(tracking_uri, sorted(runs), sorted(models))
+    # Deleting a version is soft in MLflow: its row and tags stay. Remove tags and aliases first.
     for name, version in versions_to_delete:
         try:
-            for alias in c.get_model_version(name, version).aliases:
+            mv = c.get_model_version(name, version)
+            for alias in mv.aliases:
                 c.delete_registered_model_alias(name, alias)
+            for key in mv.tags:
+                c.delete_model_version_tag(name, version, key)
             c.delete_model_version(name, version)
         except MlflowException:
             pass
     for name in registered_to_delete:
         try:
+            for key in c.get_registered_model(name).tags:
+                c.delete_registered_model_tag(name, key)
             c.delete_registered_model(name)
         except MlflowException:
             pass

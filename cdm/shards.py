@@ -100,7 +100,7 @@ def plan_shards(ws: Workspace, owner_sizes: dict[str, int], min_samples: int,
 
 def _group_id(ws: Workspace, owners: list[str]) -> str:
     keys = "|".join(sorted(ws.owner_key(o) for o in owners))
-    return "g" + hashlib.sha256(keys.encode()).hexdigest()[:10]
+    return GROUP_PREFIX + hashlib.sha256(keys.encode()).hexdigest()[:10]
 
 
 def load_shard_data(ws: Workspace, owners: list[str], params: Params) -> ShardData:
@@ -113,11 +113,14 @@ def load_shard_data(ws: Workspace, owners: list[str], params: Params) -> ShardDa
     return ShardData(Dataset.concat(parts), torch.cat(index), list(owners))
 
 
-def owner_slices(ws: Workspace, shard: ShardData, num_slices: int) -> torch.Tensor | None:
-    """Slices of a shared shard follow its owners in ingestion order (owner of rank r starts at slice
+GROUP_PREFIX = "g"  # ids of shards planned for several owners (they keep it when owners leave)
+
+
+def owner_slices(ws: Workspace, shard_id: str, shard: ShardData, num_slices: int) -> torch.Tensor | None:
+    """Slices of a group shard follow its owners in ingestion order (owner of rank r starts at slice
     r * num_slices // n_owners), so revoking a later owner resumes from the checkpoint before its data.
     A single-owner shard keeps the default (by content hash)."""
-    if len(shard.owners) < 2:
+    if not shard_id.startswith(GROUP_PREFIX):
         return None
     first_seen = {o: min(s["consent_time"] for s in ws.manifest(o)["samples"]) for o in shard.owners}
     ranked = sorted(shard.owners, key=lambda o: (first_seen[o], ws.owner_key(o)))
@@ -185,7 +188,7 @@ def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[st
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     result = train_shard(shard.data, cfg, tcfg, schedule,
                          checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
-                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard, tcfg.num_slices))
+                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices))
     with tempfile.TemporaryDirectory() as tmp:
         unet_dir = save_unet(result.unet, Path(tmp) / "unet")
         weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)

@@ -244,6 +244,7 @@ def step_purge(ws: Workspace, c, state: dict) -> dict:
     verification = {
         "mlflow_versions_left": [f"{n}/{v}" for n, v in versions if _version_exists(c, n, v)],
         "mlflow_tags_with_owner_key": _versions_tagged(c, key, exclude=live),
+        "mlflow_db_rows_with_owner_key": _db_rows_with(ws.tracking_uri, key),
         "runs_left": [r for r in mlflow_result["runs"] if _run_exists(c, r)],
         "artifacts_left": _artifacts_left(ws, mlflow_result),
         "cache_objects_left": sorted(to_delete & listing["cache"]),
@@ -298,6 +299,18 @@ def _versions_tagged(c, key: str, exclude: set) -> list[str]:
                     m.name == registry.COMPOSITE and mv.version in exclude):
                 out.append(f"{m.name}/{mv.version}")
     return out
+
+
+def _db_rows_with(tracking_uri: str, key: str) -> int:
+    """Registry rows (model version and registered model tags) that still mention the key, read from the SQLite
+    store itself: MLflow's API hides soft-deleted versions whose rows remain."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return 0
+    import sqlite3
+
+    with sqlite3.connect(tracking_uri.removeprefix("sqlite:///")) as db:
+        return sum(db.execute(f"select count(*) from {table} where value like ?", (f"%{key}%",)).fetchone()[0]
+                   for table in ("model_version_tags", "registered_model_tags"))
 
 
 def _artifacts_left(ws: Workspace, mlflow_result: dict) -> list[str]:

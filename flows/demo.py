@@ -21,13 +21,11 @@ def demo_params(quick: bool) -> Params:
     p = Params()
     if quick:
         p.train.steps = 500
-        p.train.min_shard_samples = 200  # small owners share a shard: shows slice-checkpoint retraining
         p.compose.num_inference_steps = 50
         p.evaluate.n_samples = 300
         p.evaluate.feature_steps = 500
     else:
         p.train.steps = 2000
-        p.train.min_shard_samples = 200
         p.train.preset = "small"
         p.evaluate.n_samples = 1000
     return p
@@ -57,8 +55,12 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     root = Path(out).resolve()
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists and is not empty; choose another --out or remove it")
-    ws = init_workspace(root, params=demo_params(quick))
     sources = write_demo_owners(root / "sources", owners, partition)  # git-ignored: stands for the owners' side
+    params = demo_params(quick)
+    sizes = sorted(sum(1 for _ in f.glob("*/*.png")) for o, f in sources.items() if o != "heldout")
+    if len(sizes) >= 3:
+        params.train.min_shard_samples = sizes[1] + 1  # the two smallest owners share a shard
+    ws = init_workspace(root, params=params)
     (root / ".gitignore").write_text((root / ".gitignore").read_text() + "/sources/\n")
 
     # 1. Ingestion: one batch with a corrupt file is rejected first, then every owner's good batch.
