@@ -26,6 +26,7 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
+	rm -rf demo-workspace
 	$(VENV)/bin/cdm demo --quick --out demo-workspace
 
 bench: install
