@@ -63,7 +63,8 @@ class ShardStack(torch.nn.Module):
             self.register_buffer(f"p{i}", v)
         for i, (k, v) in enumerate(buffers.items()):
             self.register_buffer(f"b{i}", v)
-        self.base = copy.deepcopy(unets[0]).to("meta")
+        # The architecture without weights; kept out of the module tree so that .to(device) skips it.
+        self.__dict__["base"] = copy.deepcopy(unets[0]).to("meta")
         self.n = len(unets)
 
     def __len__(self) -> int:
@@ -162,7 +163,8 @@ class CompositeDenoiser(torch.nn.Module):
             return log_prior.softmax(1)
         if self.estimator == "prior":
             if self.choice is None:
-                self.choice = torch.multinomial(log_prior.softmax(1), 1, generator=self.generator).squeeze(1)
+                probs = log_prior.softmax(1).cpu()  # the generator lives on the CPU
+                self.choice = torch.multinomial(probs, 1, generator=self.generator).squeeze(1).to(labels.device)
             return F.one_hot(self.choice, self.n).float()
         if self.estimator == "router":
             logits = self.router(x_t, t, labels).float()
@@ -203,7 +205,7 @@ class CompositeDenoiser(torch.nn.Module):
         #    evaluates every allowed shard with lambda_i(y) > 0, even where its weight underflowed.
         need = w > self.threshold if self.threshold > 0 else self._log_prior(labels).isfinite()
         need &= self.allowed[None, :]
-        need[torch.arange(len(w)), w.argmax(1)] = True  # never drop a sample's best shard
+        need[torch.arange(len(w), device=w.device), w.argmax(1)] = True  # never drop a sample's best shard
         w = torch.where(need, w, torch.zeros_like(w))
         w = w / w.sum(1, keepdim=True)
         if self.estimator == "path" and self.threshold > 0:

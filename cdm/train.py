@@ -100,6 +100,19 @@ class EMA:
                 self.shadow[k].copy_(v)
 
 
+def _accelerator(mixed_precision: str):
+    """An Accelerator for this precision. accelerate keeps one process-wide state; a shard trained with another
+    precision than the previous one resets it (shards of one flow share their precision)."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    try:
+        return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    except ValueError:
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+
+
 def train_shard(
     data: Dataset,
     model_cfg: ModelConfig,
@@ -125,7 +138,6 @@ def train_shard(
     Returns:
         The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
     """
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
     if len(data) == 0:
@@ -146,12 +158,12 @@ def train_shard(
     slices = slices[order]
     ends = [int((slices <= k).sum()) for k in range(cfg.num_slices)]  # samples in slices 0..k = data[:ends[k]]
 
-    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=not torch.cuda.is_available())
+    accelerator = _accelerator(cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     unet = build_unet(model_cfg)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = EMA(unet, cfg.ema_decay) if cfg.ema_decay else None
     losses: list[float] = []
+    ema_state = None
 
     # 1. Resume from the last slice whose checkpoint exists (its key covers config and data of slices 0..k).
     resumed = -1
@@ -162,14 +174,16 @@ def train_shard(
                 state = load_tree(path)
                 unet.load_state_dict(state["model"])
                 optimizer.load_state_dict(state["optimizer"])
-                if ema is not None:
-                    ema.shadow = state["ema"]
+                ema_state = state.get("ema")
                 losses = list(state["losses"])
                 resumed = k
                 break
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     device = accelerator.device
+    ema = EMA(accelerator.unwrap_model(unet), cfg.ema_decay) if cfg.ema_decay else None  # on the device
+    if ema is not None and ema_state is not None:
+        ema.shadow = {k: v.to(device) for k, v in ema_state.items()}
     x_all, y_all = data.x.to(device), data.y.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     started, steps_run = time.perf_counter(), 0
