@@ -81,6 +81,11 @@ def commit(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push:
 
     Any failure restores the previous owner folder and data.dvc.
     """
+    with ws.lock():
+        return _commit_locked(ws, owner, files, meta, push)
+
+
+def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool) -> IngestResult:
     key = ws.owner_key(owner)
     target = ws.owner_dir(owner)
     backup = ws.staging_dir / f"backup-{owner}-{uuid.uuid4().hex[:8]}"

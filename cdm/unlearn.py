@@ -70,21 +70,24 @@ def done(ws: Workspace, state: dict, step: str, **results) -> dict:
 
 
 def step_plan(ws: Workspace, c, state: dict) -> dict:
+    """Which shards drop (only the owner's) and which retrain (shared); the owner leaves the shard plan.
+    The decision is saved before the plan changes, and the change is idempotent, so a crash here is harmless."""
     from cdm.composites import production
     from cdm.shards import load_plan, save_plan
 
     owner = state["owner"]
-    plan = load_plan(ws)
-    exclusive = sorted(s for s, owners in plan.items() if owners == [owner])
-    shared = {s: [o for o in owners if o != owner] for s, owners in plan.items() if owner in owners and len(owners) > 1}
-    new_plan = {s: o for s, o in plan.items() if s not in exclusive}
-    new_plan.update(shared)
-    prod = production(c)
-    state_update = {"exclusive_shards": exclusive, "shared_shards": sorted(shared),
-                    "composite_before": str(prod[0]) if prod else None,
-                    "estimator": prod[1]["estimator"] if prod else None}
-    save_plan(ws, new_plan)
-    return done(ws, state, "plan", **state_update)
+    with ws.lock():
+        plan = load_plan(ws)
+        if "exclusive_shards" not in state:
+            prod = production(c)
+            state.update(exclusive_shards=sorted(s for s, owners in plan.items() if owners == [owner]),
+                         shared_shards=sorted(s for s, owners in plan.items() if owner in owners and len(owners) > 1),
+                         composite_before=str(prod[0]) if prod else None,
+                         estimator=prod[1]["estimator"] if prod else None)
+            save_state(ws, state)
+        remaining = {s: [o for o in owners if o != owner] for s, owners in plan.items()}
+        save_plan(ws, {s: owners for s, owners in remaining.items() if owners})
+    return done(ws, state, "plan")
 
 
 def step_go_live(ws: Workspace, c, exp_id: str, params: Params, state: dict) -> dict:
@@ -227,18 +230,18 @@ def step_purge(ws: Workspace, c, state: dict) -> dict:
         shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
         removed_paths.append(str(p.relative_to(ws.root)))
     # 3. Data: the owner's folder, a new DVC version, and the owner's objects in cache and remote.
-    objects = owner_objects(ws, owner)
     target = ws.owners_dir / owner
-    if target.exists():
-        shutil.rmtree(target)
-    data_hash = dvc.add_and_push(ws.root)
-    git(ws.root, "add", "data.dvc")
-    git(ws.root, "commit", "-q", "-m", f"data: revoke {key}", "--allow-empty")
-    keep_md5 = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
-    current_dir = (data_hash or "")
-    to_delete = (objects - keep_md5) - {current_dir}
-    s3 = ws.s3_client() if (dvc.remote_config(ws.root)["url"] or "").startswith("s3://") else None
-    deleted = dvc.delete_objects(ws.root, to_delete, s3_client=s3)
+    with ws.lock():
+        objects = owner_objects(ws, owner)
+        if target.exists():
+            shutil.rmtree(target)
+        data_hash = dvc.add_and_push(ws.root)
+        git(ws.root, "add", "data.dvc")
+        git(ws.root, "commit", "-q", "-m", f"data: revoke {key}", "--allow-empty")
+        keep_md5 = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
+        to_delete = (objects - keep_md5) - {data_hash or ""}
+        s3 = ws.s3_client() if (dvc.remote_config(ws.root)["url"] or "").startswith("s3://") else None
+        deleted = dvc.delete_objects(ws.root, to_delete, s3_client=s3)
     # 4. Verify by listing.
     listing = dvc.list_objects(ws.root, s3_client=s3)
     verification = {

@@ -11,7 +11,9 @@ ledger, owners.json — uses the pseudonymous key HMAC(secret, owner).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import hashlib
 import hmac
 import json
@@ -85,6 +87,18 @@ class Workspace:
         if path.parent != self.owners_dir.resolve():
             raise WorkspaceError(f"owner {owner!r} escapes the workspace")
         return path
+
+    @contextlib.contextmanager
+    def lock(self):
+        """Exclusive lock for changes to data/, DVC, git and the shard plan (ingestion and revocation of different
+        owners may run concurrently; their commits are serialized)."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.state_dir / "lock", "w") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     # -- configuration ---------------------------------------------------------------------------------------
     def exists(self) -> bool:

@@ -15,9 +15,10 @@ from tasks.common import context
 @task(cache_policy=NO_CACHE)
 def plan(workspace: str) -> dict[str, list[str]]:
     ctx = context(workspace)
-    sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in ctx.ws.owners()}
-    new = plan_shards(ctx.ws, sizes, ctx.params.train.min_shard_samples, load_plan(ctx.ws))
-    save_plan(ctx.ws, new)
+    with ctx.ws.lock():
+        sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in ctx.ws.owners()}
+        new = plan_shards(ctx.ws, sizes, ctx.params.train.min_shard_samples, load_plan(ctx.ws))
+        save_plan(ctx.ws, new)
     return new
 
 

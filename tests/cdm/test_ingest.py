@@ -1,0 +1,164 @@
+"""Ingestion at the library level: every bad input is refused with its file and reason, and nothing changes;
+a property test over random mixes of good and bad files."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import subprocess
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from PIL import Image
+
+from cdm.config import Params
+from cdm.ingest import IngestionRejected, ingest
+from cdm.workspace import Workspace, WorkspaceError, init_workspace
+
+
+def png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
+    buf = io.BytesIO()
+    (Image.fromarray(arr) if mode is None else Image.fromarray(arr).convert(mode)).save(buf, format="PNG", **save)
+    return buf.getvalue()
+
+
+def good_png(seed: int) -> bytes:
+    return png(np.random.default_rng(seed).integers(0, 256, (8, 8), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> Workspace:
+    p = Params()
+    p.data.max_file_bytes = 5000
+    p.data.max_dimension = 64
+    return init_workspace(tmp_path_factory.mktemp("ingest") / "ws", params=p)
+
+
+def snapshot(ws: Workspace) -> tuple:
+    files = sorted((str(p.relative_to(ws.root)), p.stat().st_size) for p in ws.data_dir.rglob("*"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout
+    cache = sorted(str(p) for p in (ws.root / ".dvc" / "cache").rglob("*"))
+    return files, head, (ws.root / "data.dvc").read_text(), cache
+
+
+BAD_FILES = {
+    "zero-byte": ("3/empty.png", b"", "empty file"),
+    "not an image": ("3/text.png", b"this is text", "does not decode"),
+    "truncated": ("3/trunc.png", good_png(1)[:40], "does not decode"),
+    "corrupt chunk": ("3/crc.png", good_png(2)[:-20] + b"\x00" * 20, "does not decode"),
+    "too large": ("3/big.png", png(np.random.default_rng(3).integers(0, 256, (80, 80), dtype=np.uint8)), "larger than"),
+    "dimension bomb": ("3/bomb.png", png(np.zeros((2000, 2), dtype=np.uint8)), "beyond the bound"),
+    "label outside the set": ("12/x.png", good_png(4), "not in the label set"),
+    "not in a label folder": ("loose.png", good_png(5), "layout"),
+    "unsafe name": ("3/bad name!.png", good_png(6), "unsafe file name"),
+    "hidden name": ("3/.hidden.png", good_png(7), "unsafe file name"),
+    "duplicate content": ("4/dup.png", good_png(0), "duplicate content"),
+    "jpeg named png": ("3/photo.png", (lambda b: (Image.new("L", (8, 8)).save(b, format="JPEG"), b.getvalue())[1])(
+        io.BytesIO()), "not a PNG"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_FILES))
+def test_each_bad_file_is_named_with_its_reason_and_nothing_changes(ws, tmp_path, case):
+    name, data, reason = BAD_FILES[case]
+    src = tmp_path / "src"
+    (src / "3").mkdir(parents=True)
+    (src / "3" / "good.png").write_bytes(good_png(0))
+    (src / name).parent.mkdir(parents=True, exist_ok=True)
+    (src / name).write_bytes(data)
+    before = snapshot(ws)
+    with pytest.raises(IngestionRejected) as e:
+        ingest(ws, "owner-bad", str(src), ws_params(ws))
+    problems = e.value.report.problems
+    assert any(p.file == name and reason in p.reason for p in problems), problems
+    assert snapshot(ws) == before
+
+
+def ws_params(ws):
+    return Params.load(ws.params_path)
+
+
+def test_symlink_outside_the_source_is_refused(ws, tmp_path):
+    src = tmp_path / "src"
+    (src / "3").mkdir(parents=True)
+    (src / "3" / "good.png").write_bytes(good_png(0))
+    secret = tmp_path / "secret.png"
+    secret.write_bytes(good_png(9))
+    os.symlink(secret, src / "3" / "link.png")
+    with pytest.raises(IngestionRejected, match="symlink pointing outside"):
+        ingest(ws, "owner-link", str(src), ws_params(ws))
+
+
+def test_palette_alpha_and_16_bit_images_are_converted(ws, tmp_path):
+    src = tmp_path / "src"
+    (src / "5").mkdir(parents=True)
+    base = np.random.default_rng(11).integers(0, 256, (8, 8), dtype=np.uint8)
+    (src / "5" / "palette.png").write_bytes(png(base, "P"))
+    (src / "5" / "alpha.png").write_bytes(png(np.stack([base] * 3 + [np.full_like(base, 255)], -1)))
+    (src / "5" / "deep.png").write_bytes(png((base.astype(np.uint16) * 257 + 1)))
+    result = ingest(ws, "owner-modes", str(src), ws_params(ws), push=False)
+    assert result.added == 3
+    data = ws.load_owner("owner-modes", 8, 1, range(10))
+    assert data.x.shape == (3, 1, 8, 8) and float(data.x.min()) >= -1 and float(data.x.max()) <= 1
+
+
+def test_empty_owner_unsafe_owner_id_and_missing_source(ws, tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(IngestionRejected, match="no samples"):
+        ingest(ws, "owner-empty", str(tmp_path / "empty"), ws_params(ws))
+    for bad in ("../escape", "/abs", "UPPER", "a b", "", "x" * 65, "owner/../../x"):
+        with pytest.raises(WorkspaceError, match="not allowed"):
+            ingest(ws, bad, str(tmp_path / "empty"), ws_params(ws))
+    from cdm.sources import SourceError
+
+    with pytest.raises(SourceError, match="not found"):
+        ingest(ws, "owner-nosrc", str(tmp_path / "missing"), ws_params(ws))
+
+
+_counter = itertools.count()
+GOOD = st.integers(min_value=0, max_value=10_000).map(lambda s: ("good", s))
+BAD = st.sampled_from(sorted(BAD_FILES)).map(lambda k: ("bad", k))
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(GOOD, GOOD, BAD), min_size=0, max_size=6))
+def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory, batch):
+    src = tmp_path_factory.mktemp("mix")
+    good, bad = {}, []
+    for i, (kind, value) in enumerate(batch):
+        if kind == "good":
+            data = good_png(value)
+            if data in good.values():
+                continue  # same content twice would be a (bad) duplicate; keep the batch's intent clear
+            path = src / str(value % 10) / f"g{i}.png"
+            good[path] = data
+        else:
+            name, data, _ = BAD_FILES[value]
+            if value == "duplicate content" and not good:
+                continue
+            path = src / name
+            if path.exists():
+                continue  # the same bad case twice adds nothing
+            if value == "duplicate content":
+                data = next(iter(good.values()))
+            bad.append(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    owner = f"prop-{next(_counter)}"
+    before = snapshot(ws)
+    if good and not bad:
+        result = ingest(ws, owner, str(src), ws_params(ws), push=False)
+        from cdm.data import sha256_bytes
+
+        stored = {s["sha256"] for s in ws.manifest(owner)["samples"]}
+        assert stored == {sha256_bytes(d) for d in good.values()} and result.total == len(good)
+        assert subprocess.run(["git", "status", "--porcelain", "data.dvc"], cwd=ws.root, capture_output=True,
+                              text=True).stdout == ""
+    else:
+        with pytest.raises(IngestionRejected):
+            ingest(ws, owner, str(src), ws_params(ws), push=False)
+        assert snapshot(ws) == before
+        assert owner not in ws.owners()
