@@ -60,7 +60,7 @@ def render(r: dict) -> str:
               "|---|---|---|---|", f"| paragon | {sa['paragon']['sec_per_image']:.4f} | 1.00 | 1 |"]
     for mode in ("dense_loop", "dense_batched", "sparse_loop", "sparse_batched"):
         m = sa[mode]
-        lines.append(f"| composite N=8 {mode} | {m['sec_per_image']:.4f} | {m['ratio_to_paragon']:.2f} | "
+        lines.append(f"| composite N={fo['n_shards']} {mode} | {m['sec_per_image']:.4f} | {m['ratio_to_paragon']:.2f} | "
                      f"{m['evaluations_per_image_step']:.2f} |")
     lines += ["", f"FID dense {sa['fid_dense']:.2f}, sparse (threshold {sa['threshold']}) {sa['fid_sparse']:.2f} "
                   f"({100 * sa['fid_sparse_vs_dense']:+.2f}%).", "",

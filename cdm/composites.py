@@ -62,8 +62,8 @@ def train_spec_router(ws: Workspace, spec: dict, params: Params, path: Path, pro
 
 
 def register(ws: Workspace, c, exp_id: str, params: Params, spec: dict, progress: bool = False,
-             set_production: bool = True) -> dict:
-    """Log and register a composite version for `spec`; move `production` to it."""
+             set_production: bool = True, grid: bool = True) -> dict:
+    """Log and register a composite version for `spec`; move `production` to it; log a sample grid (`grid`)."""
     import mlflow
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -86,13 +86,13 @@ def register(ws: Workspace, c, exp_id: str, params: Params, spec: dict, progress
             metrics=None, files=[], version_tags=tags, run_tags={"cdm.kind": "composite"})
         if set_production:
             c.set_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION, logged.version)
-        # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
-        model = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}")
-        out = model.predict({"n": 20, "seed": 0})
-        from cdm.data import save_grid
+        if grid:
+            # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
+            from cdm.data import save_grid
 
-        grid = save_grid(torch.from_numpy(out["images"]), Path(tmp) / "samples.png", nrow=10)
-        c.log_artifact(logged.run_id, str(grid))
+            out = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}").predict({"n": 20, "seed": 0})
+            png = save_grid(torch.from_numpy(out["images"]), Path(tmp) / "samples.png", nrow=10)
+            c.log_artifact(logged.run_id, str(png))
     return {"name": registry.COMPOSITE, "version": logged.version, "run_id": logged.run_id,
             "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"]}
 

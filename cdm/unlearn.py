@@ -22,6 +22,8 @@ from cdm.config import Params
 from cdm.workspace import Workspace, WorkspaceError, git, now
 
 STEPS = ("plan", "go_live", "retrain", "forgetting_check", "purge", "reevaluate", "certify")
+# How the flow groups the steps into Prefect tasks: taking the owner out of serving is one task, for speed.
+TASKS = (("plan", "go_live"), ("retrain",), ("forgetting_check",), ("purge",), ("reevaluate",), ("certify",))
 
 
 class AlreadyRevoked(WorkspaceError):
@@ -100,7 +102,7 @@ def step_go_live(ws: Workspace, c, exp_id: str, params: Params, state: dict) -> 
     estimator = state["estimator"] or params.compose.estimator
     try:
         spec = build_spec(ws, c, params, estimator, exclude_shards=exclude, revocations=_revocations(c, state))
-        live = register(ws, c, exp_id, params, spec)["version"]
+        live = register(ws, c, exp_id, params, spec, grid=False)["version"]  # the grid waits: speed first
     except WorkspaceError:  # nothing left to compose: stop serving
         mv = registry.alias_version(c, registry.COMPOSITE)
         if mv is not None:
@@ -156,37 +158,46 @@ def step_forgetting_check(ws: Workspace, c, params: Params, state: dict) -> dict
     n = min(len(owner_data), len(held), 300)
     members = owner_data.subset(torch.randperm(len(owner_data), generator=g)[:n])
     nonmembers = held.subset(torch.randperm(len(held), generator=g)[:n])
-    result = {"n": n}
-    for tag, version in (("before", state["composite_before"]), ("after", state.get("composite_after"))):
-        if version is None:
-            result[f"auc_{tag}"] = None
-            continue
-        result[f"auc_{tag}"] = composite_membership_auc(c, version, members, nonmembers)
+    versions = {tag: v for tag, v in (("before", state["composite_before"]),
+                                      ("after", state.get("composite_after"))) if v is not None}
+    aucs = composite_membership_auc(c, versions, members, nonmembers)
+    result = {"n": n, "auc_before": aucs.get("before"), "auc_after": aucs.get("after")}
     return done(ws, state, "forgetting_check", forgetting=result)
 
 
-def composite_membership_auc(c, version: str, members, nonmembers) -> float:
+def composite_membership_auc(c, versions: dict[str, str], members, nonmembers) -> dict[str, float]:
+    """AUC per composite version; each distinct shard version is loaded and scored once."""
     import mlflow
 
     from cdm.metrics import denoising_loss, membership_auc
     from cdm.model import UNetDenoiser, model_config_of
+    from cdm.schedulers import NoiseSchedule, train_scheduler
     from cdm.serving import UNET_ARTIFACT, load_verified_unet
 
-    from cdm.schedulers import NoiseSchedule, train_scheduler
-
-    spec_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{version}"))
-    spec = json.loads((spec_dir / "artifacts" / "spec.json").read_text())
-    alphas_cumprod = train_scheduler(NoiseSchedule(**spec.get("schedule", {}))).alphas_cumprod
-    losses_m, losses_n = [], []
-    for shard in spec["shards"]:
-        local = Path(mlflow.artifacts.download_artifacts(f"models:/{shard['model']}/{shard['version']}"))
-        unet = load_verified_unet(local / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
-        null_label = model_config_of(unet).null_label
-        den = UNetDenoiser(unet, null_label)
-        # Unconditional losses: every shard can be scored on every sample.
-        losses_m.append(denoising_loss(den, members.x, torch.full((len(members),), null_label), alphas_cumprod))
-        losses_n.append(denoising_loss(den, nonmembers.x, torch.full((len(nonmembers),), null_label), alphas_cumprod))
-    return membership_auc(torch.stack(losses_m).min(0).values, torch.stack(losses_n).min(0).values)
+    specs = {}
+    for tag, version in versions.items():
+        spec_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{version}"))
+        specs[tag] = json.loads((spec_dir / "artifacts" / "spec.json").read_text())
+    losses: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
+    for spec in specs.values():
+        alphas_cumprod = train_scheduler(NoiseSchedule(**spec.get("schedule", {}))).alphas_cumprod
+        for shard in spec["shards"]:
+            ref = (shard["model"], shard["version"])
+            if ref in losses:
+                continue
+            local = Path(mlflow.artifacts.download_artifacts(f"models:/{ref[0]}/{ref[1]}"))
+            unet = load_verified_unet(local / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
+            null_label = model_config_of(unet).null_label
+            den = UNetDenoiser(unet, null_label)
+            # Unconditional losses: every shard can be scored on every sample.
+            losses[ref] = tuple(denoising_loss(den, d.x, torch.full((len(d),), null_label), alphas_cumprod, repeats=2)
+                                for d in (members, nonmembers))
+    out = {}
+    for tag, spec in specs.items():
+        refs = [(s["model"], s["version"]) for s in spec["shards"]]
+        out[tag] = membership_auc(torch.stack([losses[r][0] for r in refs]).min(0).values,
+                                  torch.stack([losses[r][1] for r in refs]).min(0).values)
+    return out
 
 
 def step_purge(ws: Workspace, c, state: dict) -> dict:

@@ -13,7 +13,7 @@ from prefect import flow
 
 from cdm import unlearn
 from cdm.workspace import Workspace, WorkspaceError
-from tasks.unlearn import run_step
+from tasks.unlearn import run_steps
 
 
 def authorize(ws: Workspace, owner: str, token: str | None) -> str:
@@ -33,8 +33,8 @@ def unlearn_owner(workspace: str, owner: str, reason: str | None = None, token: 
     ws = Workspace(workspace).require()
     requested_by = authorize(ws, owner, token)
     state = unlearn.begin(ws, owner, reason, requested_by)
-    for step in unlearn.STEPS:
-        state = run_step(workspace, state["owner_key"], step)
+    for steps in unlearn.TASKS:
+        state = run_steps(workspace, state["owner_key"], steps)
     if not state.get("completed"):
         raise WorkspaceError("unlearning did not complete")
     return state["certificate"]

@@ -9,12 +9,18 @@ from cdm import unlearn
 from tasks.common import context
 
 
-@task(cache_policy=NO_CACHE, task_run_name="unlearn-{step}")
-def run_step(workspace: str, owner_key: str, step: str) -> dict:
+@task(cache_policy=NO_CACHE, task_run_name="unlearn-{steps}")
+def run_steps(workspace: str, owner_key: str, steps: tuple[str, ...]) -> dict:
+    """Run the given steps in order (each skipped when already done)."""
     ctx = context(workspace)
     state = unlearn.load_state(ctx.ws, owner_key)
-    if step in state["steps_done"]:
-        return state
+    for step in steps:
+        if step not in state["steps_done"]:
+            state = run_step(ctx, state, step)
+    return state
+
+
+def run_step(ctx, state: dict, step: str) -> dict:
     if step == "plan":
         return unlearn.step_plan(ctx.ws, ctx.client, state)
     if step == "go_live":
