@@ -79,8 +79,13 @@ def cache_dir(workspace: str | Path) -> Path:
     return Path(workspace) / ".dvc" / "cache"
 
 
-def dir_objects_referencing(workspace: str | Path, prefix: str) -> list[str]:
-    """md5 ids (with `.dir`) of cached directory listings that list a path under `prefix` (e.g. 'owners/alice/')."""
+def read_dir_object(workspace: str | Path, dir_id: str) -> list[dict]:
+    """The listing [{md5, relpath}] of a cached `.dir` object."""
+    return json.loads((cache_dir(workspace) / _object_key(dir_id)).read_text())
+
+
+def dir_objects(workspace: str | Path, prefix: str | None = None, md5s: set[str] | None = None) -> list[str]:
+    """Cached directory listings (`.dir` object ids) that list a path under `prefix` or any of `md5s`."""
     found = []
     root = cache_dir(workspace) / "files" / "md5"
     for f in root.glob("*/*.dir") if root.exists() else []:
@@ -88,7 +93,8 @@ def dir_objects_referencing(workspace: str | Path, prefix: str) -> list[str]:
             listing = json.loads(f.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        if any(entry.get("relpath", "").startswith(prefix) for entry in listing):
+        if any((prefix is not None and e.get("relpath", "").startswith(prefix)) or (md5s and e.get("md5") in md5s)
+               for e in listing):
             found.append(f.parent.name + f.name)
     return sorted(found)
 

@@ -6,10 +6,12 @@ A rejected batch raises `IngestionRejected` with the report; the workspace is le
 from __future__ import annotations
 
 import datetime as dt
+import json
 import secrets
 import shutil
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 
 from cdm import dvc
 from cdm.config import Params
@@ -86,29 +88,23 @@ def commit(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push:
 
 
 def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool) -> IngestResult:
+    recover_interrupted(ws)
     key = ws.owner_key(owner)
     target = ws.owner_dir(owner)
-    backup = ws.staging_dir / f"backup-{owner}-{uuid.uuid4().hex[:8]}"
     before = len(ws.manifest(owner)["samples"]) if target.exists() else 0
-    if target.exists():
-        shutil.copytree(target, backup)
-    dvc_file = ws.root / "data.dvc"
-    dvc_before = dvc_file.read_bytes() if dvc_file.exists() else None
+    pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
+    # A journal makes the commit all-or-nothing even across kill -9: until it says "committed", a later run
+    # restores the previous owner folder and data.dvc and deletes the batch's objects from cache and remote.
+    journal = _begin_journal(ws, owner, target, [d for _, d in pairs])
     try:
-        pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
         manifest = ws.commit_owner_files(owner, pairs, meta)
         data_hash = dvc.add_and_push(ws.root, push=push)
         git(ws.root, "add", "data.dvc", ".gitignore")
         git(ws.root, "commit", "-q", "-m", f"data: ingest {key}", "--allow-empty")
+        _end_journal(journal)
     except BaseException:
-        shutil.rmtree(target, ignore_errors=True)
-        if backup.exists():
-            backup.rename(target)
-        if dvc_before is not None:
-            dvc_file.write_bytes(dvc_before)
+        recover_interrupted(ws)
         raise
-    finally:
-        shutil.rmtree(backup, ignore_errors=True)
     token = None
     record = ws.owner_records().get(key, {})
     if "token_sha256" not in record:
@@ -119,6 +115,58 @@ def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dic
     ws.update_owner_record(key, state="active", license=manifest.get("license"), token_sha256=record["token_sha256"],
                            updated=now())
     return IngestResult(owner, key, len(manifest["samples"]) - before, len(manifest["samples"]), data_hash, token, None)
+
+
+def _begin_journal(ws: Workspace, owner: str, target, batch: list[bytes]):
+    ws.staging_dir.mkdir(parents=True, exist_ok=True)
+    stamp = uuid.uuid4().hex[:8]
+    backup = ws.staging_dir / f"backup-{owner}-{stamp}"
+    if target.exists():
+        shutil.copytree(target, backup)
+    dvc_file = ws.root / "data.dvc"
+    journal = ws.staging_dir / f"journal-{owner}-{stamp}.json"
+    tmp = journal.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"owner": owner, "backup": str(backup) if target.exists() else None,
+                               "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
+                               "objects": sorted({dvc.md5_bytes(d) for d in batch})}))
+    tmp.replace(journal)
+    return journal
+
+
+def _end_journal(journal) -> None:
+    state = json.loads(journal.read_text())
+    journal.unlink()
+    if state["backup"]:
+        shutil.rmtree(state["backup"], ignore_errors=True)
+
+
+def recover_interrupted(ws: Workspace) -> list[str]:
+    """Undo ingestions that did not reach their git commit (crash, kill -9, failed push). Returns the owners."""
+    undone = []
+    for journal in sorted(ws.staging_dir.glob("journal-*.json")) if ws.staging_dir.exists() else []:
+        state = json.loads(journal.read_text())
+        target = ws.owner_dir(state["owner"])
+        shutil.rmtree(target, ignore_errors=True)
+        if state["backup"] and Path(state["backup"]).exists():
+            shutil.copytree(state["backup"], target)
+        if state["data_dvc"] is not None:
+            (ws.root / "data.dvc").write_text(state["data_dvc"])
+        # Objects of the aborted batch that no remaining file holds leave the cache and the remote.
+        held = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
+        current = dvc.data_hash(ws.root)
+        aborted = [d for d in dvc.dir_objects(ws.root, md5s=set(state["objects"])) if d != current]
+        listed = {e["md5"] for d in aborted for e in dvc.read_dir_object(ws.root, d)
+                  if e.get("relpath", "").startswith(f"owners/{state['owner']}/")}
+        orphans = ((set(state["objects"]) | listed) - held) | set(aborted)
+        if orphans:
+            s3 = ws.s3_client() if (dvc.remote_config(ws.root)["url"] or "").startswith("s3://") else None
+            dvc.delete_objects(ws.root, orphans, s3_client=s3)
+        _end_journal(journal)
+        undone.append(state["owner"])
+    for leftover in ws.staging_dir.iterdir() if ws.staging_dir.exists() else []:
+        if not leftover.name.startswith("journal-"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+    return undone
 
 
 def ingest(ws: Workspace, owner: str, source: str, params: Params, license: str | None = None,

@@ -278,10 +278,9 @@ def owner_objects(ws: Workspace, owner: str) -> set[str]:
     folder = ws.owners_dir / owner
     if folder.exists():
         ids |= {dvc.md5_bytes(p.read_bytes()) for p in folder.rglob("*") if p.is_file()}
-    for dir_id in dvc.dir_objects_referencing(ws.root, prefix):
+    for dir_id in dvc.dir_objects(ws.root, prefix=prefix):
         ids.add(dir_id)
-        listing = json.loads((dvc.cache_dir(ws.root) / "files" / "md5" / dir_id[:2] / dir_id[2:]).read_text())
-        ids |= {e["md5"] for e in listing if e.get("relpath", "").startswith(prefix)}
+        ids |= {e["md5"] for e in dvc.read_dir_object(ws.root, dir_id) if e.get("relpath", "").startswith(prefix)}
     return ids
 
 

@@ -224,22 +224,6 @@ class Workspace:
         finally:
             shutil.rmtree(stage, ignore_errors=True)
 
-    def restore_interrupted_commits(self) -> list[str]:
-        """After a crash mid-swap, put back any owner folder left only in staging. Returns owners restored."""
-        restored = []
-        if not self.staging_dir.exists():
-            return restored
-        for old in self.staging_dir.glob("*-old"):
-            owner = old.name.rsplit("-", 2)[0]
-            if not self.owner_dir(owner).exists():
-                old.rename(self.owner_dir(owner))
-                restored.append(owner)
-            else:
-                shutil.rmtree(old, ignore_errors=True)
-        for leftover in self.staging_dir.iterdir():
-            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
-        return restored
-
 
 GITIGNORE = """\
 /mlflow/mlflow.db

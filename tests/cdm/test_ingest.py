@@ -40,7 +40,7 @@ def ws(tmp_path_factory) -> Workspace:
 def snapshot(ws: Workspace) -> tuple:
     files = sorted((str(p.relative_to(ws.root)), p.stat().st_size) for p in ws.data_dir.rglob("*"))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout
-    cache = sorted(str(p) for p in (ws.root / ".dvc" / "cache").rglob("*"))
+    cache = sorted(str(p) for p in (ws.root / ".dvc" / "cache").rglob("*") if p.is_file())
     return files, head, (ws.root / "data.dvc").read_text(), cache
 
 
@@ -162,3 +162,23 @@ def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory,
             ingest(ws, owner, str(src), ws_params(ws), push=False)
         assert snapshot(ws) == before
         assert owner not in ws.owners()
+
+
+def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ws, tmp_path):
+    """The state a kill -9 leaves between `dvc add` and the git commit: the next ingestion restores it."""
+    from cdm import dvc
+    from cdm.ingest import _begin_journal, recover_interrupted
+    from cdm.sources import list_folder
+
+    src = tmp_path / "src"
+    (src / "2").mkdir(parents=True)
+    (src / "2" / "a.png").write_bytes(good_png(4242))
+    before = snapshot(ws)
+    files = list_folder(src, 5000)
+    _begin_journal(ws, "owner-crash", ws.owner_dir("owner-crash"), [f.data for f in files])
+    ws.commit_owner_files("owner-crash", [("2", files[0].data)], {})
+    dvc.add_and_push(ws.root, push=False)
+    assert snapshot(ws) != before  # half-done
+    assert recover_interrupted(ws) == ["owner-crash"]
+    assert snapshot(ws) == before
+    assert dvc.md5_bytes(files[0].data) not in dvc.list_objects(ws.root)["cache"]

@@ -1,0 +1,34 @@
+import json
+
+import pytest
+import torch
+
+from cdm.model import ModelConfig, build_unet, save_unet
+from cdm.serving import WEIGHTS_FILE, build_composite, load_verified_unet, sha256_file
+
+
+def test_weights_whose_hash_differs_from_the_record_are_refused(tmp_path):
+    torch.manual_seed(0)
+    folder = save_unet(build_unet(ModelConfig.preset("tiny")), tmp_path / "unet")
+    good = sha256_file(folder / WEIGHTS_FILE)
+    assert load_verified_unet(folder, good) is not None
+    with pytest.raises(ValueError, match="does not match"):
+        load_verified_unet(folder, "0" * 64)
+    (folder / WEIGHTS_FILE).unlink()
+    torch.save({}, folder / "diffusion_pytorch_model.bin")  # a pickle file is never loaded
+    with pytest.raises(ValueError, match="safetensors only"):
+        load_verified_unet(folder, None)
+
+
+def test_consumer_subset_only_keeps_shards_made_solely_of_allowed_owners():
+    cfg = ModelConfig.preset("tiny")
+    unets = [build_unet(cfg).eval() for _ in range(3)]
+    spec = {"shards": [{"owners": {"a": 5}, "class_counts": [1] * 10}, {"owners": {"a": 1, "b": 1},
+                                                                          "class_counts": [1] * 10},
+                       {"owners": {"c": 3}, "class_counts": [1] * 10}],
+            "model_config": json.loads(cfg.to_json()), "sampler": "ddpm", "estimator": "path", "eta": 1.0,
+            "num_inference_steps": 5}
+    _, _, subset = build_composite(spec, unets, allowed_owner_keys=["a", "c"])
+    assert subset == [0, 2]  # the shard shared with b is excluded
+    with pytest.raises(PermissionError):
+        build_composite(spec, unets, allowed_owner_keys=["b"])
