@@ -52,7 +52,6 @@ def main() -> None:
                                    "ms_per_step": round(1000 * r.seconds / args.steps, 2),
                                    "loss_first10": sum(r.losses[:10]) / 10, "loss_last10": sum(r.losses[-10:]) / 10,
                                    "mixed_precision": mp}
-        unet = r.unet
     # 2. Batched composition of 8 shards on the device vs the plain loop.
     cfg = ModelConfig.preset("tiny")
     unets = []

@@ -69,7 +69,6 @@ def render(r: dict) -> str:
               f"shards; {pr['members']} members vs as many held-out samples): composite before "
               f"{pr['membership_auc_composite_before']:.3f}, after {pr['membership_auc_composite_after']:.3f}; "
               f"paragon {pr['membership_auc_paragon']:.3f}.", ""]
-    mem = [(k, v) for k, v in r["quality"].items() if k.startswith("iid/N=8/path") or k.endswith("paragon")]
     rows = r["quality_rows"]
     mc = [x["memorization"] for x in rows if x["partition"] == "iid" and x["n_shards"] == 8 and x["estimator"] == "path"]
     mp = [x["memorization"] for x in rows if x["partition"] == "iid" and x["estimator"] == "paragon"]

@@ -8,7 +8,7 @@ classifier-free guidance. Seen from the outside, every denoiser is a callable `(
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal, Protocol
 

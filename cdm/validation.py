@@ -8,7 +8,6 @@ written when a folder is given.
 from __future__ import annotations
 
 import io
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence

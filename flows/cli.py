@@ -10,7 +10,6 @@ import contextlib
 import json
 import os
 import sys
-from pathlib import Path
 
 EPILOG = """\
 workspace: every command takes --workspace DIR (default: $CDM_WORKSPACE, else the current directory).
@@ -18,7 +17,7 @@ exit codes: 0 success, 2 bad input or refused request, 1 internal failure.
 docs: README.md; the design: DESIGN.md."""
 
 
-def _env_defaults() -> None:
+def env_defaults() -> None:
     # Prefect's ephemeral API can take long to start on a fresh machine (FIELD-NOTES); keep telemetry off.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -98,7 +97,7 @@ class CliError(Exception):
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    _env_defaults()
+    env_defaults()
     want_json = getattr(args, "json", False)
     real_stdout = sys.stdout
     try:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from flows.cli import CliError
@@ -159,7 +158,7 @@ def cmd_status(args):
     lines = [f"workspace {ws.root}", "owners:"] + [f"  {o['id']:<24} {o['state']:<8} {o['samples']} samples"
                                                    for o in owners]
     lines += ["shards:"] + [f"  {s['id']:<14} v{s['model_version']}  {', '.join(s['owners'])}" for s in shards]
-    lines += [f"production: " + (f"cdm-composite v{composite['version']} ({composite['estimator']}, "
+    lines += ["production: " + (f"cdm-composite v{composite['version']} ({composite['estimator']}, "
                                  f"{len(composite['shards'])} shards)" if composite else "none")]
     lines += [f"ledger: {check.entries} entries, " + ("chain verified" if check.ok else f"TAMPERED: {check.problem}")]
     if not check.ok:

@@ -80,10 +80,10 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
 
     # 2. Shards and paragon; 3. composite live; 4. samples with attribution.
     t = time.perf_counter()
-    trained = run_training(str(root), paragon=True)
+    run_training(str(root), paragon=True)
     times["train"] = time.perf_counter() - t
     t = time.perf_counter()
-    live = compose(str(root))
+    compose(str(root))
     times["compose"] = time.perf_counter() - t
     from cdm.composites import load_production
     import torch
@@ -165,14 +165,14 @@ def report(s: dict, ws) -> str:
         f"({s['speedup_live_vs_retrain']:.0f}x slower than going live)",
         f"FID change after forgetting: {100 * s['fid_change']:+.1f}%; memorization composite "
         f"{_fmt(s['memorization_composite'])} vs paragon {_fmt(s['memorization_paragon'])}",
-        f"attribution of samples before revocation: " + ", ".join(
+        "attribution of samples before revocation: " + ", ".join(
             f"{o} {w:.2f}" for o, w in sorted(s["attribution_before"].items())),
         f"times (s): {s['times']}",
         f"sample grids: {ws.root / 'outputs'}/samples-before.png, samples-after.png",
         "", "Browse the result:",
         f"  MLflow UI:  .venv/bin/mlflow ui --backend-store-uri {ws.tracking_uri} --port 5000",
-        f"  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; runs of this demo were recorded"
-        f" in the local Prefect database)",
+        "  Prefect UI: .venv/bin/prefect server start   (then http://127.0.0.1:4200; runs of this demo were recorded"
+        " in the local Prefect database)",
         f"  Status:     .venv/bin/cdm status --workspace {ws.root}",
     ]
     return "\n".join(lines)

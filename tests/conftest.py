@@ -3,12 +3,10 @@ harness per session (it costs ~20 s to enter)."""
 
 import os
 
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from flows.cli import env_defaults  # noqa: E402
+
+env_defaults()  # the CLI's: Prefect start-up timeout, telemetry off
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
-os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 # Credentials for the loopback S3 server (moto accepts any).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

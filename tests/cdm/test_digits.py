@@ -1,6 +1,5 @@
 """Real data: two tiny shards on the digits (labels 0-4 and 5-9), composed unconditionally."""
 
-import numpy as np
 import pytest
 import torch
 
