@@ -6,17 +6,6 @@ import json
 import sys
 from pathlib import Path
 
-TARGETS = {
-    "fid_ratio N=8 iid (default estimator)": "<= 1.05",
-    "revocation live vs paragon retrain": ">= 100x faster",
-    "FID change after forgetting 1 of 8": "<= 1%",
-    "sampling N=8 sparse vs paragon": "<= 1.5x time, FID within 2% of dense",
-    "membership AUC after revocation": "0.50 +- 0.05",
-    "memorization composite vs paragon": "<= paragon",
-    "orchestration overhead": "<= 10%",
-}
-
-
 def f(x, spec=".3f"):
     return "n/a" if x is None else format(x, spec)
 
@@ -79,9 +68,60 @@ def render(r: dict) -> str:
         lines += ["## 5. Orchestration overhead", "",
                   f"Training flow for {orch['shards']} shards: {orch['flow_seconds']:.1f} s wall vs "
                   f"{orch['bare_training_seconds']:.1f} s of bare training ({100 * orch['overhead']:+.1f}%).", ""]
-    lines += ["## Targets", "", "| target | goal |", "|---|---|"] + [f"| {k} | {v} |" for k, v in TARGETS.items()]
-    lines += ["", "See the closing notes of the benchmark issue for which targets are met and why.", ""]
+    lines += ["## Targets, measured", "", "| target | goal | measured | met |", "|---|---|---|---|"]
+    for name, goal, value, met in targets(r):
+        lines.append(f"| {name} | {goal} | {value} | {'yes' if met else '**no**'} |")
+    best = min(("path", "router", "prior", "average"),
+               key=lambda e: q.get(f"iid/N=8/{e}", {}).get("fid_ratio", {}).get("mean", float("inf")))
+    gaps = []
+    for key, v in q.items():
+        if key.endswith("/path"):
+            prefix = key[: -len("path")]
+            best_mean = min(q[prefix + e]["fid_ratio"]["mean"] for e in ("path", "router", "prior", "average")
+                            if prefix + e in q)
+            gaps.append((v["fid_ratio"]["mean"] - best_mean, key[:-5]))
+    worst_gap, worst_row = max(gaps)
+    lines += ["", "## Default estimator", "",
+              f"Lowest mean fid_ratio at N=8 iid: **{best}**. Across all rows, `path` is at most "
+              f"{worst_gap:.3f} above the best estimator's mean fid_ratio (worst: {worst_row}). `path` stays the "
+              "default: it needs no extra model (nothing to retrain on forgetting, unlike `router`) and its weights "
+              "give a soft per-step attribution, while `prior` attributes each sample to one shard by construction "
+              "and its sampling cost has not been measured yet. `router` and `average` blur shards together "
+              "(by-class rows).", ""]
     return "\n".join(lines)
+
+
+def targets(r: dict) -> list[tuple[str, str, str, bool]]:
+    q, fo, sa, pr = r["quality"], r["forgetting"], r["sampling"], r["protection"]
+    n = fo["n_shards"]
+    out = []
+    ratio = q.get(f"iid/N={n}/path", {}).get("fid_ratio")
+    if ratio:
+        out.append((f"fid_ratio N={n} iid (path)", "<= 1.05", f"{ratio['mean']:.2f} ± {ratio['std']:.2f}",
+                    ratio["mean"] <= 1.05))
+    pf = r.get("pipeline_forgetting")
+    if pf:
+        out.append(("revocation live vs paragon retrain", ">= 100x", f"{pf['live_speedup_vs_paragon_retrain']:.0f}x",
+                    pf["live_speedup_vs_paragon_retrain"] >= 100))
+    out.append((f"FID change after forgetting 1 of {n}", "<= 1%", f"{100 * fo['fid_change']:+.2f}%",
+                fo["fid_change"] <= 0.01))
+    sp = sa["sparse_loop"]
+    out.append((f"sampling N={n} sparse vs paragon", "<= 1.5x", f"{sp['ratio_to_paragon']:.2f}x",
+                sp["ratio_to_paragon"] <= 1.5))
+    out.append(("FID sparse vs dense", "within 2%", f"{100 * sa['fid_sparse_vs_dense']:+.2f}%",
+                abs(sa["fid_sparse_vs_dense"]) <= 0.02))
+    auc = pr["membership_auc_composite_after"]
+    out.append(("membership AUC after revocation", "0.50 ± 0.05", f"{auc:.3f}", abs(auc - 0.5) <= 0.05))
+    rows = r["quality_rows"]
+    mc = [x["memorization"] for x in rows if x["partition"] == "iid" and x["n_shards"] == n and x["estimator"] == "path"]
+    mp = [x["memorization"] for x in rows if x["partition"] == "iid" and x["estimator"] == "paragon"]
+    if mc and mp:
+        out.append(("memorization composite vs paragon", "<= paragon",
+                    f"{sum(mc) / len(mc):.4f} vs {sum(mp) / len(mp):.4f}", sum(mc) / len(mc) <= sum(mp) / len(mp)))
+    if r.get("orchestration"):
+        o = r["orchestration"]["overhead"]
+        out.append(("orchestration overhead", "<= 10%", f"{100 * o:+.1f}%", o <= 0.10))
+    return out
 
 
 if __name__ == "__main__":
