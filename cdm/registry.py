@@ -7,7 +7,6 @@ registry tags behind (FIELD-NOTES).
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -108,17 +107,6 @@ def registered_names(c, prefix: str) -> list[str]:
     return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
 
 
-def download_model(c, name: str, version: str, dest: str | Path) -> Path:
-    """Download a version's logged model into `dest` (a cache); returns the folder holding MLmodel."""
-    import mlflow
-
-    dest = Path(dest)
-    if not (dest / "MLmodel").exists():
-        dest.mkdir(parents=True, exist_ok=True)
-        mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=str(dest))
-    return dest
-
-
 def model_id_of(c, name: str, version: str) -> str | None:
     mv = c.get_model_version(name, version)
     return getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
@@ -188,12 +176,3 @@ def gc(tracking_uri: str, run_ids: list[str], model_ids: list[str]) -> None:
     proc = subprocess.run(args, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"mlflow gc failed: {proc.stderr.strip()[-2000:]}")
-
-
-def version_tags(mv) -> dict[str, str]:
-    return dict(mv.tags or {})
-
-
-def json_tag(mv, key: str, default=None):
-    value = (mv.tags or {}).get(key)
-    return json.loads(value) if value is not None else default
