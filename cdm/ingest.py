@@ -27,6 +27,9 @@ class IngestionRejected(WorkspaceError):
         docs = f"\nData Docs: {report.docs}" if report.docs else ""
         super().__init__(f"ingestion of {owner!r} rejected, nothing was changed:\n{lines}{docs}")
 
+    def __reduce__(self):  # picklable with its report: Prefect may persist a failed task's exception
+        return (IngestionRejected, (self.owner, self.report))
+
 
 @dataclass
 class IngestResult:

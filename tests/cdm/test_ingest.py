@@ -182,3 +182,14 @@ def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ws
     assert recover_interrupted(ws) == ["owner-crash"]
     assert snapshot(ws) == before
     assert dvc.md5_bytes(files[0].data) not in dvc.list_objects(ws.root)["cache"]
+
+
+def test_rejection_survives_pickling_with_its_report():
+    """Prefect may persist a failed task's exception; the CLI must still see a rejection (exit 2)."""
+    import pickle
+
+    from cdm.validation import Problem, ValidationReport
+
+    e = IngestionRejected("alice", ValidationReport(False, 1, [Problem("3/a.png", "empty file (0 bytes)")]))
+    back = pickle.loads(pickle.dumps(e))
+    assert isinstance(back, IngestionRejected) and back.report.problems[0].file == "3/a.png" and str(back) == str(e)
