@@ -162,7 +162,7 @@ def recover_interrupted(ws: Workspace) -> list[str]:
                   if e.get("relpath", "").startswith(f"owners/{state['owner']}/")}
         orphans = ((set(state["objects"]) | listed) - held) | set(aborted)
         if orphans:
-            s3 = ws.s3_client() if (dvc.remote_config(ws.root)["url"] or "").startswith("s3://") else None
+            s3 = ws.dvc_s3_client()
             dvc.delete_objects(ws.root, orphans, s3_client=s3)
         _end_journal(journal)
         undone.append(state["owner"])

@@ -251,7 +251,7 @@ def step_purge(ws: Workspace, c, state: dict) -> dict:
         git(ws.root, "commit", "-q", "-m", f"data: revoke {key}", "--allow-empty")
         keep_md5 = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
         to_delete = (objects - keep_md5) - {data_hash or ""}
-        s3 = ws.s3_client() if (dvc.remote_config(ws.root)["url"] or "").startswith("s3://") else None
+        s3 = ws.dvc_s3_client()
         deleted = dvc.delete_objects(ws.root, to_delete, s3_client=s3)
     # 4. Verify by listing.
     listing = dvc.list_objects(ws.root, s3_client=s3)

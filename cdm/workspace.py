@@ -138,6 +138,12 @@ class Workspace:
         return boto3.client("s3", endpoint_url=self.s3_endpoint_url,
                             config=Config(retries={"max_attempts": 5, "mode": "standard"}))
 
+    def dvc_s3_client(self):
+        """A boto3 client when the DVC remote is on S3, else None (a local remote needs none)."""
+        from cdm import dvc
+
+        return self.s3_client() if (dvc.remote_config(self.root)["url"] or "").startswith("s3://") else None
+
     def secret(self) -> bytes:
         path = self.state_dir / "secret"
         if not path.exists():
