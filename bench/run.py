@@ -2,7 +2,7 @@
 
 Writes bench/results.json and bench/RESULTS.md. Every figure is measured in this run next to its baseline.
 
-    python bench/run.py [--total-steps 1200] [--seeds 0 1 2] [--samples 400] [--out bench]
+    python bench/run.py [--total-steps 1000] [--seeds 0 1 2] [--samples 300] [--out bench]   (= make bench)
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from cdm.compose import CompositeDenoiser, RouterConfig, ShardStack, class_priors, train_router  # noqa: E402
 from cdm.data import Dataset, digits_dataset, digits_uint8, heldout_split, partition  # noqa: E402
 from cdm.metrics import denoising_loss, fid_kid, membership_auc, memorization, train_feature_net  # noqa: E402
-from cdm.model import ModelConfig, UNetDenoiser  # noqa: E402
+from cdm.model import ModelConfig, UNetDenoiser, build_unet  # noqa: E402
+from cdm.safetensors_io import state_sha256  # noqa: E402
 from cdm.pipeline import CDMPipeline  # noqa: E402
 from cdm.schedulers import NoiseSchedule, sampling_scheduler, train_scheduler  # noqa: E402
 from cdm.train import TrainConfig, train_shard  # noqa: E402
@@ -53,20 +54,31 @@ def composite(unets, counts, estimator, seed, router=None, subset=None, threshol
                              generator=torch.Generator().manual_seed(seed))
 
 
+def fit(args, data: Dataset, steps: int, seed: int, init: dict | None, num_slices: int = 1, **train_kw):
+    """train_shard from the shared initialization `init` ({"state", "sha256"}; None: random initialization)."""
+    cfg = TrainConfig(steps=steps, seed=seed, num_slices=num_slices, init_sha256=init["sha256"] if init else None)
+    return train_shard(data, CFG, cfg, init_state=init["state"] if init else None, progress=False, **train_kw)
+
+
+def build_from(state: dict) -> torch.nn.Module:
+    unet = build_unet(CFG)
+    unet.load_state_dict(state)
+    return unet.eval()
+
+
 def mean_std(values):
     values = [v for v in values if v is not None]
     return {"mean": float(np.mean(values)), "std": float(np.std(values)), "n": len(values), "values": values}
 
 
-def quality(args, owners_ds: Dataset, net, results: dict) -> dict:
+def quality(args, owners_ds: Dataset, net, init: dict | None, results: dict) -> dict:
     """Part 1 (and the models reused by parts 2-4)."""
     keep = {}
     rows = []
     for part in ("iid", "by-class"):
         for seed in args.seeds:
-            tcfg = TrainConfig(steps=args.total_steps, seed=seed, num_slices=1)
             t0 = time.perf_counter()
-            paragon = train_shard(owners_ds, CFG, tcfg, progress=False).unet
+            paragon = fit(args, owners_ds, args.total_steps, seed, init).unet
             paragon_train = time.perf_counter() - t0
             pfake, p_sec = sample(UNetDenoiser(paragon, CFG.null_label), args.samples, args.steps, seed)
             p_scores = fid_kid(owners_ds.x, pfake, net)
@@ -80,8 +92,7 @@ def quality(args, owners_ds: Dataset, net, results: dict) -> dict:
                 idx = partition(owners_ds.y.numpy(), n, part, seed=seed)
                 parts = [owners_ds.subset(torch.from_numpy(i)) for i in idx]
                 t0 = time.perf_counter()
-                unets = [train_shard(p, CFG, TrainConfig(steps=args.total_steps // n, seed=seed, num_slices=1),
-                                     progress=False).unet for p in parts]
+                unets = [fit(args, p, args.total_steps // n, seed, init).unet for p in parts]
                 shard_train = time.perf_counter() - t0
                 counts = torch.stack([p.class_counts(10) for p in parts]).float()
                 shard_of = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts)])
@@ -113,17 +124,19 @@ def quality(args, owners_ds: Dataset, net, results: dict) -> dict:
     return keep
 
 
-def forgetting(args, keep: dict, owners_ds: Dataset, heldout: Dataset, net, results: dict) -> None:
+def forgetting(args, keep: dict, owners_ds: Dataset, unseen: Dataset, net, init: dict | None, estimator: str,
+               results: dict) -> None:
     """Parts 2 and 4: forgetting one of N owners (iid), FID change, membership inference, slice retraining."""
     unets, parts, counts = keep["unets"], keep["parts"], keep["counts"]
     n = len(unets)
     victim = 1
     rest = [i for i in range(n) if i != victim]
     remaining = Dataset.concat([parts[i] for i in rest])
-    full = composite(unets, counts, "path", 0)
+    full = composite(unets, counts, estimator, 0, router=keep["router"])
     fake_full, _ = sample(full, args.samples, args.steps, 0)
     t0 = time.perf_counter()
-    forgotten = composite(unets, counts, "path", 0, subset=rest)  # live: the subset composite
+    # Live: the subset composite (a router would need retraining without the owner; the other estimators do not).
+    forgotten = composite(unets, counts, estimator, 0, subset=rest, router=keep["router"])
     live_seconds = time.perf_counter() - t0
     fake_after, _ = sample(forgotten, args.samples, args.steps, 0)
     fid_before = fid_kid(owners_ds.x, fake_full, net).fid
@@ -131,7 +144,7 @@ def forgetting(args, keep: dict, owners_ds: Dataset, heldout: Dataset, net, resu
     # Membership inference: min over the composite's shards of the denoising loss.
     ac = train_scheduler(NoiseSchedule()).alphas_cumprod
     members = parts[victim]
-    held = heldout.subset(torch.randperm(len(heldout), generator=torch.Generator().manual_seed(0))[:len(members)])
+    held = unseen.subset(torch.randperm(len(unseen), generator=torch.Generator().manual_seed(0))[:len(members)])
     members = members.subset(range(min(len(members), len(held))))
 
     def auc_for(idx):
@@ -146,7 +159,7 @@ def forgetting(args, keep: dict, owners_ds: Dataset, heldout: Dataset, net, resu
     lm = denoising_loss(para, members.x, torch.full((len(members),), CFG.null_label), ac)
     ln = denoising_loss(para, held.x, torch.full((len(held),), CFG.null_label), ac)
     results["forgetting"] = {
-        "n_shards": n, "victim_samples": len(parts[victim]),
+        "n_shards": n, "victim_samples": len(parts[victim]), "estimator": estimator,
         "seconds_to_live_library": live_seconds,
         "paragon_retrain_seconds_estimate": keep["paragon_train"] * len(remaining) / len(owners_ds),
         "paragon_train_seconds": keep["paragon_train"],
@@ -162,16 +175,15 @@ def forgetting(args, keep: dict, owners_ds: Dataset, heldout: Dataset, net, resu
 
     group = Dataset.concat(parts[:4])
     owner_of = torch.cat([torch.full((len(p),), i) for i, p in enumerate(parts[:4])])
-    tcfg = TrainConfig(steps=args.total_steps // n * 4, num_slices=4, seed=0)
+    steps = args.total_steps // n * 4
     with tempfile.TemporaryDirectory() as tmp:
-        train_shard(group, CFG, tcfg, checkpoint_dir=tmp, progress=False, slice_of=owner_of)
+        fit(args, group, steps, 0, init, 4, checkpoint_dir=tmp, slice_of=owner_of)
         keep_idx = (owner_of != 3).nonzero().flatten()
         t0 = time.perf_counter()
-        r = train_shard(group.subset(keep_idx), CFG, tcfg, checkpoint_dir=tmp, progress=False,
-                        slice_of=owner_of[keep_idx])
+        r = fit(args, group.subset(keep_idx), steps, 0, init, 4, checkpoint_dir=tmp, slice_of=owner_of[keep_idx])
         resume = time.perf_counter() - t0
         t0 = time.perf_counter()
-        train_shard(group.subset(keep_idx), CFG, tcfg, progress=False, slice_of=owner_of[keep_idx])
+        fit(args, group.subset(keep_idx), steps, 0, init, 4, slice_of=owner_of[keep_idx])
         scratch = time.perf_counter() - t0
     results["slices"] = {"owners_in_shard": 4, "resumed_from_slice": r.resumed_from_slice, "resume_seconds": resume,
                          "scratch_seconds": scratch, "speedup": scratch / resume}
@@ -180,20 +192,27 @@ def forgetting(args, keep: dict, owners_ds: Dataset, heldout: Dataset, net, resu
 def sampling_cost(args, keep: dict, owners_ds: Dataset, net, results: dict) -> None:
     """Part 3: time per image, paragon vs composite N (loop / batched / sparse), FID of sparse vs dense."""
     unets, counts = keep["unets"], keep["counts"]
-    out = {"paragon": {"sec_per_image": None}}
-    _, out["paragon"]["sec_per_image"] = sample(UNetDenoiser(keep["paragon"], CFG.null_label), args.samples,
-                                                args.steps, 0)
+    batch = args.sampling_batch
+    out = {"paragon": {"sec_per_image": None}, "batch": batch}
+    _, out["paragon"]["sec_per_image"] = sample(UNetDenoiser(keep["paragon"], CFG.null_label), batch, args.steps, 0)
+    # The same at the FID sample count, where the fixed cost of a UNet call weighs more.
+    _, para_small = sample(UNetDenoiser(keep["paragon"], CFG.null_label), args.samples, args.steps, 0)
+    _, prior_small = sample(composite(unets, counts, "prior", 0), args.samples, args.steps, 0)
+    out["small_batch"] = {"batch": args.samples, "paragon": para_small, "prior_loop": prior_small}
     fakes = {}
-    for name, kw in (("dense_loop", {}), ("dense_batched", {"evaluation": "batched"}),
-                     ("sparse_loop", {"threshold": args.threshold}),
-                     ("sparse_batched", {"threshold": args.threshold, "evaluation": "batched"})):
-        comp = composite(unets, counts, "path", 0, **kw)
-        fakes[name], sec = sample(comp, args.samples, args.steps, 0)
+    for name, est, kw in (("dense_loop", "path", {}), ("dense_batched", "path", {"evaluation": "batched"}),
+                          ("sparse_loop", "path", {"threshold": args.threshold}),
+                          ("sparse_batched", "path", {"threshold": args.threshold, "evaluation": "batched"}),
+                          ("prior_loop", "prior", {})):
+        comp = composite(unets, counts, est, 0, **kw)
+        fakes[name], sec = sample(comp, batch, args.steps, 0)
         out[name] = {"sec_per_image": sec, "ratio_to_paragon": sec / out["paragon"]["sec_per_image"],
-                     "evaluations_per_image_step": comp.evaluations / args.samples / args.steps}
+                     "evaluations_per_image_step": comp.evaluations / batch / args.steps}
     out["fid_dense"] = fid_kid(owners_ds.x, fakes["dense_loop"], net).fid
     out["fid_sparse"] = fid_kid(owners_ds.x, fakes["sparse_loop"], net).fid
     out["fid_sparse_vs_dense"] = out["fid_sparse"] / out["fid_dense"] - 1
+    out["fid_prior"] = fid_kid(owners_ds.x, fakes["prior_loop"], net).fid
+    out["fid_prior_vs_dense"] = out["fid_prior"] / out["fid_dense"] - 1
     out["threshold"] = args.threshold
     results["sampling"] = out
     log("sampling", out)
@@ -215,7 +234,7 @@ def orchestration(args, results: dict) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="cdm-bench-"))
     try:
         p = Params()
-        p.train.steps, p.train.task_runner = args.total_steps // 8, "sequential"
+        p.train.steps, p.train.task_runner = args.pipeline_steps, "sequential"
         p.compose.num_inference_steps, p.evaluate.n_samples = args.steps, 200
         src = write_demo_owners(tmp / "src", 8, "iid")
         ws = init_workspace(tmp / "ws", params=p)
@@ -254,13 +273,18 @@ def versions() -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--total-steps", type=int, default=1200, help="optimizer steps of the paragon = of all shards together")
+    ap.add_argument("--total-steps", type=int, default=1000, help="optimizer steps of the paragon = of all shards together")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--shards", type=int, nargs="+", default=[1, 2, 4, 8])
-    ap.add_argument("--samples", type=int, default=400, help="samples per FID")
+    ap.add_argument("--samples", type=int, default=300, help="samples per FID")
     ap.add_argument("--steps", type=int, default=50, help="DDPM sampling steps")
+    ap.add_argument("--sampling-batch", type=int, default=1000, help="images per call in the sampling-cost part (3)")
     ap.add_argument("--router-steps", type=int, default=400)
     ap.add_argument("--threshold", type=float, default=1e-3, help="sparse composition threshold")
+    ap.add_argument("--init", choices=["public", "none"], default="public",
+                    help="shared initialization: a UNet pretrained on the public half of the held-out split")
+    ap.add_argument("--pretrain-steps", type=int, default=2000, help="optimizer steps of the shared initialization")
+    ap.add_argument("--pipeline-steps", type=int, default=300, help="steps per shard in the pipeline part (5)")
     ap.add_argument("--skip-pipeline", action="store_true", help="skip part 5 (Prefect/MLflow/DVC)")
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args()
@@ -274,11 +298,27 @@ def main() -> None:
     _, labels = digits_uint8()
     own, held = heldout_split(labels)
     owners_ds, heldout = digits_dataset(own), digits_dataset(held)
+    # The held-out split belongs to no owner. Half of it is public pretraining data for the shared
+    # initialization; the other half is never seen by any generator (the non-members of membership inference).
+    pub_idx, unseen_idx = heldout_split(heldout.y.numpy(), fraction=0.5, seed=1)
+    public, unseen = heldout.subset(torch.from_numpy(pub_idx)), heldout.subset(torch.from_numpy(unseen_idx))
     net = train_feature_net(heldout, steps=800)
     results["feature_net"] = {"sha256": net.sha256(),
                               "accuracy_on_owner_data": float((net.predict(owners_ds.x) == owners_ds.y).float().mean())}
-    keep = quality(args, owners_ds, net, results)
-    forgetting(args, keep, owners_ds, heldout, net, results)
+    init = None
+    if args.init == "public":
+        t0 = time.perf_counter()
+        state = train_shard(public, CFG, TrainConfig(steps=args.pretrain_steps, seed=0), progress=False).unet.state_dict()
+        init = {"state": state, "sha256": state_sha256(state)}
+        base_fake, _ = sample(UNetDenoiser(build_from(state), CFG.null_label), args.samples, args.steps, 0)
+        results["init"] = {"kind": "public", "samples": len(public), "steps": args.pretrain_steps,
+                           "seconds": time.perf_counter() - t0, "sha256": init["sha256"],
+                           "fid": fid_kid(owners_ds.x, base_fake, net).fid}
+        log("shared initialization", results["init"])
+    keep = quality(args, owners_ds, net, init, results)
+    results["default_estimator"] = choose_default(results["quality"], results["quality_rows"])
+    log("default estimator", results["default_estimator"])
+    forgetting(args, keep, owners_ds, unseen, net, init, results["default_estimator"]["chosen"], results)
     sampling_cost(args, keep, owners_ds, net, results)
     if not args.skip_pipeline:
         orchestration(args, results)
@@ -293,6 +333,12 @@ def render(r: dict) -> str:
     from bench.report import render as _render
 
     return _render(r)
+
+
+def choose_default(q: dict, rows: list[dict]) -> dict:
+    from bench.report import choose_default as _choose
+
+    return _choose(q, rows)
 
 
 if __name__ == "__main__":

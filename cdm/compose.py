@@ -203,7 +203,11 @@ class CompositeDenoiser(torch.nn.Module):
         w = self.weights(x_t, t, labels)  # [B, N]
         # 2. Sparse rule: drop (shard, sample) pairs below the threshold and renormalize. Dense (threshold 0)
         #    evaluates every allowed shard with lambda_i(y) > 0, even where its weight underflowed.
-        need = w > self.threshold if self.threshold > 0 else self._log_prior(labels).isfinite()
+        #    `prior` is sparse by construction: only the drawn shard is evaluated.
+        if self.estimator == "prior":
+            need = w > 0
+        else:
+            need = w > self.threshold if self.threshold > 0 else self._log_prior(labels).isfinite()
         need &= self.allowed[None, :]
         need[torch.arange(len(w), device=w.device), w.argmax(1)] = True  # never drop a sample's best shard
         w = torch.where(need, w, torch.zeros_like(w))

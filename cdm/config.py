@@ -27,6 +27,8 @@ class DataParams(_Strict):
     min_dimension: int = Field(4, ge=1)
     max_dimension: int = Field(1024, ge=4)  # decompression bombs are refused before decoding
     max_files: int = Field(100_000, ge=1)  # per ingestion batch
+    # Seconds to wait before each retry of `dvc push` (S3 hiccups); then the ingestion fails and rolls back.
+    push_retry_delays: list[float] = Field(default_factory=lambda: [1.0, 4.0], max_length=10)
 
 
 class TrainParams(_Strict):

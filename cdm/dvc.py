@@ -6,14 +6,20 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import subprocess
 import sys
+import time
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 
 class DvcError(RuntimeError):
     pass
+
+
+class RemoteError(DvcError):
+    """The DVC remote (S3 or a folder) could not be reached or refused a request, after retries."""
 
 
 def run(workspace: str | Path, *args: str, check: bool = True, env: dict | None = None) -> str:
@@ -24,7 +30,9 @@ def run(workspace: str | Path, *args: str, check: bool = True, env: dict | None 
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True,
                           env=full_env)
     if check and proc.returncode != 0:
-        raise DvcError(f"dvc {' '.join(args)} failed: {(proc.stderr or proc.stdout).strip()}")
+        lines = [ln for ln in (proc.stderr or proc.stdout).strip().splitlines()
+                 if ln.strip() and not ln.startswith("Having any troubles?")]  # DVC's support footer
+        raise DvcError(f"dvc {' '.join(args)} failed: {' '.join(lines)}")
     return proc.stdout
 
 
@@ -49,12 +57,33 @@ def remote_config(workspace: str | Path) -> dict:
     return {"url": url, "endpointurl": endpoint}
 
 
-def add_and_push(workspace: str | Path, push: bool = True) -> str:
+def add_and_push(workspace: str | Path, push: bool = True, retry_delays: Sequence[float] = (1.0, 4.0)) -> str:
     """`dvc add data` (+ `dvc push`); returns the new md5 of data/ recorded in data.dvc."""
     run(workspace, "add", "-q", "data")
     if push:
-        run(workspace, "push", "-q")
+        push_with_retries(workspace, retry_delays)
     return data_hash(workspace)
+
+
+def push_with_retries(workspace: str | Path, retry_delays: Sequence[float] = (1.0, 4.0)) -> None:
+    """`dvc push`, retried after each of `retry_delays` seconds. Safe to repeat: objects are content-addressed and
+    DVC uploads only those the remote lacks.
+
+    Raises:
+        RemoteError: the last attempt failed too; the message carries DVC's last error.
+    """
+    delays = list(retry_delays)
+    for attempt in range(len(delays) + 1):
+        try:
+            run(workspace, "push", "-q")
+            return
+        except DvcError as e:
+            if attempt == len(delays):
+                raise RemoteError(f"the DVC remote did not accept the push after {attempt + 1} attempts "
+                                  f"(retried after {', '.join(f'{d:g}' for d in delays)} s): {e}") from e
+            logging.getLogger(__name__).warning("dvc push failed (attempt %d of %d), retrying in %g s: %s",
+                                                attempt + 1, len(delays) + 1, delays[attempt], str(e)[-300:])
+            time.sleep(delays[attempt])
 
 
 def data_hash(workspace: str | Path) -> str | None:

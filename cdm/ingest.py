@@ -10,6 +10,7 @@ import json
 import secrets
 import shutil
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,16 +82,18 @@ def validate(ws: Workspace, owner: str, files: list[SourceFile], params: Params)
     return validate_batch(files, limits_of(params), docs_dir=docs)
 
 
-def commit(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool = True) -> IngestResult:
+def commit(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool = True,
+           retry_delays: Sequence[float] = (1.0, 4.0)) -> IngestResult:
     """Commit a validated batch: owner folder + manifest, `dvc add data`, `dvc push`, git commit of data.dvc.
 
-    Any failure restores the previous owner folder and data.dvc.
+    Any failure restores the previous owner folder and data.dvc. `retry_delays`: waits between push attempts.
     """
     with ws.lock():
-        return _commit_locked(ws, owner, files, meta, push)
+        return _commit_locked(ws, owner, files, meta, push, retry_delays)
 
 
-def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool) -> IngestResult:
+def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dict, push: bool,
+                   retry_delays: Sequence[float]) -> IngestResult:
     recover_interrupted(ws)
     key = ws.owner_key(owner)
     target = ws.owner_dir(owner)
@@ -101,12 +104,18 @@ def _commit_locked(ws: Workspace, owner: str, files: list[SourceFile], meta: dic
     journal = _begin_journal(ws, owner, target, [d for _, d in pairs])
     try:
         manifest = ws.commit_owner_files(owner, pairs, meta)
-        data_hash = dvc.add_and_push(ws.root, push=push)
+        data_hash = dvc.add_and_push(ws.root, push=push, retry_delays=retry_delays)
         git(ws.root, "add", "data.dvc", ".gitignore")
         git(ws.root, "commit", "-q", "-m", f"data: ingest {key}", "--allow-empty")
         _end_journal(journal)
-    except BaseException:
-        recover_interrupted(ws)
+    except BaseException as failure:
+        try:
+            recover_interrupted(ws)
+        except Exception as cleanup:  # e.g. the remote is still down: local state is restored, the journal stays
+            raise dvc.RemoteError(
+                f"{failure}\nThe batch was rolled back in the workspace; removing the objects it pushed from the "
+                f"remote failed too ({type(cleanup).__name__}: {cleanup}). The next ingestion or revocation in this "
+                "workspace finishes that cleanup.") from failure
         raise
     token = None
     record = ws.owner_records().get(key, {})
@@ -181,6 +190,6 @@ def ingest(ws: Workspace, owner: str, source: str, params: Params, license: str 
     report = validate(ws, owner, files, params)
     if not report.ok:
         raise IngestionRejected(owner, report)
-    result = commit(ws, owner, files, meta, push=push)
+    result = commit(ws, owner, files, meta, push=push, retry_delays=params.data.push_retry_delays)
     result.docs = report.docs
     return result

@@ -6,7 +6,6 @@ downloaded. Every score carries the sha256 of the feature network's weights.
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,12 +46,9 @@ class FeatureNet(torch.nn.Module):
 
     def sha256(self) -> str:
         """Hash of the weights (names, shapes and bytes, in a fixed order)."""
-        h = hashlib.sha256()
-        for k, v in sorted(self.state_dict().items()):
-            h.update(k.encode())
-            h.update(str(tuple(v.shape)).encode())
-            h.update(v.detach().cpu().contiguous().numpy().tobytes())
-        return h.hexdigest()
+        from cdm.safetensors_io import state_sha256
+
+        return state_sha256(self.state_dict())
 
 
 def train_feature_net(data: Dataset, num_classes: int = 10, steps: int = 800, batch_size: int = 128,

@@ -7,6 +7,8 @@ registry tags behind (FIELD-NOTES).
 
 from __future__ import annotations
 
+import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -53,7 +55,8 @@ def log_model_run(c, exp_id: str, name: str, run_name: str, model_code: str, art
     import mlflow
     from mlflow.entities import Metric
 
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags or {}) as run:
+    owner_process = {"cdm.host": socket.gethostname(), "cdm.pid": str(os.getpid())}  # for `sweep_dead_runs`
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**(run_tags or {}), **owner_process}) as run:
         mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
         for key, history in (metrics or {}).items():
             # Log every step, in batches (MLflow caps a batch at 1000 metrics).
@@ -69,13 +72,50 @@ def log_model_run(c, exp_id: str, name: str, run_name: str, model_code: str, art
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*type hint.*")  # inputs are dicts, validated in predict
             info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
-                                           artifacts=artifacts, registered_model_name=name,
-                                           pip_requirements=PIP_REQUIREMENTS)
-    version = str(info.registered_model_version)
-    for k, v in version_tags.items():
-        c.set_model_version_tag(name, version, k, str(v))
+                                           artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS)
+        # The version and its provenance tags are created together: a crash never leaves an untagged version.
+        version = str(mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
+                      .version)
     c.set_registered_model_tag(name, "cdm.kind", name.split("-")[1])
     return Logged(run.info.run_id, info.model_id, name, version)
+
+
+def sweep_dead_runs(c, tracking_uri: str, exp_id: str) -> list[str]:
+    """Clean up after a cdm process killed while logging (kill -9, OOM, power loss).
+
+    A run still RUNNING whose process (tags `cdm.host`, `cdm.pid`) is gone on this host is ended as KILLED. If it
+    registered no model version, nothing refers to it: the run and its logged models are deleted and
+    garbage-collected with their artifacts. (A version is created together with its tags, so one that exists is
+    complete and its run stays.) Returns the ids of the runs deleted.
+    """
+    from mlflow.entities import RunStatus
+
+    host, swept = socket.gethostname(), []
+    for run in c.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
+        tags = run.data.tags
+        if tags.get("cdm.host") != host or not tags.get("cdm.pid") or _process_alive(int(tags["cdm.pid"])):
+            continue
+        rid = run.info.run_id
+        c.set_terminated(rid, RunStatus.to_string(RunStatus.KILLED))
+        if c.search_model_versions(f"run_id = '{rid}'"):
+            continue
+        models = [m.model_id for m in c.search_logged_models([exp_id], filter_string=f"source_run_id = '{rid}'")]
+        for mid in models:
+            c.delete_logged_model(mid)
+        c.delete_run(rid)
+        gc(tracking_uri, [rid], models)
+        swept.append(rid)
+    return swept
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def versions(c, name: str) -> list:

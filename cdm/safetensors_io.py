@@ -41,6 +41,18 @@ def _unflatten(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return tree
 
 
+def state_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a flat state dict: names, shapes and bytes, in a fixed order (independent of the file format)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for k, v in sorted(state.items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def save_tree(tree: dict, path: str | Path) -> Path:
     """Save a nested structure of tensors, numbers, strings, lists and dicts; written atomically."""
     from safetensors.torch import save_file

@@ -150,7 +150,7 @@ def code_version() -> str:
     return proc.stdout.strip() if proc.returncode == 0 else f"cdm-{cdm.__version__}"
 
 
-def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 50, seed: int = 0) -> Path:
+def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 20, seed: int = 0) -> Path:
     """A 2-row grid: one sample per label, then unconditional samples."""
     from cdm.data import save_grid
     from cdm.model import UNetDenoiser

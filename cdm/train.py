@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from cdm.data import Dataset
 from cdm.model import ModelConfig, build_unet
-from cdm.safetensors_io import load_tree, save_tree
+from cdm.safetensors_io import load_tree, save_tree, state_sha256
 from cdm.schedulers import NoiseSchedule, train_scheduler
 
 
@@ -39,6 +39,9 @@ class TrainConfig:
     ema_decay: float | None = 0.995
     num_slices: int = 1
     seed: int = 0
+    # sha256 (`state_sha256`) of the shared initialization every shard starts from: a UNet pretrained on public
+    # data that belongs to no owner, so forgetting an owner never touches it. None: random initialization.
+    init_sha256: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
 
     def config_hash(self, model: ModelConfig, schedule: NoiseSchedule) -> str:
@@ -122,6 +125,7 @@ def train_shard(
     progress: bool = True,
     desc: str = "shard",
     slice_of: torch.Tensor | None = None,
+    init_state: dict[str, torch.Tensor] | None = None,
 ) -> TrainResult:
     """Train one shard's UNet on `data`.
 
@@ -135,6 +139,8 @@ def train_shard(
         desc: label of the progress bar.
         slice_of: [N] slice of each sample (e.g. by owner, in ingestion order, for shared shards); default: by
             content hash.
+        init_state: the shared initialization (a UNet state dict); its `state_sha256` must equal
+            `cfg.init_sha256`, which the checkpoint keys and the config hash cover.
     Returns:
         The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
     """
@@ -142,6 +148,10 @@ def train_shard(
 
     if len(data) == 0:
         raise ValueError("cannot train a shard on no data")
+    if (init_state is None) != (cfg.init_sha256 is None):
+        raise ValueError("init_state and cfg.init_sha256 go together: give both or neither")
+    if init_state is not None and state_sha256(init_state) != cfg.init_sha256:
+        raise ValueError(f"init_state hash {state_sha256(init_state)[:12]} != cfg.init_sha256 {cfg.init_sha256[:12]}")
     schedule = schedule or NoiseSchedule()
     noise = train_scheduler(schedule)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -161,6 +171,8 @@ def train_shard(
     accelerator = _accelerator(cfg.mixed_precision)
     torch.manual_seed(cfg.seed)
     unet = build_unet(model_cfg)
+    if init_state is not None:
+        unet.load_state_dict(init_state)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
     ema_state = None
@@ -168,6 +180,8 @@ def train_shard(
     # 1. Resume from the last slice whose checkpoint exists (its key covers config and data of slices 0..k).
     resumed = -1
     if ckpt_dir is not None:
+        for stale in ckpt_dir.glob("*.tmp"):  # half-written by a killed run (checkpoints are written atomically)
+            stale.unlink()
         for k in reversed(range(cfg.num_slices)):
             path = ckpt_dir / f"{keys[k]}.safetensors"
             if path.is_file():

@@ -92,8 +92,14 @@ class Workspace:
     def lock(self):
         """Exclusive lock for changes to data/, DVC, git and the shard plan (ingestion and revocation of different
         owners may run concurrently; their commits are serialized)."""
+        with self._flock("lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, name: str):
+        """An exclusive advisory lock on `.cdm/<name>` (across processes; not re-entrant)."""
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.state_dir / "lock", "w") as f:
+        with open(self.state_dir / name, "w") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield
@@ -174,13 +180,15 @@ class Workspace:
         return json.loads(path.read_text()) if path.exists() else {}
 
     def update_owner_record(self, key: str, drop: Sequence[str] = (), **fields) -> dict:
-        records = self.owner_records()
-        records[key] = {k: v for k, v in {**records.get(key, {}), **fields}.items() if k not in drop}
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_dir / "owners.json.tmp"
-        tmp.write_text(json.dumps(records, indent=2, sort_keys=True))
-        tmp.replace(self.state_dir / "owners.json")
-        return records[key]
+        """Read-modify-write of one owner's record, serialized across processes (ingestion and revocation of
+        different owners may run at the same time). Its own lock: callers may hold `lock()`."""
+        with self._flock("owners.lock"):
+            records = self.owner_records()
+            records[key] = {k: v for k, v in {**records.get(key, {}), **fields}.items() if k not in drop}
+            tmp = self.state_dir / "owners.json.tmp"
+            tmp.write_text(json.dumps(records, indent=2, sort_keys=True))
+            tmp.replace(self.state_dir / "owners.json")
+            return records[key]
 
     def load_owner(self, owner: str, image_size: int, channels: int, labels: Sequence[int]):
         """The owner's samples as a `Dataset` (ids are the content sha256)."""
@@ -298,6 +306,11 @@ def init_workspace(root: str | Path, remote: str | None = None, endpoint_url: st
     ws.config_path.write_text("# Where this workspace keeps models and reaches S3.\n" + yaml.safe_dump(config or {
         "mlflow": {"tracking_uri": None, "artifact_root": None}, "s3": {"endpoint_url": None}}, sort_keys=False))
     (ws.root / "mlflow").mkdir(exist_ok=True)
+    from cdm import registry
+
+    # The tracking store and experiment exist from the start (creating the SQLite tables takes seconds, which
+    # would otherwise land on the first training run).
+    registry.experiment_id(registry.client(ws.tracking_uri), ws.artifact_root)
     for d in (ws.state_dir, ws.owners_dir):
         d.mkdir(parents=True, exist_ok=True)
     ws.secret()

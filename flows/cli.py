@@ -126,6 +126,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def classify(e: BaseException) -> tuple[int, str]:
     from cdm.config import ConfigError
+    from cdm.dvc import RemoteError
     from cdm.sources import SourceError
     from cdm.workspace import WorkspaceError
 
@@ -133,6 +134,8 @@ def classify(e: BaseException) -> tuple[int, str]:
         return e.code, str(e)
     if isinstance(e, (WorkspaceError, ConfigError, SourceError, PermissionError)):
         return 2, str(e)
+    if isinstance(e, RemoteError):  # storage down or refusing: not the user's input, but not a bug either
+        return 1, f"storage failure: {e}"
     if isinstance(e, SystemExit):
         return int(e.code or 0), "exited"
     return 1, f"internal error: {type(e).__name__}: {e}"

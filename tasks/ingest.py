@@ -30,6 +30,7 @@ def commit_batch(workspace: str, owner: str, source: str, files: list[SourceFile
     """Owner folder + manifest, `dvc add`, `dvc push`, git commit — all or nothing. Remembers the source for the
     owner's scheduled ingestion deployment."""
     ws = Workspace(workspace)
-    result = commit(ws, owner, files, owner_metadata(files, license))
+    delays = Params.load(ws.params_path).data.push_retry_delays
+    result = commit(ws, owner, files, owner_metadata(files, license), retry_delays=delays)
     ws.update_owner_record(result.owner_key, source=source)
     return result

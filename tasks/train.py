@@ -15,6 +15,7 @@ from tasks.common import context
 @task(cache_policy=NO_CACHE)
 def plan(workspace: str) -> dict[str, list[str]]:
     ctx = context(workspace)
+    registry.sweep_dead_runs(ctx.client, ctx.ws.tracking_uri, ctx.experiment_id)  # after a killed run
     with ctx.ws.lock():
         sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in ctx.ws.owners()}
         new = plan_shards(ctx.ws, sizes, ctx.params.train.min_shard_samples, load_plan(ctx.ws))

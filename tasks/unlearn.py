@@ -5,7 +5,7 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm import unlearn
+from cdm import registry, unlearn
 from tasks.common import context
 
 
@@ -13,6 +13,8 @@ from tasks.common import context
 def run_steps(workspace: str, owner_key: str, steps: tuple[str, ...]) -> dict:
     """Run the given steps in order (each skipped when already done)."""
     ctx = context(workspace)
+    if "retrain" in steps:  # not before go_live: that step is about speed
+        registry.sweep_dead_runs(ctx.client, ctx.ws.tracking_uri, ctx.experiment_id)
     state = unlearn.load_state(ctx.ws, owner_key)
     for step in steps:
         if step not in state["steps_done"]:

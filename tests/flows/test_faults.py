@@ -103,3 +103,100 @@ def test_demo_runs_end_to_end(tmp_path):
     summary = json.loads(proc.stdout)
     assert summary["verification_ok"] and "does not decode" in summary["rejected_batch"]
     assert (out / "outputs" / "samples-before.png").is_file()
+
+
+# -- training and composition killed while logging; ingestion concurrent with a revocation -----------------------
+
+
+def running_runs(ws: Workspace) -> list[str]:
+    import sqlite3
+
+    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
+        return [r[0] for r in db.execute("select run_uuid from runs where status = 'RUNNING'")]
+
+
+def run_state(ws: Workspace, run_id: str) -> tuple[str, str] | None:
+    import sqlite3
+
+    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
+        row = db.execute("select status, lifecycle_stage from runs where run_uuid = ?", (run_id,)).fetchone()
+    return tuple(row) if row else None
+
+
+@pytest.fixture(scope="module")
+def ws2(tmp_path_factory) -> tuple[Workspace, dict]:
+    tmp = tmp_path_factory.mktemp("faults2")
+    p = Params()
+    p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = 120, 32, 2, 1
+    p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
+    ws = init_workspace(tmp / "ws", params=p)
+    sources = owner_folders(tmp / "sources")
+    for owner in ("alice", "bob", "carol"):
+        assert run_cdm("ingest", owner, str(sources[owner]), "--workspace", str(ws.root)).returncode == 0
+    return ws, sources
+
+
+def test_training_killed_while_logging_is_swept_and_completed_by_a_rerun(ws2):
+    ws, _ = ws2
+    proc = start_cdm("train", "--workspace", str(ws.root))
+    seen: list[str] = []
+    assert kill_when(proc, lambda: bool(seen.extend(running_runs(ws)) or seen)), "no run seen before training ended"
+    dead = seen[0]
+    assert run_state(ws, dead)[0] == "RUNNING"
+    done = run_cdm("train", "--workspace", str(ws.root), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert len(result["shards"]) == 3 and not running_runs(ws)
+    # The killed run registered no version: it is gone with its artifacts, or ended (if its version exists).
+    state = run_state(ws, dead)
+    assert state is None or state == ("KILLED", "active"), state
+    # The shard whose logging was killed resumed from its last slice checkpoint instead of training again.
+    assert any(s["resumed_from_slice"] == 1 for s in result["shards"].values() if not s["skipped"])
+    assert not list(ws.checkpoints_dir.rglob("*.tmp"))
+
+
+def test_composition_killed_while_logging_is_completed_by_a_rerun(ws2):
+    ws, _ = ws2
+    proc = start_cdm("compose", "--workspace", str(ws.root))
+    assert kill_when(proc, lambda: bool(running_runs(ws))), "the composition finished before it could be killed"
+    done = run_cdm("compose", "--workspace", str(ws.root), "--json")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not running_runs(ws)
+    c = registry.client(ws.tracking_uri)
+    live = c.get_model_version_by_alias(registry.COMPOSITE, registry.PRODUCTION)
+    for sid, v in json.loads(live.tags["cdm.components"]).items():
+        c.get_model_version(registry.SHARD_PREFIX + sid, v)
+
+
+def test_ingestion_concurrent_with_a_revocation_gives_the_sequential_result(ws2):
+    from cdm import dvc, ledger
+
+    ws, sources = ws2
+    bob_md5 = {dvc.md5_bytes(f.read_bytes()) for f in sources["bob"].rglob("*.png")}
+    dave_md5 = {dvc.md5_bytes(f.read_bytes()) for f in sources["dave"].rglob("*.png")}
+    expected_files = sorted(str(p.relative_to(ws.root)) for o in ("alice", "carol")
+                            for p in ws.owner_dir(o).rglob("*") if p.is_file())
+    ingest = start_cdm("ingest", "dave", str(sources["dave"]), "--workspace", str(ws.root))
+    revoke = subprocess.Popen([*CDM, "revoke", "bob", "--workspace", str(ws.root), "--json"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
+    out, err = revoke.communicate(timeout=900)
+    assert ingest.wait(timeout=900) == 0
+    assert revoke.returncode == 0, err[-2000:]
+    assert json.loads(out)["verification"]["ok"]
+    # Sequential result: alice and carol untouched, dave complete, bob gone from data, cache and remote.
+    assert sorted(ws.owners()) == ["alice", "carol", "dave"]
+    files = sorted(str(p.relative_to(ws.root)) for o in ("alice", "carol") for p in ws.owner_dir(o).rglob("*")
+                   if p.is_file())
+    assert files == expected_files
+    assert len(ws.manifest("dave")["samples"]) == 20
+    listing = dvc.list_objects(ws.root)
+    assert dave_md5 <= set(listing["cache"]) and dave_md5 <= set(listing["remote"])
+    assert not (bob_md5 - dave_md5) & (set(listing["cache"]) | set(listing["remote"]))
+    status = subprocess.run([sys.executable, "-m", "dvc", "status", "data.dvc"], cwd=ws.root, capture_output=True,
+                            text=True)
+    assert "up to date" in status.stdout, status.stdout
+    dirty = subprocess.run(["git", "status", "--porcelain", "data.dvc"], cwd=ws.root, capture_output=True, text=True)
+    assert dirty.stdout == ""  # both commits landed
+    records = ws.owner_records()
+    assert records[ws.owner_key("bob")]["state"] == "revoked" and records[ws.owner_key("dave")]["state"] == "active"
+    assert ledger.verify(ws.ledger_path).ok
