@@ -52,6 +52,16 @@ def main() -> None:
                                    "ms_per_step": round(1000 * r.seconds / args.steps, 2),
                                    "loss_first10": sum(r.losses[:10]) / 10, "loss_last10": sum(r.losses[-10:]) / 10,
                                    "mixed_precision": mp}
+        if name == "tiny-bf16":
+            init = {k: v.detach().clone() for k, v in r.unet.state_dict().items()}
+    # 1b. The shared initialization on the device: a shard started from it begins where it ended.
+    from cdm.safetensors_io import state_sha256
+
+    tcfg = TrainConfig(steps=max(30, args.steps // 5), batch_size=256 if cuda else 64, lr=1e-3,
+                       mixed_precision="bf16" if cuda else "no", init_sha256=state_sha256(init), seed=1)
+    r = train_shard(data, ModelConfig.preset("tiny"), tcfg, init_state=init, progress=False)
+    report["train_from_shared_init"] = {"steps": tcfg.steps, "loss_first10": sum(r.losses[:10]) / 10,
+                                        "loss_last10": sum(r.losses[-10:]) / 10}
     # 2. Batched composition of 8 shards on the device vs the plain loop.
     cfg = ModelConfig.preset("tiny")
     unets = []
@@ -64,10 +74,15 @@ def main() -> None:
     sched = sampling_scheduler(NoiseSchedule(), "ddpm")
     labels = torch.full((256,), cfg.null_label, device=device)
     outs = {}
-    for mode in ("loop", "batched", "sparse"):
+    for mode in ("single", "loop", "batched", "sparse", "prior"):
         shards = ShardStack(unets).to(device) if mode == "batched" else [UNetDenoiser(u, cfg.null_label) for u in unets]
-        comp = CompositeDenoiser(shards, priors, "path", scheduler=sched, threshold=1e-3 if mode == "sparse" else 0.0,
-                                 evaluation="batched" if mode == "batched" else "loop").to(device)
+        if mode == "single":  # one model: the paragon's cost
+            comp = UNetDenoiser(unets[0], cfg.null_label)
+        else:
+            comp = CompositeDenoiser(shards, priors, "prior" if mode == "prior" else "path", scheduler=sched,
+                                     threshold=1e-3 if mode == "sparse" else 0.0,
+                                     evaluation="batched" if mode == "batched" else "loop",
+                                     generator=torch.Generator().manual_seed(0)).to(device)
         pipe = CDMPipeline(comp, sched, (1, 8, 8))
         pipe(labels[:8], 5, generator=torch.Generator().manual_seed(0), device=device)  # warm-up
         if cuda:
@@ -78,7 +93,8 @@ def main() -> None:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         outs[mode] = x.float().cpu()
-        report[f"compose8_{mode}"] = {"ms_per_image": round(1000 * dt / len(labels), 3), "evaluations": comp.evaluations}
+        report[f"compose8_{mode}"] = {"ms_per_image": round(1000 * dt / len(labels), 3),
+                                      "evaluations": getattr(comp, "evaluations", None)}
     report["tf32"] = not args.no_tf32
     report["batched_vs_loop_max_abs_diff"] = float((outs["batched"] - outs["loop"]).abs().max())
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

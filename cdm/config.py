@@ -44,6 +44,10 @@ class TrainParams(_Strict):
     min_shard_samples: int = Field(0, ge=0)  # owners under it are grouped into shared shards
     task_runner: Literal["threads", "dask", "sequential"] = "threads"
     max_workers: int = Field(2, ge=1)
+    # Where shards and the paragon start: `random` weights, or `public`, the shared initialization registered by
+    # `cdm pretrain` (public data that belongs to no owner; see bench/RESULTS.md for what it buys).
+    init: Literal["random", "public"] = "random"
+    init_steps: int = Field(2000, ge=1)  # optimizer steps of `cdm pretrain`
 
 
 class ComposeParams(_Strict):

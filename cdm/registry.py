@@ -17,6 +17,7 @@ from pathlib import Path
 SHARD_PREFIX = "cdm-shard-"
 PARAGON = "cdm-paragon"
 COMPOSITE = "cdm-composite"
+INIT = "cdm-init"  # the shared initialization (public data only), see cdm.pretrain
 PRODUCTION = "production"
 EXPERIMENT = "cdm"
 PIP_REQUIREMENTS = ["torch", "diffusers", "safetensors", "cdm"]

@@ -42,11 +42,25 @@ def model_config(params: Params) -> ModelConfig:
                               num_classes=max(d.labels) + 1)
 
 
-def train_config(params: Params, steps: int | None = None, num_slices: int | None = None) -> TrainConfig:
+def train_config(params: Params, steps: int | None = None, num_slices: int | None = None,
+                 init_sha256: str | None = None) -> TrainConfig:
     t = params.train
     return TrainConfig(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
                        label_dropout=t.label_dropout, num_slices=num_slices or t.num_slices, seed=t.seed,
-                       mixed_precision=t.mixed_precision)
+                       mixed_precision=t.mixed_precision, init_sha256=init_sha256)
+
+
+def shared_init(c, params: Params) -> dict | None:
+    """The shared initialization when `train.init` is `public` (see `cdm.pretrain`), else None."""
+    if params.train.init != "public":
+        return None
+    from cdm.pretrain import load_init
+
+    init = load_init(c)
+    if init is None:
+        raise WorkspaceError("train.init is 'public' but no shared initialization is registered; "
+                             "run `cdm pretrain SOURCE` first")
+    return init
 
 
 def load_plan(ws: Workspace) -> dict[str, list[str]]:
@@ -178,7 +192,9 @@ def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[st
     if not owners:
         raise WorkspaceError(f"{name}: no owners to train on")
     shard = load_shard_data(ws, owners, params)
-    cfg, tcfg = model_config(params), train_config(params, steps, None if checkpoints else 1)
+    init = shared_init(c, params)
+    cfg = model_config(params)
+    tcfg = train_config(params, steps, None if checkpoints else 1, init["sha256"] if init else None)
     schedule = NoiseSchedule()
     dhash, chash = data_hash(ws, shard), tcfg.config_hash(cfg, schedule)
     latest = registry.latest(c, name)
@@ -188,7 +204,8 @@ def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[st
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     result = train_shard(shard.data, cfg, tcfg, schedule,
                          checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
-                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices))
+                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices),
+                         init_state=init["state"] if init else None)
     with tempfile.TemporaryDirectory() as tmp:
         unet_dir = save_unet(result.unet, Path(tmp) / "unet")
         weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
@@ -209,6 +226,7 @@ def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[st
             "cdm.slice_keys": json.dumps(result.slice_keys),
             "cdm.weights_sha256": weights_sha,
             "cdm.resumed_from_slice": str(result.resumed_from_slice),
+            "cdm.init": f"{registry.INIT} v{init['version']} (public data)" if init else "random",
         }
         logged = registry.log_model_run(
             c, exp_id, name, run_name=f"train-{shard_id}", model_code="shard.py",

@@ -62,6 +62,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--owners", help="comma-separated owners: train only their shards")
     s.add_argument("--paragon", action="store_true", help="also train the paragon on all owners' data")
 
+    s = cmd("pretrain", "train the shared initialization on public data that belongs to no owner (cdm-init)")
+    s.add_argument("source", help="folder or s3://bucket/prefix in <label>/<file>.png layout; validated like an "
+                   "ingestion, and refused if any sample is also an owner's")
+    s.add_argument("--steps", type=int, help="optimizer steps (default: params.yaml train.init_steps)")
+
     s = cmd("compose", "register a composite of the latest shards and make it production")
     s.add_argument("--estimator", choices=["path", "router", "prior", "average"],
                    help="composition weights (default: params.yaml compose.estimator)")

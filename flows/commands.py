@@ -55,6 +55,22 @@ def cmd_train(args):
     return result, "\n".join(lines + [f"total {result['seconds']} s"])
 
 
+def cmd_pretrain(args):
+    from cdm.ingest import IngestionRejected
+    from flows.training import pretrain
+
+    ws = _ws(args)
+    _params(ws)
+    if args.steps is not None and args.steps < 1:
+        raise CliError(f"--steps must be at least 1, got {args.steps}")
+    try:
+        result = pretrain(str(ws.root), args.source, args.steps, progress=not args.json)
+    except IngestionRejected as e:
+        raise CliError(str(e)) from None
+    return result, (f"cdm-init v{result['version']}: {result['samples']} public samples, {result['steps']} steps "
+                    f"({result['seconds']} s); set `train.init: public` in params.yaml to start shards from it")
+
+
 def cmd_compose(args):
     from flows.composition import compose
 

@@ -8,7 +8,8 @@ from prefect import flow
 
 from cdm.config import Params
 from cdm.workspace import Workspace, WorkspaceError
-from tasks.train import plan, train_paragon, train_shard
+from tasks.ingest import read_owner_source, validate_batch
+from tasks.train import plan, train_init, train_paragon, train_shard
 
 
 def task_runner(kind: str, workers: int):
@@ -59,3 +60,14 @@ def run_training(workspace: str, owners: list[str] | None = None, paragon: bool 
                                                                                    progress)
     finally:
         torch.set_num_threads(threads)
+
+
+@flow(name="cdm-pretrain")
+def pretrain(workspace: str, source: str, steps: int | None = None, progress: bool = False) -> dict:
+    """The shared initialization: validate public data (folder or s3://, the ingestion checks) and train on it.
+    Nothing is copied into data/: the public samples are identified by the hashes logged with `cdm-init`."""
+    ws = Workspace(workspace).require()
+    params = Params.load(ws.params_path)
+    files = read_owner_source(workspace, source, params.data.max_file_bytes)
+    validate_batch(workspace, "public", files, params)
+    return train_init(workspace, source, files, steps, progress)

@@ -39,3 +39,13 @@ def train_paragon(workspace: str, owners: list[str], n_shards: int, progress: bo
     ctx = context(workspace)
     return train_and_register(ctx.ws, ctx.client, ctx.experiment_id, registry.PARAGON, owners, ctx.params,
                               steps=ctx.params.train.steps * n_shards, checkpoints=False, progress=progress)
+
+
+@task(cache_policy=NO_CACHE)
+def train_init(workspace: str, source: str, files: list, steps: int | None, progress: bool = False) -> dict:
+    """The shared initialization on validated public files, registered as `cdm-init`."""
+    from cdm.pretrain import public_dataset, train_and_register_init
+
+    ctx = context(workspace)
+    data = public_dataset(files, ctx.params)
+    return train_and_register_init(ctx.ws, ctx.client, ctx.experiment_id, data, ctx.params, source, steps, progress)

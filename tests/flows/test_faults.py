@@ -52,18 +52,35 @@ def ws(tmp_path_factory) -> tuple[Workspace, dict]:
     p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = 200, 32, 2, 120
     p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
     ws = init_workspace(tmp / "ws", params=p)
-    sources = owner_folders(tmp / "sources")
-    for owner in ("alice", "bob", "carol"):
+    sources = {**owner_folders(tmp / "sources"), **extra_owner_folders(tmp / "sources")}
+    for owner in ("alice", "bob", "carol", "erin", "frank", "gina"):
         assert run_cdm("ingest", owner, str(sources[owner]), "--workspace", str(ws.root)).returncode == 0
     return ws, sources
 
 
-@pytest.mark.parametrize("stop_after", ["go_live", "retrain", "purge"])
+def extra_owner_folders(root: Path) -> dict[str, Path]:
+    from cdm.data import digits_uint8, write_class_folders
+
+    images, labels = digits_uint8()
+    out = {}
+    for i, owner in enumerate(("erin", "frank", "gina")):
+        idx = list(range(1000 + 60 * i, 1060 + 60 * i))
+        write_class_folders(images[idx], labels[idx], root / owner)
+        out[owner] = root / owner
+    return out
+
+
+# One revocation per step, each of a different owner; a kill after `certify` would find the work done.
+KILL_AFTER = {"plan": "erin", "go_live": "carol", "retrain": "bob", "forgetting_check": "frank", "purge": "alice",
+              "reevaluate": "gina"}
+
+
+@pytest.mark.parametrize("stop_after", list(KILL_AFTER))
 def test_unlearning_killed_after_a_step_completes_on_rerun(ws, stop_after):
     ws, _ = ws
     assert run_cdm("train", "--workspace", str(ws.root)).returncode == 0
     assert run_cdm("compose", "--workspace", str(ws.root)).returncode == 0
-    owner = {"go_live": "carol", "retrain": "bob", "purge": "alice"}[stop_after]  # three owners, three revocations
+    owner = KILL_AFTER[stop_after]
     key = ws.owner_key(owner)
     state = ws.revocations_dir / f"{key}.json"
     proc = start_cdm("revoke", owner, "--workspace", str(ws.root))

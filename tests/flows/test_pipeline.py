@@ -251,3 +251,27 @@ def test_dvc_repro_runs_the_evaluation_stage(story):
                           env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert json.loads((ws.root / "metrics.json").read_text())["fid"] > 0
+
+
+def test_malformed_or_missing_configuration_exits_2_and_changes_nothing(story, capsys):
+    ws = story["ws"]
+    params, consumers = ws.params_path.read_text(), ws.consumers_path.read_text()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout
+    try:
+        ws.params_path.write_text("train: [unclosed\n")
+        assert cli(["train", "--workspace", str(ws.root)]) == 2
+        assert "not valid YAML" in capsys.readouterr().err
+        ws.params_path.write_text("compose:\n  estimator: magic\n")
+        assert cli(["compose", "--workspace", str(ws.root)]) == 2
+        assert "compose.estimator" in capsys.readouterr().err
+        ws.params_path.unlink()
+        assert cli(["compose", "--workspace", str(ws.root)]) == 2
+        assert "params.yaml" in capsys.readouterr().err
+        ws.params_path.write_text(params)
+        ws.consumers_path.write_text("consumers: 3\n")
+        assert cli(["sample", "--n", "2", "--consumer", "open", "--workspace", str(ws.root)]) == 2
+        assert "consumers" in capsys.readouterr().err
+    finally:
+        ws.params_path.write_text(params)
+        ws.consumers_path.write_text(consumers)
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout == head

@@ -29,6 +29,7 @@ class FaultyProxy:
         self.lock = threading.Lock()
         self.puts_left: int | None = None  # None: no drop scheduled
         self.errors_left = 0
+        self.denied: str | None = None  # GETs of paths containing this answer 403 AccessDenied
         self.dropped = self.errored = self.forwarded_puts = 0
         proxy = self
 
@@ -53,14 +54,15 @@ class FaultyProxy:
 
             def _handle(self):
                 body = self._body()
-                verdict = proxy._verdict(self.command)
+                verdict = proxy._verdict(self.command, self.path)
                 if verdict == "drop":
                     self.close_connection = True
                     self.connection.close()
                     return
-                if verdict == "error":
-                    msg = b"<Error><Code>SlowDown</Code><Message>injected</Message></Error>"
-                    self.send_response(503)
+                if verdict in ("error", "deny"):
+                    code, status = ("SlowDown", 503) if verdict == "error" else ("AccessDenied", 403)
+                    msg = f"<Error><Code>{code}</Code><Message>injected</Message></Error>".encode()
+                    self.send_response(status)
                     self.send_header("Content-Length", str(len(msg)))
                     self.end_headers()
                     self.wfile.write(msg)
@@ -88,8 +90,10 @@ class FaultyProxy:
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
-    def _verdict(self, method: str) -> str:
+    def _verdict(self, method: str, path: str) -> str:
         with self.lock:
+            if method == "GET" and self.denied and self.denied in path:
+                return "deny"
             if self.puts_left is not None and self.puts_left <= 0:
                 self.dropped += 1
                 return "drop"
@@ -195,3 +199,24 @@ def test_s3_errors_are_retried_with_backoff_and_the_push_completes(faulty, caplo
 def assert_remote_in_sync(ws: Workspace) -> None:
     status = dvc.run(ws.root, "status", "--cloud")
     assert "in sync" in status or "up to date" in status, status
+
+
+def test_unreadable_s3_object_and_missing_bucket_are_refused_naming_them(faulty):
+    from cdm.ingest import IngestionRejected
+    from cdm.sources import SourceError
+    from flows.ingestion import ingest_owner
+    from tests.flows.test_pipeline import upload
+
+    ws, proxy, sources, s3 = faulty
+    bucket = f"owners-{ws.root.parent.name[-12:].lower().replace('_', '-')}"
+    s3.create_bucket(Bucket=bucket)
+    upload(s3, sources["dave"], bucket, "dave")
+    victim = sorted(p.relative_to(sources["dave"]).as_posix() for p in sources["dave"].rglob("*.png"))[3]
+    proxy.denied = victim
+    before = snapshot(ws, s3)
+    with pytest.raises(IngestionRejected) as err:
+        ingest_owner(str(ws.root), "dave", f"s3://{bucket}/dave")
+    assert victim in str(err.value) and "unreadable object" in str(err.value), str(err.value)
+    with pytest.raises(SourceError, match="does not exist"):
+        ingest_owner(str(ws.root), "dave", "s3://no-such-bucket/dave")
+    assert snapshot(ws, s3) == before and "dave" not in ws.owners()

@@ -1,0 +1,107 @@
+"""The shared initialization: one UNet pretrained on public data that belongs to no owner.
+
+With `train.init: public` every shard and the paragon start from it instead of random weights (bench/RESULTS.md:
+at equal total compute it is what brings the composite close to the paragon). It holds no owner's data, so forgetting
+an owner never touches it and the deletion rules of DESIGN.md §5 are unchanged; for that reason a public sample that
+an owner also holds is refused. Provenance: registered as `cdm-init` with the source, the sha256 of the list of
+public samples (logged as `public_manifest.json`), the training config and the weights' hashes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import torch
+
+from cdm import registry
+from cdm.config import Params
+from cdm.data import Dataset, load_image_bytes, sha256_bytes
+from cdm.model import save_unet
+from cdm.safetensors_io import state_sha256
+from cdm.schedulers import NoiseSchedule
+from cdm.sources import SourceFile
+from cdm.workspace import Workspace, WorkspaceError
+
+
+def public_dataset(files: list[SourceFile], params: Params) -> Dataset:
+    """Decode validated source files (`<label>/<name>.png`) into a Dataset; ids are content sha256."""
+    d = params.data
+    rows = sorted((int(f.path.split("/")[0]), sha256_bytes(f.data), f.data) for f in files if f.path != "owner.yaml")
+    if not rows:
+        raise WorkspaceError("the public source holds no samples")
+    x = torch.stack([load_image_bytes(data, d.image_size, d.channels) for _, _, data in rows])
+    return Dataset(x, torch.tensor([y for y, _, _ in rows], dtype=torch.long), [i for _, i, _ in rows])
+
+
+def owner_overlap(ws: Workspace, data: Dataset) -> list[str]:
+    """Content ids of public samples that an owner of the workspace also holds."""
+    held = {s["sha256"] for o in ws.owners() for s in ws.manifest(o)["samples"]}
+    return sorted(set(data.ids) & held)
+
+
+def train_and_register_init(ws: Workspace, c, exp_id: str, data: Dataset, params: Params, source: str,
+                            steps: int | None = None, progress: bool = True) -> dict:
+    """Train the shared initialization on public `data` and register it as a new `cdm-init` version.
+
+    Raises:
+        WorkspaceError: a public sample is also an owner's sample.
+    """
+    from cdm.serving import WEIGHTS_FILE, sha256_file
+    from cdm.shards import code_version, model_config, preview_grid, train_config
+    from cdm.train import train_shard
+
+    overlap = owner_overlap(ws, data)
+    if overlap:
+        raise WorkspaceError(f"{len(overlap)} public sample(s) are also held by an owner (first sha256 "
+                             f"{overlap[0][:12]}…); the shared initialization must contain no owner's data")
+    cfg, tcfg = model_config(params), train_config(params, steps or params.train.init_steps, 1)
+    result = train_shard(data, cfg, tcfg, NoiseSchedule(), progress=progress, desc="init")
+    with tempfile.TemporaryDirectory() as tmp:
+        unet_dir = save_unet(result.unet, Path(tmp) / "unet")
+        weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
+        meta = Path(tmp) / "meta.json"
+        meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
+        manifest = Path(tmp) / "public_manifest.json"
+        manifest.write_text(json.dumps([{"sha256": i, "label": int(y)} for i, y in zip(data.ids, data.y.tolist())],
+                                       indent=1))
+        grid = preview_grid(result.unet, cfg, Path(tmp) / "samples.png")
+        tags = {
+            "cdm.public": "true",
+            "cdm.source": source,
+            "cdm.public_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "cdm.samples": str(len(data)),
+            "cdm.class_counts": json.dumps(data.class_counts(cfg.num_classes).tolist()),
+            "cdm.config_hash": tcfg.config_hash(cfg, NoiseSchedule()),
+            "cdm.code_version": code_version(),
+            "cdm.weights_sha256": weights_sha,
+            "cdm.state_sha256": state_sha256(result.unet.state_dict()),
+        }
+        logged = registry.log_model_run(
+            c, exp_id, registry.INIT, run_name="pretrain", model_code="shard.py",
+            artifacts={"unet": str(unet_dir), "meta": str(meta)},
+            params={"samples": len(data), "model": cfg.to_json(), "train": json.dumps(tcfg.__dict__),
+                    "source": source},
+            metrics={"loss": result.losses}, files=[grid, manifest], version_tags=tags,
+            run_tags={"cdm.kind": "init"}, summary={"train_seconds": result.seconds})
+    return {"name": registry.INIT, "version": logged.version, "samples": len(data), "steps": tcfg.steps,
+            "seconds": round(result.seconds, 2), "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}
+
+
+def load_init(c) -> dict | None:
+    """The latest shared initialization as {"state", "sha256", "version"} (weights verified), or None."""
+    import mlflow
+
+    from cdm.serving import load_verified_unet
+
+    mv = registry.latest(c, registry.INIT)
+    if mv is None:
+        return None
+    path = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.INIT}/{mv.version}"))
+    state = load_verified_unet(path / "artifacts" / "unet", mv.tags.get("cdm.weights_sha256")).state_dict()
+    sha = state_sha256(state)
+    if sha != mv.tags.get("cdm.state_sha256"):
+        raise ValueError(f"{registry.INIT} v{mv.version}: loaded weights hash {sha[:12]} != recorded state hash")
+    return {"state": state, "sha256": sha, "version": str(mv.version)}

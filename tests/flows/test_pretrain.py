@@ -1,0 +1,68 @@
+"""The shared initialization through the pipeline: `cdm pretrain` on public data (refused if it holds an owner's
+sample), registered as cdm-init with its provenance; with `train.init: public` shards start from it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import mlflow
+import pytest
+
+from cdm import registry
+from cdm.config import Params
+from cdm.data import digits_uint8, heldout_split, write_class_folders
+from cdm.workspace import WorkspaceError, init_workspace
+from flows.cli import main as cli
+from tests.flows.test_pipeline import owner_folders, small_params
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+
+def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(tmp_path):
+    from flows.ingestion import ingest_owner
+    from flows.training import pretrain, run_training
+
+    p = small_params()
+    p.train.init_steps = 30
+    ws = init_workspace(tmp_path / "ws", params=p)
+    sources = owner_folders(tmp_path / "sources")
+    ingest_owner(str(ws.root), "bob", str(sources["bob"]))
+    images, labels = digits_uint8()
+    _, held = heldout_split(labels)  # public: the held-out split, which belongs to no owner
+    public = tmp_path / "public"
+    write_class_folders(images[held[:80]], labels[held[:80]], public)
+    leak = next(sources["bob"].rglob("*.png"))
+    (public / leak.parent.name).mkdir(exist_ok=True)
+    shutil.copy(leak, public / leak.parent.name / "leak.png")
+    with pytest.raises(WorkspaceError, match="also held by an owner"):
+        pretrain(str(ws.root), str(public))
+    (public / leak.parent.name / "leak.png").unlink()
+    assert cli(["pretrain", str(public), "--workspace", str(ws.root), "--steps", "0"]) == 2
+
+    p.train.init = "public"
+    p.dump(ws.params_path)
+    with pytest.raises(WorkspaceError, match="cdm pretrain"):
+        run_training(str(ws.root))
+    info = pretrain(str(ws.root), str(public))
+    assert info["samples"] == 80 and info["steps"] == 30
+
+    c = registry.client(ws.tracking_uri)
+    init = registry.latest(c, registry.INIT)
+    assert init.tags["cdm.public"] == "true" and init.tags["cdm.source"] == str(public)
+    manifest = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=init.run_id,
+                                                                   artifact_path="public_manifest.json")).read_text())
+    assert len(manifest) == 80 and {m["label"] for m in manifest} <= set(range(10))
+
+    result = run_training(str(ws.root))
+    (sid, shard), = result["shards"].items()
+    mv = registry.latest(c, registry.SHARD_PREFIX + sid)
+    assert mv.tags["cdm.init"] == f"cdm-init v{info['version']} (public data)"
+    train_params = json.loads(c.get_run(mv.run_id).data.params["train"])
+    assert train_params["init_sha256"] == info["state_sha256"] == init.tags["cdm.state_sha256"]
+    # A new shared initialization changes the config hash: the shard is trained again, not skipped.
+    pretrain(str(ws.root), str(public), steps=10)
+    again = run_training(str(ws.root))
+    assert not again["shards"][sid]["skipped"]
+    assert Params.load(ws.params_path).train.init == "public"
