@@ -51,7 +51,7 @@ class TrainParams(_Strict):
 
 
 class ComposeParams(_Strict):
-    estimator: Literal["path", "router", "prior", "average"] = "path"
+    estimator: Literal["path", "router", "prior", "average"] = "prior"  # chosen by bench/RESULTS.md
     sampler: Literal["ddpm", "ddim"] = "ddpm"
     num_inference_steps: int = Field(100, ge=2)
     eta: float = Field(1.0, ge=0)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -126,15 +127,11 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def running_runs(ws: Workspace) -> list[str]:
-    import sqlite3
-
     with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
         return [r[0] for r in db.execute("select run_uuid from runs where status = 'RUNNING'")]
 
 
 def run_state(ws: Workspace, run_id: str) -> tuple[str, str] | None:
-    import sqlite3
-
     with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
         row = db.execute("select status, lifecycle_stage from runs where run_uuid = ?", (run_id,)).fetchone()
     return tuple(row) if row else None
@@ -160,15 +157,19 @@ def test_training_killed_while_logging_is_swept_and_completed_by_a_rerun(ws2):
     assert kill_when(proc, lambda: bool(seen.extend(running_runs(ws)) or seen)), "no run seen before training ended"
     dead = seen[0]
     assert run_state(ws, dead)[0] == "RUNNING"
+    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
+        (sid,) = db.execute("select value from tags where run_uuid = ? and key = 'cdm.shard'", (dead,)).fetchone()
     done = run_cdm("train", "--workspace", str(ws.root), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
     assert len(result["shards"]) == 3 and not running_runs(ws)
-    # The killed run registered no version: it is gone with its artifacts, or ended (if its version exists).
+    # The shard whose logging was killed resumed from its last slice checkpoint instead of training again (or, if
+    # the kill came after its version was registered, was complete and skipped).
+    killed = result["shards"][sid]
+    assert killed["skipped"] or killed["resumed_from_slice"] == 1, killed
+    # A killed run that registered no version is gone with its artifacts; one that did is ended as KILLED.
     state = run_state(ws, dead)
-    assert state is None or state == ("KILLED", "active"), state
-    # The shard whose logging was killed resumed from its last slice checkpoint instead of training again.
-    assert any(s["resumed_from_slice"] == 1 for s in result["shards"].values() if not s["skipped"])
+    assert state is None or (state == ("KILLED", "active") and killed["skipped"]), state
     assert not list(ws.checkpoints_dir.rglob("*.tmp"))
 
 
