@@ -153,4 +153,8 @@ def dispatch(args) -> tuple[object, str]:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m flows.cli` runs this file as __main__; commands import CliError from `flows.cli`. Run that
+    # module's main so both see one CliError class (else a refused request would exit 1 instead of 2).
+    from flows.cli import main as module_main
+
+    sys.exit(module_main())
