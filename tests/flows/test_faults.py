@@ -46,17 +46,23 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
     return False
 
 
-@pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> tuple[Workspace, dict]:
-    tmp = tmp_path_factory.mktemp("faults")
+def ingested_workspace(tmp: Path, owners: tuple[str, ...], steps: int, min_shard_samples: int
+                       ) -> tuple[Workspace, dict]:
+    """A small workspace with `owners` ingested through the CLI."""
     p = Params()
-    p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = 200, 32, 2, 120
+    p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = steps, 32, 2, min_shard_samples
     p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
     ws = init_workspace(tmp / "ws", params=p)
     sources = {**owner_folders(tmp / "sources"), **extra_owner_folders(tmp / "sources")}
-    for owner in ("alice", "bob", "carol", "erin", "frank", "gina"):
+    for owner in owners:
         assert run_cdm("ingest", owner, str(sources[owner]), "--workspace", str(ws.root)).returncode == 0
     return ws, sources
+
+
+@pytest.fixture(scope="module")
+def ws(tmp_path_factory) -> tuple[Workspace, dict]:
+    return ingested_workspace(tmp_path_factory.mktemp("faults"), ("alice", "bob", "carol", "erin", "frank", "gina"),
+                              steps=200, min_shard_samples=120)
 
 
 def extra_owner_folders(root: Path) -> dict[str, Path]:
@@ -139,15 +145,8 @@ def run_state(ws: Workspace, run_id: str) -> tuple[str, str] | None:
 
 @pytest.fixture(scope="module")
 def ws2(tmp_path_factory) -> tuple[Workspace, dict]:
-    tmp = tmp_path_factory.mktemp("faults2")
-    p = Params()
-    p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = 120, 32, 2, 1
-    p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
-    ws = init_workspace(tmp / "ws", params=p)
-    sources = owner_folders(tmp / "sources")
-    for owner in ("alice", "bob", "carol"):
-        assert run_cdm("ingest", owner, str(sources[owner]), "--workspace", str(ws.root)).returncode == 0
-    return ws, sources
+    return ingested_workspace(tmp_path_factory.mktemp("faults2"), ("alice", "bob", "carol"), steps=120,
+                              min_shard_samples=1)
 
 
 def test_training_killed_while_logging_is_swept_and_completed_by_a_rerun(ws2):
