@@ -239,7 +239,7 @@ def orchestration(args, results: dict) -> None:
 
     from cdm.config import Params
     from cdm.data import write_demo_owners
-    from cdm.workspace import init_workspace
+    from cdm.platform.workspace import init_workspace
     from flows.composition import compose
     from flows.ingestion import ingest_owner
     from flows.training import run_training

@@ -114,6 +114,26 @@ class Consumers(_Strict):
         return sorted(o for o, lic in owner_licenses.items() if lic in (rule.licenses or []))
 
 
+def model_config(params: Params):
+    """The UNet architecture the params ask for (`cdm.model.ModelConfig`)."""
+    from cdm.model import ModelConfig
+
+    d = params.data
+    return ModelConfig.preset(params.train.preset, image_size=d.image_size, channels=d.channels,
+                              num_classes=max(d.labels) + 1)
+
+
+def train_config(params: Params, steps: int | None = None, num_slices: int | None = None,
+                 init_sha256: str | None = None):
+    """The optimisation settings of one training run (`cdm.train.TrainConfig`)."""
+    from cdm.train import TrainConfig
+
+    t = params.train
+    return TrainConfig(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
+                       label_dropout=t.label_dropout, num_slices=num_slices or t.num_slices, seed=t.seed,
+                       mixed_precision=t.mixed_precision, init_sha256=init_sha256)
+
+
 def _load_yaml_model(cls, path: Path):
     import yaml
 

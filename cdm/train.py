@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -59,7 +59,15 @@ class TrainResult:
     resumed_from_slice: int  # index of the last slice restored from a checkpoint, -1 when trained from scratch
     seconds: float
     steps_run: int  # optimizer steps actually run in this call
-    extra: dict = field(default_factory=dict)
+
+    def smoothed_losses(self, alpha: float = 0.05) -> list[float]:
+        """The training loss as logged: the per-step batch MSE, exponentially smoothed (weight `alpha` on the new
+        step, bias-corrected), so that its last value is the loss the model ended with."""
+        out, avg = [], 0.0
+        for i, v in enumerate(self.losses):
+            avg = (1 - alpha) * avg + alpha * v
+            out.append(avg / (1 - (1 - alpha) ** (i + 1)))
+        return out
 
 
 def assign_slices(ids: list[str], num_slices: int) -> torch.Tensor:
@@ -169,8 +177,7 @@ def train_shard(
     ends = [int((slices <= k).sum()) for k in range(cfg.num_slices)]  # samples in slices 0..k = data[:ends[k]]
 
     accelerator = _accelerator(cfg.mixed_precision)
-    torch.manual_seed(cfg.seed)
-    unet = build_unet(model_cfg)
+    unet = build_unet(model_cfg, seed=cfg.seed)  # its own generator: shards trained on threads do not race
     if init_state is not None:
         unet.load_state_dict(init_state)
     optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

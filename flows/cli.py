@@ -1,160 +1,338 @@
-"""`cdm`: the command line of the compartmentalized diffusion pipeline.
+"""`cdm`: the command line of the compartmentalized diffusion pipeline (click).
 
-Exit codes: 0 success; 2 bad input or a refused request (message on stderr); 1 internal failure.
+Every command goes through `run()`: the workspace's environment is set (its own Prefect home unless
+PREFECT_API_URL points at a server; Prefect's console logs go to `.cdm/logs/cdm.log`), the command's function in
+`flows/commands.py` runs with the workspace's `Context`, and its outcome is mapped to the exit-code contract:
+
+    0 success;  2 bad input or a refused request (one line on stderr: `cdm <command>: <reason>`);  1 failure.
+
+With --json, stdout carries exactly one JSON document.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
+import logging
 import os
 import sys
+from pathlib import Path
 
-EPILOG = """\
-workspace: every command takes --workspace DIR (default: $CDM_WORKSPACE, else the current directory).
-exit codes: 0 success, 2 bad input or refused request, 1 internal failure.
-docs: README.md; the design: DESIGN.md."""
+import click
+
+EPILOG = ("Every command takes --workspace DIR (default: $CDM_WORKSPACE, else the current folder). Exit codes: 0 "
+          "success, 2 bad input or a refused request, 1 internal failure. Docs: README.md and docs/design.md.")
 
 
 def env_defaults() -> None:
-    # Prefect's ephemeral API can take long to start on a fresh machine (FIELD-NOTES); keep telemetry off.
+    """Quiet, offline-friendly defaults for the libraries (set before they are imported)."""
+    # Prefect's ephemeral API can take long to start on a fresh machine; telemetry off everywhere.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # artifact downloads are tiny here
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "creating tables" and the like: not for people
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="cdm", formatter_class=argparse.RawDescriptionHelpFormatter, epilog=EPILOG,
-        description="Compartmentalized diffusion models: one denoiser per data owner's compartment, composed at "
-                    "sampling time; an owner's revocation deletes their compartment instead of retraining.")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+@contextlib.contextmanager
+def workspace_env(root: Path, verbose: bool):
+    """The workspace's Prefect home (unless PREFECT_API_URL is set) and logging: library log records and warnings
+    go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too)."""
+    saved = os.environ.get("PREFECT_HOME")
+    if not os.environ.get("PREFECT_API_URL"):
+        os.environ["PREFECT_HOME"] = str(root / ".cdm" / "prefect")
+    log_file = root / ".cdm" / "logs" / "cdm.log"
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    import prefect  # noqa: F401 - configures its loggers on import; we route them below
 
-    def cmd(name: str, help: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        s = sub.add_parser(name, help=help, description=help)
-        s.add_argument("--workspace", default=os.environ.get("CDM_WORKSPACE", "."), help="workspace folder")
-        if json_flag:
-            s.add_argument("--json", action="store_true", help="print one JSON document on stdout")
-        return s
-
-    s = cmd("init", "create a workspace: git, DVC (+ remote), MLflow store, params.yaml, consumers.yaml")
-    s.add_argument("dir", help="folder to create or complete")
-    s.add_argument("--remote", help="DVC remote URL (s3://bucket/prefix or a folder); default: DIR/.dvc-storage")
-    s.add_argument("--endpoint-url", help="S3 endpoint URL (e.g. a MinIO or moto server)")
-    s.add_argument("--artifact-root", help="MLflow artifact root (s3://... or file://...); default DIR/mlflow")
-
-    s = cmd("demo", "the whole story on scikit-learn's digits in a fresh workspace")
-    s.add_argument("--quick", action="store_true", help="small settings: a few minutes on 2 CPU cores")
-    s.add_argument("--owners", type=int, default=4, help="number of data owners (default 4)")
-    s.add_argument("--partition", choices=["iid", "by-class"], default="iid", help="how digits are split")
-    s.add_argument("--out", default="demo-workspace", help="workspace folder to create (default demo-workspace)")
-
-    s = cmd("ingest", "validate an owner's batch and commit it (exit 2 and no change if any file is bad)")
-    s.add_argument("owner", help="owner id: 1-64 of a-z 0-9 _ -")
-    s.add_argument("source", help="folder or s3://bucket/prefix in <label>/<file>.png layout (+ optional owner.yaml)")
-    s.add_argument("--license", help="license of the data (overrides owner.yaml)")
-
-    s = cmd("train", "train shards whose data or config changed (one Prefect task per shard)")
-    s.add_argument("--owners", help="comma-separated owners: train only their shards")
-    s.add_argument("--paragon", action="store_true", help="also train the paragon on all owners' data")
-
-    s = cmd("pretrain", "train the shared initialization on public data that belongs to no owner (cdm-init)")
-    s.add_argument("source", help="folder or s3://bucket/prefix in <label>/<file>.png layout; validated like an "
-                   "ingestion, and refused if any sample is also an owner's")
-    s.add_argument("--steps", type=int, help="optimizer steps (default: params.yaml train.init_steps)")
-
-    s = cmd("compose", "register a composite of the latest shards and make it production")
-    s.add_argument("--estimator", choices=["path", "router", "prior", "average"],
-                   help="composition weights (default: params.yaml compose.estimator)")
-
-    s = cmd("sample", "sample from the production composite, with per-owner attribution")
-    s.add_argument("--n", type=int, required=True, help="number of samples")
-    s.add_argument("--label", type=int, help="class label (default: unconditional)")
-    s.add_argument("--consumer", help="compose only the shards this consumer may use (consumers.yaml)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", help="PNG grid to write (default: WORKSPACE/outputs/samples.png)")
-
-    s = cmd("revoke", "revoke an owner: drop/retrain their shards, purge everything, certify")
-    s.add_argument("owner")
-    s.add_argument("--reason", help="recorded in the certificate")
-    s.add_argument("--token", help="the owner's secret (issued at first ingestion); without it: operator request")
-
-    s = cmd("evaluate", "FID/KID, ratio to the paragon, attribution, memorization, membership AUC")
-    s.add_argument("--fail-on-regression", action="store_true", help="exit 1 when a params.yaml threshold is crossed")
-    s.add_argument("--out", help="also write the metrics to this file (e.g. metrics.json)")
-
-    cmd("status", "owners, shards, the production composite, ledger verification")
-    cmd("serve", "serve deployments: per-owner ingestion schedules and the revocation trigger", json_flag=False)
-    return p
-
-
-class CliError(Exception):
-    """A failure with an exit code; `result` (if any) is still printed (e.g. metrics that crossed a threshold)."""
-
-    def __init__(self, message: str, code: int = 2, result: object = None, text: str = ""):
-        super().__init__(message)
-        self.code, self.result, self.text = code, result, text
-
-
-def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    env_defaults()
-    want_json = getattr(args, "json", False)
-    real_stdout = sys.stdout
+    moved: list[tuple[logging.Logger, logging.Handler]] = []
+    loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
+    for logger in loggers:
+        for h in list(getattr(logger, "handlers", [])):
+            if not verbose and isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler) \
+                    and getattr(h, "stream", None) in (sys.stderr, sys.stdout, sys.__stderr__, sys.__stdout__):
+                logger.removeHandler(h)
+                moved.append((logger, h))
+    roots = {lg for lg, _ in moved} | {logging.getLogger()}
+    for logger in roots:
+        logger.addHandler(handler)
+    logging.captureWarnings(True)
     try:
-        # With --json, stdout carries only the JSON document; everything else goes to stderr.
-        with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
-            result, text = dispatch(args)
-    except KeyboardInterrupt:
-        return 130
-    except BaseException as e:  # noqa: BLE001 - mapped to the exit-code contract
-        code, message = classify(e)
-        payload = getattr(e, "result", None)
-        if want_json:
-            doc = payload if isinstance(payload, dict) else {}
-            print(json.dumps({**doc, "error": message, "exit_code": code}, indent=2, sort_keys=True, default=str),
-                  file=real_stdout)
-        elif getattr(e, "text", ""):
-            print(e.text, file=real_stdout)
-        print(f"cdm {args.command}: {message}", file=sys.stderr)
-        return code
-    if want_json:
-        print(json.dumps(result, indent=2, sort_keys=True, default=str), file=real_stdout)
-    elif text:
-        print(text, file=real_stdout)
-    return 0
+        yield log_file
+    finally:
+        logging.captureWarnings(False)
+        for logger in roots:
+            logger.removeHandler(handler)
+        for logger, h in moved:
+            logger.addHandler(h)
+        handler.close()
+        if saved is None:
+            os.environ.pop("PREFECT_HOME", None)
+        else:
+            os.environ["PREFECT_HOME"] = saved
 
 
 def classify(e: BaseException) -> tuple[int, str]:
+    """(exit code, one-line message) for an exception."""
     from cdm.config import ConfigError
-    from cdm.dvc import RemoteError
-    from cdm.sources import SourceError
-    from cdm.workspace import WorkspaceError
+    from cdm.platform.dvc import RemoteError
+    from cdm.platform.errors import CommandFailed, WorkspaceError
 
-    if isinstance(e, CliError):
-        return e.code, str(e)
-    if isinstance(e, (WorkspaceError, ConfigError, SourceError, PermissionError)):
-        return 2, str(e)
-    if isinstance(e, RemoteError):  # storage down or refusing: not the user's input, but not a bug either
-        return 1, f"storage failure: {e}"
-    if isinstance(e, SystemExit):
-        return int(e.code or 0), "exited"
-    return 1, f"internal error: {type(e).__name__}: {e}"
+    if isinstance(e, CommandFailed):
+        code, message = e.code, str(e)
+    elif isinstance(e, (WorkspaceError, ConfigError, PermissionError, FileExistsError)):
+        code, message = 2, str(e)
+    elif isinstance(e, RemoteError):  # storage down or refusing: not the user's input, but not a bug either
+        code, message = 1, f"storage failure: {e}"
+    elif isinstance(e, click.ClickException):
+        code, message = 2, e.format_message()
+    else:
+        code, message = 1, f"internal error: {type(e).__name__}: {e}"
+    lines = [ln.strip() for ln in message.strip().splitlines() if ln.strip()]
+    return code, (lines[0] if lines else type(e).__name__) + (f" (+{len(lines) - 1} lines: --json)" if len(lines) > 1 else "")
 
 
-def dispatch(args) -> tuple[object, str]:
+def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args) -> None:
+    """Run one command's function `fn(*args) -> (result, text)` in the workspace's environment; exit with the
+    contract's code."""
+    real_stdout = sys.stdout
+    root = Path(workspace).expanduser().resolve()
+    code, result, text, message = 0, None, "", None
+    try:
+        with workspace_env(root, verbose) as log_file:
+            # With --json, stdout carries only the JSON document; everything else goes to stderr.
+            with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
+                try:
+                    result, text = fn(*args)
+                except KeyboardInterrupt:
+                    raise
+                except BaseException as e:  # noqa: BLE001 - mapped to the exit-code contract
+                    code, message = classify(e)
+                    logging.getLogger("cdm").error("cdm %s failed (exit %d)", name, code, exc_info=True)
+                    result, text = getattr(e, "result", None), getattr(e, "text", "")
+                    if verbose or code == 1:
+                        message += f" [details: {log_file}]"
+    except KeyboardInterrupt:
+        sys.exit(130)
+    if want_json:
+        doc = result if isinstance(result, dict) else ({} if result is None else {"result": result})
+        if message is not None:
+            doc = {**doc, "error": message, "exit_code": code}
+        print(json.dumps(doc, indent=2, sort_keys=True, default=str), file=real_stdout)
+    elif text:
+        print(text, file=real_stdout)
+    if message is not None:
+        print(f"cdm {name}: {message}", file=sys.stderr)
+    sys.exit(code)
+
+
+def common(f):
+    """--workspace, --json, --verbose on every command."""
+    f = click.option("--verbose", is_flag=True, help="show library logs on the console (always in .cdm/logs/cdm.log)")(f)
+    f = click.option("--json", "want_json", is_flag=True, help="print one JSON document on stdout")(f)
+    f = click.option("--workspace", default=lambda: os.environ.get("CDM_WORKSPACE", "."), show_default="$CDM_WORKSPACE or .",
+                     type=click.Path(file_okay=False), help="workspace folder")(f)
+    return f
+
+
+@click.group(epilog=EPILOG, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+def cli():
+    """Compartmentalized diffusion models: one denoiser per data owner's compartment, composed at sampling time;
+    an owner's revocation deletes their compartment instead of retraining everything."""
+
+
+@cli.command()
+@click.argument("dir", type=click.Path(file_okay=False))
+@click.option("--remote", help="DVC remote URL (s3://bucket/prefix or a folder); default: DIR/.dvc-storage")
+@click.option("--endpoint-url", help="S3 endpoint URL (e.g. a MinIO or moto server)")
+@click.option("--artifact-root", help="MLflow artifact root (s3://... or file://...); default: DIR/mlflow/artifacts")
+@common
+def init(dir, remote, endpoint_url, artifact_root, workspace, want_json, verbose):
+    """Create a workspace: git, DVC (+ remote), MLflow store, params.yaml, consumers.yaml."""
     from flows import commands
 
-    return getattr(commands, f"cmd_{args.command}")(args)
+    run("init", dir, want_json, verbose, commands.init, dir, remote, endpoint_url, artifact_root)
+
+
+@cli.command()
+@click.option("--quick", is_flag=True, help="small settings: a few minutes on 2 CPU cores")
+@click.option("--owners", type=click.IntRange(2, 10), default=4, show_default=True, help="number of data owners")
+@click.option("--partition", type=click.Choice(["iid", "by-class"]), default="iid", show_default=True,
+              help="how the digits are split between owners")
+@click.option("--out", default="demo-workspace", show_default=True, help="workspace folder to create")
+@common
+def demo(quick, owners, partition, out, workspace, want_json, verbose):
+    """The whole story on scikit-learn's digits in a fresh workspace (owners' sources go to OUT.sources/)."""
+    from flows import commands
+
+    run("demo", out, want_json, verbose, commands.demo, out, quick, owners, partition, not want_json)
+
+
+@cli.command()
+@click.argument("owner")
+@click.argument("source")
+@click.option("--license", help="license of the data (overrides owner.yaml)")
+@click.option("--cron", help="schedule of this owner's ingestion under `cdm serve` (default: daily at 03:00)")
+@common
+def ingest(owner, source, license, cron, workspace, want_json, verbose):
+    """Validate OWNER's batch from SOURCE (a folder or s3://bucket/prefix in <label>/<file>.png layout, optional
+    owner.yaml) and commit it; exit 2 and no change if any file is bad. PNG only, each side between
+    data.min_dimension and data.max_dimension pixels (params.yaml), converted to data.image_size."""
+    from flows import commands
+
+    run("ingest", workspace, want_json, verbose, commands.ingest, workspace, owner, source, license, cron)
+
+
+@cli.command()
+@click.argument("owner")
+@common
+def consent(owner, workspace, want_json, verbose):
+    """Record a new consent of a revoked OWNER (ledger entry, new token): ingestion of them is allowed again."""
+    from flows import commands
+
+    run("consent", workspace, want_json, verbose, commands.consent, workspace, owner)
+
+
+@cli.command()
+@click.option("--owners", help="comma-separated owners: train only their shards")
+@click.option("--paragon", is_flag=True, help="also train the paragon on all owners' data")
+@common
+def train(owners, paragon, workspace, want_json, verbose):
+    """Train shards whose data or config changed (one Prefect task per shard)."""
+    from flows import commands
+
+    run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, not want_json)
+
+
+@cli.command()
+@click.argument("source")
+@click.option("--steps", type=click.IntRange(min=1), help="optimizer steps (default: params.yaml train.init_steps)")
+@common
+def pretrain(source, steps, workspace, want_json, verbose):
+    """Train the shared initialization (cdm-init@current) on public data that belongs to no owner; refused if any
+    sample is also an owner's."""
+    from flows import commands
+
+    run("pretrain", workspace, want_json, verbose, commands.pretrain, workspace, source, steps, not want_json)
+
+
+@cli.command()
+@click.option("--estimator", type=click.Choice(["path", "router", "prior", "average"]),
+              help="composition weights (default: params.yaml compose.estimator)")
+@common
+def compose(estimator, workspace, want_json, verbose):
+    """Register a composite of the latest shards and make it production."""
+    from flows import commands
+
+    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, not want_json)
+
+
+@cli.command()
+@click.option("--n", type=int, required=True, help="number of samples (1-10000)")
+@click.option("--label", type=int, help="class label (default: unconditional)")
+@click.option("--consumer", help="compose only the shards this consumer may use (consumers.yaml)")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", help="PNG grid to write (default: WORKSPACE/outputs/samples.png)")
+@common
+def sample(n, label, consumer, seed, out, workspace, want_json, verbose):
+    """Sample from the production composite, with per-owner attribution of every sample."""
+    from flows import commands
+
+    run("sample", workspace, want_json, verbose, commands.sample, workspace, n, label, consumer, seed, out)
+
+
+@cli.command()
+@click.argument("owner")
+@click.option("--reason", help="recorded in the certificate")
+@click.option("--token", help="the owner's token (issued at first ingestion); without it: an operator request")
+@click.option("--wait", is_flag=True, help="wait for the purge and the certificate instead of returning once "
+              "the owner is out of serving")
+@common
+def revoke(owner, reason, token, wait, workspace, want_json, verbose):
+    """Revoke OWNER: out of serving in seconds (their schedule removed), then in the background: retrain shared
+    shards, purge, scan every store, certify."""
+    from flows import commands
+
+    run("revoke", workspace, want_json, verbose, commands.revoke, workspace, owner, reason, token, wait,
+        not want_json)
+
+
+@cli.command("finish-revocation", hidden=True)
+@click.argument("owner_key")
+@click.option("--token-stdin", is_flag=True, help="read the owner's token from the first line of stdin")
+@common
+def finish_revocation(owner_key, token_stdin, workspace, want_json, verbose):
+    """Finish a revocation that is out of serving (started by `cdm revoke` in the background)."""
+    from flows import commands
+
+    run("finish-revocation", workspace, want_json, verbose, commands.finish_revocation, workspace, owner_key,
+        token_stdin)
+
+
+@cli.command()
+@click.option("--fail-on-regression", is_flag=True, help="exit 1 when a params.yaml threshold is crossed")
+@click.option("--out", help="also write the metrics to this file (e.g. metrics.json)")
+@common
+def evaluate(fail_on_regression, out, workspace, want_json, verbose):
+    """FID/KID, ratio to the paragon, attribution, memorization, membership AUC of revoked owners."""
+    from flows import commands
+
+    run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression)
+
+
+@cli.command()
+@common
+def status(workspace, want_json, verbose):
+    """Owners, shards, the production composite, revocations in progress, ledger verification."""
+    from flows import commands
+
+    run("status", workspace, want_json, verbose, commands.status, workspace)
+
+
+@cli.command()
+@common
+def serve(workspace, want_json, verbose):
+    """Serve deployments: per-owner ingestion schedules and the revocation trigger (a Prefect server on loopback
+    unless PREFECT_API_URL is set)."""
+    from flows import commands
+
+    run("serve", workspace, want_json, verbose, commands.serve, workspace)
+
+
+@cli.command()
+@click.option("--port", type=int, default=5000, show_default=True)
+@click.option("--print-only", is_flag=True, help="print the commands instead of starting the MLflow UI")
+@common
+def ui(port, print_only, workspace, want_json, verbose):
+    """Browse models and runs: starts the MLflow UI on this workspace's store (and prints the Prefect UI command)."""
+    from flows import commands
+
+    run("ui", workspace, want_json, verbose, commands.ui, workspace, port, print_only)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The console script; returns the exit code (usage errors are refusals: one line, exit 2)."""
+    env_defaults()
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        cli.main(args=args, prog_name="cdm", standalone_mode=False)
+    except SystemExit as e:
+        return int(e.code or 0)
+    except click.exceptions.Exit as e:
+        return int(e.exit_code)
+    except click.ClickException as e:
+        name = e.ctx.info_name if getattr(e, "ctx", None) is not None and e.ctx.parent is not None else None
+        print(f"cdm{' ' + name if name else ''}: {e.format_message()}", file=sys.stderr)
+        return 2
+    except click.exceptions.Abort:
+        return 130
+    return 0
 
 
 if __name__ == "__main__":
-    # `python -m flows.cli` runs this file as __main__; commands import CliError from `flows.cli`. Run that
-    # module's main so both see one CliError class (else a refused request would exit 1 instead of 2).
-    from flows.cli import main as module_main
-
-    sys.exit(module_main())
+    sys.exit(main())

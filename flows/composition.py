@@ -6,9 +6,11 @@ from typing import Literal
 
 from prefect import flow
 
+from cdm.platform.context import Context
 from tasks.compose import compose as compose_task
 
 
 @flow(name="cdm-compose")
-def compose(workspace: str, estimator: Literal["path", "router", "prior", "average"] | None = None) -> dict:
-    return compose_task(workspace, estimator)
+def compose(workspace: str, estimator: Literal["path", "router", "prior", "average"] | None = None,
+            progress: bool = False) -> dict:
+    return compose_task(Context.load(workspace), estimator, progress)

@@ -3,11 +3,12 @@
 Cron schedules need a real Prefect server (the ephemeral API runs no scheduler) and triggered runs need a serving
 process: `cdm serve` starts a server on loopback unless PREFECT_API_URL points at one, then serves both.
 
-Emit a revocation (the owner proves it with the token issued at first ingestion):
+Emit a revocation (the owner proves it with the sha256 of the token issued at their first ingestion, and names
+themselves by the owner key printed then; neither the raw id nor the token reaches Prefect):
 
     from prefect.events import emit_event
-    emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.alice"},
-               payload={"owner": "alice", "token": "...", "reason": "consent withdrawn"})
+    emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.ok-…"},
+               payload={"owner_key": "ok-…", "token_sha256": sha256(token), "reason": "consent withdrawn"})
 """
 
 from __future__ import annotations
@@ -23,30 +24,51 @@ DEFAULT_CRON = "0 3 * * *"  # daily at 03:00
 
 
 def deployments(workspace: str) -> list:
+    """A cron ingestion deployment per active owner with a recorded source, and the revocation deployment.
+    Parameters carry owner keys only."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from cdm.workspace import Workspace
+    from cdm.platform import owner_records
+    from cdm.platform.workspace import Workspace
     from flows.ingestion import ingest_owner
     from flows.unlearning import unlearn_owner
 
     ws = Workspace(workspace).require()
     out = []
-    for owner in ws.owners():
-        record = ws.owner_records().get(ws.owner_key(owner), {})
-        source = record.get("source")
-        if not source:
+    for key, rec in sorted(owner_records.records(ws).items()):
+        if rec.state != "active" or not rec.source:
             continue
         out.append(ingest_owner.to_deployment(
-            name=f"ingest-{owner}", cron=record.get("cron", DEFAULT_CRON),
-            parameters={"workspace": str(ws.root), "owner": owner, "source": source},
-            tags=["cdm", "ingestion"]))
+            name=ingestion_name(key), cron=rec.cron or DEFAULT_CRON,
+            parameters={"workspace": str(ws.root), "owner_key": key}, tags=["cdm", "ingestion"]))
     out.append(unlearn_owner.to_deployment(
         name="on-revocation", tags=["cdm", "unlearning"],
         triggers=[DeploymentEventTrigger(
             name="owner revoked", expect={REVOKED_EVENT},
-            parameters={"workspace": str(ws.root), "owner": "{{ event.payload.owner }}",
-                        "token": "{{ event.payload.token }}", "reason": "{{ event.payload.reason }}"})]))
+            parameters={"workspace": str(ws.root), "owner_key": "{{ event.payload.owner_key }}",
+                        "token_sha256": "{{ event.payload.token_sha256 }}",
+                        "reason": "{{ event.payload.reason }}"})]))
     return out
+
+
+def ingestion_name(owner_key: str) -> str:
+    return f"ingest-{owner_key}"
+
+
+def remove_ingestion(owner_key: str) -> list[str]:
+    """Delete the owner's ingestion deployment from the Prefect API, if there is one (its schedule and scheduled
+    runs go with it). Returns the full names removed."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    name = f"cdm-ingest/{ingestion_name(owner_key)}"
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return []
+        client.delete_deployment(deployment.id)
+    return [name]
 
 
 def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Popen:

@@ -1,22 +1,47 @@
-"""Ingestion flow: one run per owner (scheduled per owner by a deployment, see flows/deployments.py)."""
+"""Ingestion flow: one run per owner, by hand (`cdm ingest`) or scheduled per owner (flows/deployments.py).
+
+The flow is parameterized by the owner key only: the raw id and the source live in the owner record, never in
+Prefect's database.
+"""
 
 from __future__ import annotations
 
 from prefect import flow
 
-from cdm.config import Params
-from cdm.workspace import Workspace, check_owner_id
+from cdm.platform import owner_records
+from cdm.platform.context import Context
+from cdm.platform.ingest import request
 from tasks.ingest import commit_batch, read_owner_source, validate_batch
 
 
-@flow(name="cdm-ingest", flow_run_name="ingest-{owner}")
-def ingest_owner(workspace: str, owner: str, source: str, license: str | None = None) -> dict:
-    """Validate an owner's batch and commit it into the workspace, or reject it and change nothing."""
-    check_owner_id(owner)
-    ws = Workspace(workspace).require()
-    params = Params.load(ws.params_path)
-    files = read_owner_source(workspace, source, params.data.max_file_bytes)
-    report = validate_batch(workspace, owner, files, params)
-    result = commit_batch(workspace, owner, source, files, license).as_dict()
+@flow(name="cdm-ingest", flow_run_name="ingest-{owner_key}")
+def ingest_owner(workspace: str, owner_key: str) -> dict:
+    """Validate the owner's batch from their recorded source and commit it, or reject it and change nothing."""
+    ctx = Context.load(workspace)
+    files = read_owner_source(ctx, owner_key)
+    report = validate_batch(ctx, owner_key, files)
+    result = commit_batch(ctx, owner_key, files).as_dict()
     result["docs"] = report["docs"]
+    return result
+
+
+def ingest(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None) -> dict:
+    """Record the request, run the flow, issue the owner's token at their first ingestion (outside Prefect).
+
+    A refused or failed ingestion leaves the owner record as it was (none, for a new owner).
+    """
+    key, before = owner_records.record_of(ctx.ws, owner)
+    request(ctx, owner, source, license, cron)
+    try:
+        result = ingest_owner(str(ctx.ws.root), key)
+    except BaseException:
+        if before is None:
+            owner_records.remove(ctx.ws, key)
+        else:
+            owner_records.update(ctx.ws, key, **before.model_dump(exclude={"updated"}))
+        raise
+    result["owner"] = owner
+    result["token"] = None
+    if owner_records.record(ctx.ws, key).token_sha256 is None:
+        result["token"] = owner_records.issue_token(ctx.ws, key)
     return result

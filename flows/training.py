@@ -6,9 +6,9 @@ import time
 
 from prefect import flow
 
-from cdm.config import Params
-from cdm.workspace import Workspace, WorkspaceError
-from tasks.ingest import read_owner_source, validate_batch
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
+from tasks.ingest import validate_batch
 from tasks.train import plan, train_init, train_paragon, train_shard
 
 
@@ -26,38 +26,40 @@ def task_runner(kind: str, workers: int):
 
 
 @flow(name="cdm-train")
-def train(workspace: str, owners: list[str] | None = None, paragon: bool = False, progress: bool = False) -> dict:
-    """Train every shard whose data or config changed (or only the shards of `owners`), optionally the paragon."""
-    ws = Workspace(workspace).require()
+def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = False, progress: bool = False) -> dict:
+    """Train every shard whose data or config changed (or only the shards of `owner_keys`), optionally the
+    paragon. Owners are named by key: flow parameters are stored by Prefect."""
+    ctx = Context.load(workspace)
     started = time.perf_counter()
-    shard_plan = plan(workspace)
+    shard_plan = plan(ctx)
     if not shard_plan:
         raise WorkspaceError("no owners in the workspace; ingest data first")
-    unknown = sorted(set(owners or []) - set(ws.owners()))
+    by_key = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
+    unknown = sorted(set(owner_keys or []) - set(by_key))
     if unknown:
         raise WorkspaceError(f"unknown owner(s): {', '.join(unknown)}")
-    selected = {s: o for s, o in shard_plan.items() if not owners or set(o) & set(owners)}
-    futures = {s: train_shard.submit(workspace, s, o, progress) for s, o in selected.items()}
-    para_future = train_paragon.submit(workspace, ws.owners(), len(shard_plan), progress) if paragon else None
+    chosen = {by_key[k] for k in owner_keys or []}
+    selected = {s: o for s, o in shard_plan.items() if not owner_keys or set(o) & chosen}
+    futures = {s: train_shard.submit(ctx, s, o, progress) for s, o in selected.items()}
+    para_future = train_paragon.submit(ctx, ctx.ws.owners(), len(shard_plan), progress) if paragon else None
     results = {s: f.result() for s, f in futures.items()}
     para = para_future.result() if para_future is not None else None
     return {"shards": results, "paragon": para, "seconds": round(time.perf_counter() - started, 2)}
 
 
-def run_training(workspace: str, owners: list[str] | None = None, paragon: bool = False,
+def run_training(ctx: Context, owner_keys: list[str] | None = None, paragon: bool = False,
                  progress: bool = False) -> dict:
-    """Entry point: reads the task runner from params.yaml and runs the flow on it, with torch threads split
-    between concurrent shards so that they do not oversubscribe the cores."""
+    """Entry point: runs the flow on the configured task runner, with torch threads split between concurrent
+    shards so that they do not oversubscribe the cores."""
     import torch
 
-    params = Params.load(Workspace(workspace).require().params_path)
-    t = params.train
+    t = ctx.params.train
     workers = 1 if t.task_runner == "sequential" else t.max_workers
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))
     try:
-        return train.with_options(task_runner=task_runner(t.task_runner, workers))(workspace, owners, paragon,
-                                                                                   progress)
+        return train.with_options(task_runner=task_runner(t.task_runner, workers))(
+            str(ctx.ws.root), owner_keys, paragon, progress)
     finally:
         torch.set_num_threads(threads)
 
@@ -66,8 +68,10 @@ def run_training(workspace: str, owners: list[str] | None = None, paragon: bool 
 def pretrain(workspace: str, source: str, steps: int | None = None, progress: bool = False) -> dict:
     """The shared initialization: validate public data (folder or s3://, the ingestion checks) and train on it.
     Nothing is copied into data/: the public samples are identified by the hashes logged with `cdm-init`."""
-    ws = Workspace(workspace).require()
-    params = Params.load(ws.params_path)
-    files = read_owner_source(workspace, source, params.data.max_file_bytes)
-    validate_batch(workspace, "public", files, params)
-    return train_init(workspace, source, files, steps, progress)
+    from cdm.platform.ingest import read_source
+    from cdm.platform.pretrain import public_dataset
+
+    ctx = Context.load(workspace)
+    files = read_source(ctx, source)
+    validate_batch(ctx, "public", files)
+    return train_init(ctx, public_dataset(files, ctx.params), source, steps, progress)

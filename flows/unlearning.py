@@ -1,40 +1,49 @@
 """Unlearning flow, owner-triggered: `cdm revoke OWNER`, or the `cdm.owner.revoked` event under `cdm serve`.
 
-The steps run in order (see cdm/unlearn.py); each is a task whose result is recorded before the next, so
-rerunning the flow after a crash finishes the job.
+    plan -> go-live -> remove-ingestion-schedule -> retrain -> forgetting-check -> purge -> verify -> reevaluate
+         -> certify                                   (one Prefect task each; outputs feed the next tasks)
+
+Parameters are the owner key and, for a request that comes as an event, the sha256 of the owner's token: never the
+token or the raw id (Prefect stores flow parameters). `cdm revoke` checks the token itself and begins the
+request before the flow runs, so no proof reaches Prefect on that path. `until="go_live"` stops once the owner is out of serving; running the
+flow again finishes the job (each step is recorded, see cdm/platform/unlearn.py).
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
+from contextvars import ContextVar
+from typing import Literal
 
 from prefect import flow
 
-from cdm import unlearn
-from cdm.workspace import Workspace, WorkspaceError
-from tasks.unlearn import run_steps
+from cdm.platform import unlearn
+from cdm.platform.context import Context
+from cdm.platform.verification import needles
+from tasks import unlearn as steps
 
 
-def authorize(ws: Workspace, owner: str, token: str | None) -> str:
-    """`owner` when a token proves the request comes from that owner; `operator` when no token is given."""
-    if token is None:
-        return "operator"
-    record = ws.owner_records().get(ws.owner_key(owner), {})
-    expected = record.get("token_sha256")
-    if not expected or not hmac.compare_digest(expected, hashlib.sha256(token.encode()).hexdigest()):
-        raise PermissionError(f"the token does not belong to owner {owner!r}")
-    return "owner"
+# The owner's token in clear, when this process was given it (`cdm revoke --token`, or the background process it
+# starts, through a pipe): the verification scan searches every store for it. Never a flow parameter.
+known_token: ContextVar[str | None] = ContextVar("known_token", default=None)
 
 
-@flow(name="cdm-unlearn", flow_run_name="unlearn")
-def unlearn_owner(workspace: str, owner: str, reason: str | None = None, token: str | None = None) -> dict:
-    """Revoke `owner`: new composite live first, then retrain shared shards, purge, verify, certify."""
-    ws = Workspace(workspace).require()
-    requested_by = authorize(ws, owner, token)
-    state = unlearn.begin(ws, owner, reason, requested_by)
-    for steps in unlearn.TASKS:
-        state = run_steps(workspace, state["owner_key"], steps)
-    if not state.get("completed"):
-        raise WorkspaceError("unlearning did not complete")
-    return state["certificate"]
+@flow(name="cdm-unlearn", flow_run_name="unlearn-{owner_key}")
+def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = None, reason: str | None = None,
+                  until: Literal["go_live"] | None = None, progress: bool = False) -> dict:
+    """Revoke the owner: a composite without them goes live first, then shared shards retrain, everything derived
+    from their data is purged, every store is scanned, and a certificate is appended to the ledger."""
+    ctx = Context.load(workspace)
+    rev = unlearn.begin(ctx, owner_key, token_sha256, reason, via="event" if token_sha256 else "command")
+    plan = steps.plan(ctx, rev.request_id)
+    live = steps.go_live(ctx, rev.request_id, plan)
+    steps.remove_schedule(owner_key)
+    if until == "go_live":
+        return {"request_id": rev.request_id, "owner_key": owner_key, "live": live.model_dump(), "completed": False}
+    found = needles(ctx, rev, known_token.get())  # in memory: pixels and the token are never written anywhere
+    retrained = steps.retrain(ctx, rev.request_id, plan, live, progress)
+    steps.forgetting_check(ctx, rev.request_id, plan, retrained)
+    purged = steps.purge(ctx, rev.request_id, plan, live, retrained)
+    verification = steps.verify(ctx, rev.request_id, purged, found)
+    evaluation = steps.reevaluate(ctx, rev.request_id, retrained)
+    cert = steps.certify(ctx, rev.request_id, verification, evaluation)
+    return {**cert, "completed": True}

@@ -5,32 +5,33 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.config import Params
-from cdm.ingest import IngestionRejected, IngestResult, commit, owner_metadata, read_source, validate
-from cdm.sources import SourceFile
-from cdm.workspace import Workspace
+from cdm.platform import owner_records
+from cdm.platform.context import Context
+from cdm.platform.ingest import IngestionRejected, IngestResult, commit, owner_metadata, read_source, validate
+from cdm.platform.sources import SourceFile
+from tasks import retry_on_io
 
 
-@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE,
-      retry_condition_fn=lambda task, run, state: not isinstance(state.result(raise_on_failure=False), ValueError))
-def read_owner_source(workspace: str, source: str, max_bytes: int) -> list[SourceFile]:
-    return read_source(Workspace(workspace), source, max_bytes)
+@task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE, retry_condition_fn=retry_on_io)
+def read_owner_source(ctx: Context, owner_key: str) -> list[SourceFile]:
+    """The owner's source as recorded (a revoked owner is refused here, before anything is read)."""
+    rec = owner_records.record(ctx.ws, owner_key)
+    owner_records.require_consent(rec, owner_key)
+    if rec is None or not rec.source:
+        raise owner_records.WorkspaceError(f"owner {owner_key} has no recorded source")
+    return read_source(ctx, rec.source)
 
 
 @task(cache_policy=NO_CACHE)
-def validate_batch(workspace: str, owner: str, files: list[SourceFile], params: Params) -> dict:
-    report = validate(Workspace(workspace), owner, files, params)
+def validate_batch(ctx: Context, owner_key: str, files: list[SourceFile]) -> dict:
+    report = validate(ctx, owner_key, files)
     if not report.ok:
-        raise IngestionRejected(owner, report)
+        raise IngestionRejected(owner_key, report)
     return report.as_dict()
 
 
-@task(cache_policy=NO_CACHE)
-def commit_batch(workspace: str, owner: str, source: str, files: list[SourceFile], license: str | None) -> IngestResult:
-    """Owner folder + manifest, `dvc add`, `dvc push`, git commit — all or nothing. Remembers the source for the
-    owner's scheduled ingestion deployment."""
-    ws = Workspace(workspace)
-    delays = Params.load(ws.params_path).data.push_retry_delays
-    result = commit(ws, owner, files, owner_metadata(files, license), retry_delays=delays)
-    ws.update_owner_record(result.owner_key, source=source)
-    return result
+@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+def commit_batch(ctx: Context, owner_key: str, files: list[SourceFile]) -> IngestResult:
+    """Owner folder + manifest, `dvc add`, `dvc push` (retried inside), git commit — all or nothing."""
+    license = owner_records.record(ctx.ws, owner_key).license
+    return commit(ctx, owner_key, files, owner_metadata(files, license))

@@ -1,40 +1,108 @@
-"""Unlearning tasks: one per step of `cdm.unlearn`, each resumable."""
+"""Unlearning tasks: one Prefect task per step of `cdm.platform.unlearn`, typed inputs and outputs.
+
+Each task returns the step's recorded output when the step is already done (a rerun after a crash), else runs it
+and records the output before returning. Steps that talk to remote stores retry on I/O failures.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm import registry, unlearn
-from tasks.common import context
+from cdm.platform import registry, unlearn
+from cdm.platform.context import Context
+from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
+                                      record_step)
+from tasks import retry_on_io
 
 
-@task(cache_policy=NO_CACHE, task_run_name="unlearn-{steps}")
-def run_steps(workspace: str, owner_key: str, steps: tuple[str, ...]) -> dict:
-    """Run the given steps in order (each skipped when already done)."""
-    ctx = context(workspace)
-    if "retrain" in steps:  # not before go_live: that step is about speed
-        registry.sweep_dead_runs(ctx.client, ctx.ws.tracking_uri, ctx.experiment_id)
-    state = unlearn.load_state(ctx.ws, owner_key)
-    for step in steps:
-        if step not in state["steps_done"]:
-            state = run_step(ctx, state, step)
-    return state
+def _step(ctx: Context, request_id: str, name: str, run):
+    rev = load(ctx.ws, request_id)
+    done = getattr(rev, name)
+    if done is not None:
+        return done
+    output = run(rev)
+    record_step(ctx.ws, rev, name, output)
+    return output
 
 
-def run_step(ctx, state: dict, step: str) -> dict:
-    if step == "plan":
-        return unlearn.step_plan(ctx.ws, ctx.client, state)
-    if step == "go_live":
-        return unlearn.step_go_live(ctx.ws, ctx.client, ctx.experiment_id, ctx.params, state)
-    if step == "retrain":
-        return unlearn.step_retrain(ctx.ws, ctx.client, ctx.experiment_id, ctx.params, state)
-    if step == "forgetting_check":
-        return unlearn.step_forgetting_check(ctx.ws, ctx.client, ctx.params, state)
-    if step == "purge":
-        return unlearn.step_purge(ctx.ws, ctx.client, state)
-    if step == "reevaluate":
-        return unlearn.step_reevaluate(ctx.ws, ctx.client, ctx.params, state)
-    if step == "certify":
-        return unlearn.step_certify(ctx.ws, ctx.client, state)
-    raise ValueError(f"unknown unlearning step {step!r}")
+@task(cache_policy=NO_CACHE, task_run_name="plan")
+def plan(ctx: Context, request_id: str) -> Plan:
+    return _step(ctx, request_id, "plan", lambda rev: unlearn.plan(ctx, rev))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="go-live")
+def go_live(ctx: Context, request_id: str, plan: Plan) -> Live:
+    return _step(ctx, request_id, "go_live", lambda rev: unlearn.go_live(ctx, rev, plan))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="remove-ingestion-schedule", retries=2, retry_delay_seconds=2,
+      retry_condition_fn=retry_on_io)
+def remove_schedule(owner_key: str) -> list[str]:
+    """The owner's ingestion deployment (and with it its schedule and scheduled runs) leaves the Prefect API."""
+    from flows.deployments import remove_ingestion
+
+    return remove_ingestion(owner_key)
+
+
+@task(cache_policy=NO_CACHE, task_run_name="retrain")
+def retrain(ctx: Context, request_id: str, plan: Plan, live: Live, progress: bool = False) -> Retrained:
+    registry.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
+    return _step(ctx, request_id, "retrain", lambda rev: unlearn.retrain(ctx, rev, plan, live, progress))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="forgetting-check")
+def forgetting_check(ctx: Context, request_id: str, plan: Plan, retrained: Retrained) -> Forgetting:
+    return _step(ctx, request_id, "forgetting_check", lambda rev: unlearn.forgetting_check(ctx, rev, plan, retrained))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="purge", retries=2, retry_delay_seconds=[2, 8],
+      retry_condition_fn=retry_on_io)
+def purge(ctx: Context, request_id: str, plan: Plan, live: Live, retrained: Retrained) -> Purged:
+    return _step(ctx, request_id, "purge", lambda rev: unlearn.purge(ctx, rev, plan, live, retrained))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="verify", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io)
+def verify(ctx: Context, request_id: str, purged: Purged, needles) -> Verification:
+    from cdm.platform.verification import verify as verify_step
+
+    db, server = prefect_database()
+    return _step(ctx, request_id, "verify", lambda rev: verify_step(ctx, rev, purged, needles, db, server))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="reevaluate")
+def reevaluate(ctx: Context, request_id: str, retrained: Retrained) -> dict:
+    return _step(ctx, request_id, "reevaluate", lambda rev: unlearn.reevaluate(ctx, rev, retrained))
+
+
+@task(cache_policy=NO_CACHE, task_run_name="certify")
+def certify(ctx: Context, request_id: str, verification: Verification, evaluation: dict) -> dict:
+    def run(rev: Revocation) -> dict:
+        return unlearn.certify(ctx, rev)
+
+    cert = _step(ctx, request_id, "certify", run)
+    rev = load(ctx.ws, request_id)
+    if not rev.completed:
+        rev.completed = True
+        record_step(ctx.ws, rev, "certify", cert)
+    return cert
+
+
+def prefect_database() -> tuple[Path | None, str | None]:
+    """The SQLite file behind the Prefect API this process uses, or the URL of a server that is not one here."""
+    import os
+
+    from prefect.settings import get_current_settings
+
+    settings = get_current_settings()
+    url = str(settings.server.database.connection_url.get_secret_value()
+              if hasattr(settings.server.database.connection_url, "get_secret_value")
+              else settings.server.database.connection_url)
+    api = os.environ.get("PREFECT_API_URL") or (str(settings.api.url) if settings.api.url else None)
+    local = api is None or "127.0.0.1" in api or "localhost" in api
+    if url.startswith("sqlite") and local:
+        path = Path(url.split(":///", 1)[1])
+        return (path if path.exists() else None), None
+    return None, api

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cdm.config import Params
-from cdm.ingest import IngestionRejected, ingest
-from cdm.workspace import Workspace, WorkspaceError, init_workspace
+from cdm.platform.ingest import IngestionRejected, ingest
+from cdm.platform.workspace import Workspace, WorkspaceError, init_workspace
 
 
 def png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
@@ -112,7 +112,7 @@ def test_empty_owner_unsafe_owner_id_and_missing_source(ws, tmp_path):
     for bad in ("../escape", "/abs", "UPPER", "a b", "", "x" * 65, "owner/../../x"):
         with pytest.raises(WorkspaceError, match="not allowed"):
             ingest(ws, bad, str(tmp_path / "empty"), ws_params(ws))
-    from cdm.sources import SourceError
+    from cdm.platform.sources import SourceError
 
     with pytest.raises(SourceError, match="not found"):
         ingest(ws, "owner-nosrc", str(tmp_path / "missing"), ws_params(ws))
@@ -166,9 +166,9 @@ def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory,
 
 def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ws, tmp_path):
     """The state a kill -9 leaves between `dvc add` and the git commit: the next ingestion restores it."""
-    from cdm import dvc
-    from cdm.ingest import _begin_journal, recover_interrupted
-    from cdm.sources import list_folder
+    from cdm.platform import dvc
+    from cdm.platform.ingest import _begin_journal, recover_interrupted
+    from cdm.platform.sources import list_folder
 
     src = tmp_path / "src"
     (src / "2").mkdir(parents=True)
@@ -188,7 +188,7 @@ def test_rejection_survives_pickling_with_its_report():
     """Prefect may persist a failed task's exception; the CLI must still see a rejection (exit 2)."""
     import pickle
 
-    from cdm.validation import Problem, ValidationReport
+    from cdm.platform.validation import Problem, ValidationReport
 
     e = IngestionRejected("alice", ValidationReport(False, 1, [Problem("3/a.png", "empty file (0 bytes)")]))
     back = pickle.loads(pickle.dumps(e))

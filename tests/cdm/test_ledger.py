@@ -1,6 +1,6 @@
 import json
 
-from cdm import ledger
+from cdm.platform import ledger
 
 
 def test_chain_verifies_and_reports_edits_removals_and_reordering(tmp_path):

@@ -4,7 +4,8 @@ import pytest
 import torch
 
 from cdm.model import ModelConfig, build_unet, save_unet
-from cdm.serving import WEIGHTS_FILE, build_composite, load_verified_unet, sha256_file
+from cdm.platform.serving import build_composite
+from cdm.platform.weights import WEIGHTS_FILE, load_verified_unet, sha256_file
 
 
 def test_weights_whose_hash_differs_from_the_record_are_refused(tmp_path):

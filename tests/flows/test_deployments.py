@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cdm.workspace import init_workspace
+from cdm.platform.workspace import init_workspace
 from flows.deployments import REVOKED_EVENT, deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

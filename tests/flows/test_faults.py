@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from cdm import registry
+from cdm.platform import registry
 from cdm.config import Params
-from cdm.workspace import Workspace, init_workspace
+from cdm.platform.workspace import Workspace, init_workspace
 from tests.flows.test_pipeline import owner_folders
 
 pytestmark = pytest.mark.slow
@@ -186,7 +186,7 @@ def test_composition_killed_while_logging_is_completed_by_a_rerun(ws2):
 
 
 def test_ingestion_concurrent_with_a_revocation_gives_the_sequential_result(ws2):
-    from cdm import dvc, ledger
+    from cdm.platform import dvc, ledger
 
     ws, sources = ws2
     bob_md5 = {dvc.md5_bytes(f.read_bytes()) for f in sources["bob"].rglob("*.png")}

@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cdm import dvc, ledger, registry
+from cdm.platform import dvc, ledger, registry
 from cdm.config import Params
 from cdm.data import digits_uint8, write_class_folders
-from cdm.ingest import IngestionRejected
-from cdm.workspace import Workspace, init_workspace
+from cdm.platform.ingest import IngestionRejected
+from cdm.platform.workspace import Workspace, init_workspace
 from flows.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

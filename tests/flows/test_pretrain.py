@@ -10,10 +10,10 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cdm import registry
+from cdm.platform import registry
 from cdm.config import Params
 from cdm.data import digits_uint8, heldout_split, write_class_folders
-from cdm.workspace import WorkspaceError, init_workspace
+from cdm.platform.workspace import WorkspaceError, init_workspace
 from flows.cli import main as cli
 from tests.flows.test_pipeline import owner_folders, small_params
 

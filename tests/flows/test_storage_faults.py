@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from cdm import dvc
-from cdm.workspace import Workspace, init_workspace
+from cdm.platform import dvc
+from cdm.platform.workspace import Workspace, init_workspace
 from tests.flows.test_pipeline import owner_folders, small_params, snapshot
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -183,12 +183,12 @@ def test_s3_errors_are_retried_with_backoff_and_the_push_completes(faulty, caplo
 
     proxy.errors(10**9)  # every request answered 503 until healed: DVC's push fails, ours retries
     handler = HealOnRetry()
-    logging.getLogger("cdm.dvc").addHandler(handler)
+    logging.getLogger("cdm.platform.dvc").addHandler(handler)
     try:
-        with caplog.at_level("WARNING", logger="cdm.dvc"):
+        with caplog.at_level("WARNING", logger="cdm.platform.dvc"):
             result = ingest_owner(str(ws.root), "bob", str(sources["bob"]))
     finally:
-        logging.getLogger("cdm.dvc").removeHandler(handler)
+        logging.getLogger("cdm.platform.dvc").removeHandler(handler)
     assert result["total"] == 60 and proxy.errored > 0
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == 1 and "attempt 1 of 3" in retries[0] and "in 0.5 s" in retries[0], retries
@@ -202,8 +202,8 @@ def assert_remote_in_sync(ws: Workspace) -> None:
 
 
 def test_unreadable_s3_object_and_missing_bucket_are_refused_naming_them(faulty):
-    from cdm.ingest import IngestionRejected
-    from cdm.sources import SourceError
+    from cdm.platform.ingest import IngestionRejected
+    from cdm.platform.sources import SourceError
     from flows.ingestion import ingest_owner
     from tests.flows.test_pipeline import upload
 

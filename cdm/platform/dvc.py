@@ -9,7 +9,6 @@ import json
 import logging
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -66,24 +65,26 @@ def add_and_push(workspace: str | Path, push: bool = True, retry_delays: Sequenc
 
 
 def push_with_retries(workspace: str | Path, retry_delays: Sequence[float] = (1.0, 4.0)) -> None:
-    """`dvc push`, retried after each of `retry_delays` seconds. Safe to repeat: objects are content-addressed and
-    DVC uploads only those the remote lacks.
+    """`dvc push`, retried (tenacity) after each of `retry_delays` seconds. Safe to repeat: objects are
+    content-addressed and DVC uploads only those the remote lacks.
 
     Raises:
         RemoteError: the last attempt failed too; the message carries DVC's last error.
     """
+    from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
+
     delays = list(retry_delays)
-    for attempt in range(len(delays) + 1):
-        try:
-            run(workspace, "push", "-q")
-            return
-        except DvcError as e:
-            if attempt == len(delays):
-                raise RemoteError(f"the DVC remote did not accept the push after {attempt + 1} attempts "
-                                  f"(retried after {', '.join(f'{d:g}' for d in delays)} s): {e}") from e
-            logging.getLogger(__name__).warning("dvc push failed (attempt %d of %d), retrying in %g s: %s",
-                                                attempt + 1, len(delays) + 1, delays[attempt], str(e)[-300:])
-            time.sleep(delays[attempt])
+    retrying = Retrying(stop=stop_after_attempt(len(delays) + 1), reraise=True,
+                        wait=wait_chain(*[wait_fixed(d) for d in delays]) if delays else wait_fixed(0),
+                        retry=retry_if_exception_type(DvcError),
+                        before_sleep=before_sleep_log(logging.getLogger(__name__), logging.WARNING))
+    try:
+        for attempt in retrying:
+            with attempt:
+                run(workspace, "push", "-q")
+    except DvcError as e:
+        raise RemoteError(f"the DVC remote did not accept the push after {len(delays) + 1} attempts "
+                          f"(retried after {', '.join(f'{d:g}' for d in delays)} s): {e}") from e
 
 
 def data_hash(workspace: str | Path) -> str | None:

@@ -9,37 +9,18 @@ each shard (pseudonymous keys with sample counts), class counts, the estimator a
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
+from mlflow.models import ModelSignature
+from mlflow.pyfunc import PythonModel
+from mlflow.types import ColSpec, ParamSchema, Schema
+from mlflow.types.schema import Array
 
-UNET_ARTIFACT = "unet"
-WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
-
-
-def sha256_file(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def load_verified_unet(folder: str | Path, expected_sha256: str | None):
-    """Load a diffusers UNet folder, refusing weights whose hash differs from the record."""
-    from cdm.model import load_unet
-
-    folder = Path(folder)
-    weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise ValueError(f"{folder}: no {WEIGHTS_FILE} (weights load through safetensors only)")
-    if expected_sha256 is not None and sha256_file(weights) != expected_sha256:
-        raise ValueError(f"{weights}: sha256 does not match the recorded {expected_sha256[:12]}…; refusing to load")
-    return load_unet(folder).eval()
-
+from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
 
 def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: list[str] | None = None,
                     estimator: str | None = None, seed: int = 0, batched: bool = False):
@@ -113,10 +94,14 @@ def _first(model_input: Any, key: str, default=None):
     return value
 
 
-try:
-    from mlflow.pyfunc import PythonModel
-except ImportError:  # mlflow is only needed where models are logged or served
-    PythonModel = object
+# One request per call: a one-row frame (a dict is accepted and converted by MLflow against this schema).
+SIGNATURE = ModelSignature(inputs=Schema([
+    ColSpec("long", "n"),
+    ColSpec("long", "label", required=False),  # absent: unconditional
+    ColSpec("long", "seed", required=False),
+    ColSpec(Array("string"), "allowed_owners", required=False),  # owner keys a consumer may use
+    ColSpec("string", "estimator", required=False),
+]), params=ParamSchema([]))
 
 
 class ShardModel(PythonModel):
@@ -127,7 +112,7 @@ class ShardModel(PythonModel):
         self.unet = load_verified_unet(context.artifacts[UNET_ARTIFACT], meta.get("weights_sha256"))
         self.meta = meta
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> dict:
         from cdm.model import UNetDenoiser, model_config_of
         from cdm.pipeline import CDMPipeline
         from cdm.schedulers import NoiseSchedule, sampling_scheduler
@@ -165,7 +150,7 @@ class CompositeModel(PythonModel):
             self.router.load_state_dict(state["weights"])
             self.router.eval()
 
-    def predict(self, context, model_input, params=None):
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> dict:
         n = int(_first(model_input, "n", 1))
         labels = _labels(n, _first(model_input, "label"), self.spec["model_config"]["num_classes"])
         allowed = _first(model_input, "allowed_owners")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Sequence
 
 from cdm.data import sha256_bytes
-from cdm.sources import SourceFile
+from cdm.platform.sources import SourceFile
 
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}\.png$"
 METADATA_FILES = ("owner.yaml",)

@@ -2,7 +2,7 @@
 
 Registered models: `cdm-shard-<shard>`, `cdm-paragon`, `cdm-composite` (alias `production`). Tags carry
 pseudonymous owner keys and hashes only — never raw owner ids or per-sample hashes, because `mlflow gc` leaves
-registry tags behind (FIELD-NOTES).
+registry tags behind (docs/design.md §4).
 """
 
 from __future__ import annotations
@@ -17,11 +17,13 @@ from pathlib import Path
 SHARD_PREFIX = "cdm-shard-"
 PARAGON = "cdm-paragon"
 COMPOSITE = "cdm-composite"
-INIT = "cdm-init"  # the shared initialization (public data only), see cdm.pretrain
-PRODUCTION = "production"
+INIT = "cdm-init"  # the shared initialization (public data only), see cdm.platform.pretrain
+PRODUCTION = "production"  # alias of the served composite
+CURRENT = "current"  # alias of the shared initialization shards start from
+LEDGER_HEAD = "cdm.ledger_head"  # registered-model tag on cdm-composite: the audit ledger's anchor
 EXPERIMENT = "cdm"
 PIP_REQUIREMENTS = ["torch", "diffusers", "safetensors", "cdm"]
-MODELS_DIR = Path(__file__).parent / "mlflow_models"
+MODELS_DIR = Path(__file__).parent.parent / "mlflow_models"
 
 
 @dataclass
@@ -48,37 +50,56 @@ def experiment_id(c, artifact_root: str, name: str = EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
 
 
-def log_model_run(c, exp_id: str, name: str, run_name: str, model_code: str, artifacts: dict[str, str],
-                  params: dict, metrics: dict[str, list[float]] | None, files: list[str | Path],
-                  version_tags: dict[str, str], run_tags: dict[str, str] | None = None,
-                  summary: dict[str, float] | None = None) -> Logged:
-    """One MLflow run: params, metric histories, files (e.g. sample grids), a pyfunc model registered as `name`."""
+def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
+    """An MLflow run tagged with this process (for `sweep_dead_runs`); open it before the work it times."""
+    import mlflow
+
+    owner_process = {"cdm.host": socket.gethostname(), "cdm.pid": str(os.getpid())}
+    return mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**(tags or {}), **owner_process})
+
+
+def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], params: dict,
+              metrics: dict[str, list[float]] | None, files: list[str | Path], version_tags: dict[str, str],
+              summary: dict[str, float] | None = None) -> Logged:
+    """Into the active `run`: params, metric histories, files (e.g. sample grids), and a pyfunc model registered
+    as `name` with its provenance tags (created together: a crash never leaves an untagged version)."""
+    import json
+
     import mlflow
     from mlflow.entities import Metric
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
 
-    owner_process = {"cdm.host": socket.gethostname(), "cdm.pid": str(os.getpid())}  # for `sweep_dead_runs`
-    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={**(run_tags or {}), **owner_process}) as run:
-        mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
-        for key, history in (metrics or {}).items():
-            # Log every step, in batches (MLflow caps a batch at 1000 metrics).
-            ms = [Metric(key, float(v), 0, i) for i, v in enumerate(history)]
-            for i in range(0, len(ms), 1000):
-                c.log_batch(run.info.run_id, metrics=ms[i:i + 1000])
-        if summary:
-            mlflow.log_metrics(summary)
-        for f in files:
-            mlflow.log_artifact(str(f))
-        import warnings
+    mlflow.log_params({k: str(v)[:500] for k, v in params.items()})
+    for key, history in (metrics or {}).items():
+        # Log every step, in batches (MLflow caps a batch at 1000 metrics).
+        ms = [Metric(key, float(v), 0, i) for i, v in enumerate(history)]
+        for i in range(0, len(ms), 1000):
+            c.log_batch(run.info.run_id, metrics=ms[i:i + 1000])
+    if summary:
+        mlflow.log_metrics(summary)
+    for f in files:
+        mlflow.log_artifact(str(f))
+    from cdm.platform.serving import SIGNATURE
 
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*type hint.*")  # inputs are dicts, validated in predict
-            info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
-                                           artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS)
-        # The version and its provenance tags are created together: a crash never leaves an untagged version.
-        version = str(mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in version_tags.items()})
-                      .version)
-    c.set_registered_model_tag(name, "cdm.kind", name.split("-")[1])
+    info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
+                                   artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS,
+                                   signature=SIGNATURE)
+    # The client's create_model_version (not mlflow.register_model, which prints to stderr): the version and its
+    # provenance tags are created together, so a crash never leaves an untagged version.
+    if not c.search_registered_models(filter_string=f"name = '{name}'"):
+        c.create_registered_model(name, tags={"cdm.kind": name.split("-")[1]})
+    mv = c.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+                                tags={k: str(v) for k, v in version_tags.items()})
+    c.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name,
+                                                                               "version": mv.version}])})
+    version = str(mv.version)
     return Logged(run.info.run_id, info.model_id, name, version)
+
+
+def log_model_run(c, exp_id: str, name: str, run_name: str, run_tags: dict[str, str] | None = None, **kwargs) -> Logged:
+    """`log_model` in a run of its own (for work that was not timed inside a run)."""
+    with start_run(exp_id, run_name, run_tags) as run:
+        return log_model(c, run, name, **kwargs)
 
 
 def sweep_dead_runs(c, tracking_uri: str, exp_id: str) -> list[str]:
@@ -134,6 +155,63 @@ def latest(c, name: str):
     vs = versions(c, name)
     return vs[-1] if vs else None
 
+
+def version_exists(c, name: str, version: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_model_version(name, version)
+        return True
+    except MlflowException:
+        return False
+
+
+def run_exists(c, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
+
+
+def versions_tagged(c, owner_key: str) -> list[tuple[str, str]]:
+    """(name, version) of every registered version whose `cdm.owner_keys` names the owner."""
+    import json
+
+    return [(m.name, mv.version) for m in c.search_registered_models() for mv in versions(c, m.name)
+            if owner_key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))]
+
+
+def anchor_ledger(c, head: str) -> None:
+    """Record the audit ledger's head outside the ledger file (docs/design.md §5)."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_registered_model(COMPOSITE)
+    except MlflowException:
+        c.create_registered_model(COMPOSITE)
+    c.set_registered_model_tag(COMPOSITE, LEDGER_HEAD, head)
+
+
+def ledger_anchor(c) -> str | None:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(COMPOSITE).tags.get(LEDGER_HEAD)
+    except MlflowException:
+        return None
+
+
+def log_certificate(c, artifact_root: str, cert: dict) -> str:
+    """The erasure certificate as `certificate.json` of a run in experiment `cdm-audit`; returns the run id."""
+    exp = experiment_id(c, artifact_root, "cdm-audit")
+    run = c.create_run(exp, run_name=cert["request_id"],
+                       tags={"cdm.kind": "erasure-certificate", "cdm.owner_key": cert["owner_key"]})
+    c.log_dict(run.info.run_id, cert, "certificate.json")
+    c.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 def alias_version(c, name: str, alias: str = PRODUCTION):
     from mlflow.exceptions import MlflowException

@@ -10,9 +10,21 @@ import os
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from cdm.platform.errors import WorkspaceError
 
-class SourceError(ValueError):
-    """The source as a whole cannot be read (missing folder or bucket, no access)."""
+
+class SourceError(WorkspaceError):
+    """The source as a whole cannot be read, and retrying will not help (missing folder or bucket, no access)."""
+
+
+class SourceUnavailable(OSError):
+    """The source did not answer (connection dropped, timeout, 5xx, throttling) after the client's own retries:
+    worth retrying later. The ingestion task retries on it."""
+
+
+# S3 error codes that say "try again", not "you may not" or "it does not exist".
+TRANSIENT_CODES = {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling",
+                   "ThrottlingException", "RequestTimeTooSkewed", "500", "502", "503", "504"}
 
 
 @dataclass
@@ -89,9 +101,11 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "404"):
             raise SourceError(f"{url}: bucket {bucket!r} does not exist") from None
+        if code in TRANSIENT_CODES:
+            raise SourceUnavailable(f"{url}: S3 answered {code}") from None
         raise SourceError(f"{url}: cannot list ({code or e})") from None
-    except BotoCoreError as e:
-        raise SourceError(f"{url}: cannot reach S3 ({e})") from None
+    except BotoCoreError as e:  # connection refused or dropped, timeouts: the network, not the request
+        raise SourceUnavailable(f"{url}: cannot reach S3 ({e})") from None
     for o in sorted(objects, key=lambda o: o["Key"]):
         key = o["Key"]
         if key.endswith("/"):
@@ -105,6 +119,10 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
             try:
                 data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
                 files.append(SourceFile(rel, data, len(data)))
-            except (ClientError, BotoCoreError) as e:
+            except BotoCoreError as e:
+                raise SourceUnavailable(f"{url}: reading {key} failed ({e})") from None
+            except ClientError as e:
+                if e.response.get("Error", {}).get("Code", "") in TRANSIENT_CODES:
+                    raise SourceUnavailable(f"{url}: reading {key} failed ({e})") from None
                 files.append(SourceFile(rel, None, o["Size"], f"unreadable object ({e})"))
     return files

@@ -2,7 +2,7 @@
 
 With `train.init: public` every shard and the paragon start from it instead of random weights (bench/RESULTS.md:
 at equal total compute it is what brings the composite close to the paragon). It holds no owner's data, so forgetting
-an owner never touches it and the deletion rules of DESIGN.md §5 are unchanged; for that reason a public sample that
+an owner never touches it and the deletion rules of docs/design.md §5 are unchanged; for that reason a public sample that
 an owner also holds is refused. Provenance: registered as `cdm-init` with the source, the sha256 of the list of
 public samples (logged as `public_manifest.json`), the training config and the weights' hashes.
 """
@@ -16,14 +16,16 @@ from pathlib import Path
 
 import torch
 
-from cdm import registry
+from cdm.platform import registry
 from cdm.config import Params
 from cdm.data import Dataset, load_image_bytes, sha256_bytes
 from cdm.model import save_unet
 from cdm.safetensors_io import state_sha256
 from cdm.schedulers import NoiseSchedule
-from cdm.sources import SourceFile
-from cdm.workspace import Workspace, WorkspaceError
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
+from cdm.platform.sources import SourceFile
+from cdm.platform.workspace import Workspace
 
 
 def public_dataset(files: list[SourceFile], params: Params) -> Dataset:
@@ -42,24 +44,27 @@ def owner_overlap(ws: Workspace, data: Dataset) -> list[str]:
     return sorted(set(data.ids) & held)
 
 
-def train_and_register_init(ws: Workspace, c, exp_id: str, data: Dataset, params: Params, source: str,
-                            steps: int | None = None, progress: bool = True) -> dict:
+def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int | None = None,
+                            progress: bool = True) -> dict:
     """Train the shared initialization on public `data` and register it as a new `cdm-init` version.
 
     Raises:
         WorkspaceError: a public sample is also an owner's sample.
     """
-    from cdm.serving import WEIGHTS_FILE, sha256_file
-    from cdm.shards import code_version, model_config, preview_grid, train_config
+    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
+    from cdm.config import model_config, train_config
+    from cdm.platform.shards import code_version, preview_grid
     from cdm.train import train_shard
 
-    overlap = owner_overlap(ws, data)
+    params, c = ctx.params, ctx.client
+    overlap = owner_overlap(ctx.ws, data)
     if overlap:
         raise WorkspaceError(f"{len(overlap)} public sample(s) are also held by an owner (first sha256 "
                              f"{overlap[0][:12]}…); the shared initialization must contain no owner's data")
     cfg, tcfg = model_config(params), train_config(params, steps or params.train.init_steps, 1)
-    result = train_shard(data, cfg, tcfg, NoiseSchedule(), progress=progress, desc="init")
-    with tempfile.TemporaryDirectory() as tmp:
+    with registry.start_run(ctx.experiment_id, "pretrain", {"cdm.kind": "init"}) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        result = train_shard(data, cfg, tcfg, NoiseSchedule(), progress=progress, desc="init")
         unet_dir = save_unet(result.unet, Path(tmp) / "unet")
         weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
         meta = Path(tmp) / "meta.json"
@@ -79,27 +84,29 @@ def train_and_register_init(ws: Workspace, c, exp_id: str, data: Dataset, params
             "cdm.weights_sha256": weights_sha,
             "cdm.state_sha256": state_sha256(result.unet.state_dict()),
         }
-        logged = registry.log_model_run(
-            c, exp_id, registry.INIT, run_name="pretrain", model_code="shard.py",
+        logged = registry.log_model(
+            c, run, registry.INIT, model_code="shard.py",
             artifacts={"unet": str(unet_dir), "meta": str(meta)},
             params={"samples": len(data), "model": cfg.to_json(), "train": json.dumps(tcfg.__dict__),
                     "source": source},
-            metrics={"loss": result.losses}, files=[grid, manifest], version_tags=tags,
-            run_tags={"cdm.kind": "init"}, summary={"train_seconds": result.seconds})
+            metrics={"train_loss": result.smoothed_losses()}, files=[grid, manifest], version_tags=tags,
+            summary={"train_seconds": result.seconds})
+        c.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
     return {"name": registry.INIT, "version": logged.version, "samples": len(data), "steps": tcfg.steps,
             "seconds": round(result.seconds, 2), "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}
 
 
 def load_init(c) -> dict | None:
-    """The latest shared initialization as {"state", "sha256", "version"} (weights verified), or None."""
+    """The shared initialization `cdm-init@current` as {"state", "sha256", "version"} (weights verified), or None."""
     import mlflow
 
-    from cdm.serving import load_verified_unet
+    from cdm.platform.weights import load_verified_unet
 
-    mv = registry.latest(c, registry.INIT)
+    mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
     if mv is None:
         return None
-    path = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.INIT}/{mv.version}"))
+    path = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.INIT}/{mv.version}",
+                                                    tracking_uri=c.tracking_uri))
     state = load_verified_unet(path / "artifacts" / "unet", mv.tags.get("cdm.weights_sha256")).state_dict()
     sha = state_sha256(state)
     if sha != mv.tags.get("cdm.state_sha256"):

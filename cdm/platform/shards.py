@@ -1,5 +1,5 @@
 """Shards of a workspace: the plan (which owners each shard holds), and training + registering shard models and
-the paragon with their provenance (DESIGN.md §4).
+the paragon with their provenance (docs/design.md §4).
 
 The plan is kept in `.cdm/shards.json`. Existing shards keep their owners when new owners arrive (continual
 learning: a new owner gets a new shard); owners under `min_shard_samples` are grouped into shared shards; a
@@ -17,12 +17,13 @@ from pathlib import Path
 
 import torch
 
-from cdm.config import Params
+from cdm.config import Params, model_config, train_config
 from cdm.data import Dataset
 from cdm.model import ModelConfig, save_unet
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
+from cdm.platform.workspace import Workspace
 from cdm.schedulers import NoiseSchedule
-from cdm.train import TrainConfig
-from cdm.workspace import Workspace, WorkspaceError
 
 
 @dataclass
@@ -36,27 +37,13 @@ class ShardData:
         return {ws.owner_key(o): int(n) for o, n in zip(self.owners, counts)}
 
 
-def model_config(params: Params) -> ModelConfig:
-    d = params.data
-    return ModelConfig.preset(params.train.preset, image_size=d.image_size, channels=d.channels,
-                              num_classes=max(d.labels) + 1)
-
-
-def train_config(params: Params, steps: int | None = None, num_slices: int | None = None,
-                 init_sha256: str | None = None) -> TrainConfig:
-    t = params.train
-    return TrainConfig(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
-                       label_dropout=t.label_dropout, num_slices=num_slices or t.num_slices, seed=t.seed,
-                       mixed_precision=t.mixed_precision, init_sha256=init_sha256)
-
-
-def shared_init(c, params: Params) -> dict | None:
-    """The shared initialization when `train.init` is `public` (see `cdm.pretrain`), else None."""
-    if params.train.init != "public":
+def shared_init(ctx: Context) -> dict | None:
+    """The shared initialization `cdm-init@current` when `train.init` is `public`, else None."""
+    if ctx.params.train.init != "public":
         return None
-    from cdm.pretrain import load_init
+    from cdm.platform.pretrain import load_init
 
-    init = load_init(c)
+    init = load_init(ctx.client)
     if init is None:
         raise WorkspaceError("train.init is 'public' but no shared initialization is registered; "
                              "run `cdm pretrain SOURCE` first")
@@ -177,65 +164,66 @@ def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 20, seed: int 
     return save_grid(pipe(labels, steps, generator=torch.Generator().manual_seed(seed)), path, nrow=cfg.num_classes)
 
 
-def train_and_register(ws: Workspace, c, exp_id: str, name: str, owners: list[str], params: Params,
-                       steps: int | None = None, checkpoints: bool = True, progress: bool = True,
-                       force: bool = False) -> dict:
+def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | None = None,
+                       checkpoints: bool = True, progress: bool = False) -> dict:
     """Train one shard (or the paragon) on `owners`' data and register a version with provenance tags.
 
-    Skips training when the latest version already has the same data and config hashes.
-    Returns a summary: name, version, skipped, seconds, steps run, resumed slice, final loss.
+    Skips training when the latest version already has the same data and config hashes. The MLflow run is open
+    for the whole training, so its duration is the training's. Returns a summary: name, version, skipped, seconds,
+    steps run, resumed slice, final loss.
     """
-    from cdm import dvc, registry
-    from cdm.serving import WEIGHTS_FILE, sha256_file
+    from cdm.platform import dvc, registry
+    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
     from cdm.train import train_shard
 
     if not owners:
         raise WorkspaceError(f"{name}: no owners to train on")
-    shard = load_shard_data(ws, owners, params)
-    init = shared_init(c, params)
-    cfg = model_config(params)
-    tcfg = train_config(params, steps, None if checkpoints else 1, init["sha256"] if init else None)
+    ws, c = ctx.ws, ctx.client
+    shard = load_shard_data(ws, owners, ctx.params)
+    init = shared_init(ctx)
+    cfg = model_config(ctx.params)
+    tcfg = train_config(ctx.params, steps, None if checkpoints else 1, init["sha256"] if init else None)
     schedule = NoiseSchedule()
     dhash, chash = data_hash(ws, shard), tcfg.config_hash(cfg, schedule)
     latest = registry.latest(c, name)
-    if not force and latest is not None and latest.tags.get("cdm.data_hash") == dhash \
-            and latest.tags.get("cdm.config_hash") == chash:
+    if latest is not None and latest.tags.get("cdm.data_hash") == dhash and latest.tags.get("cdm.config_hash") == chash:
         return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
-    result = train_shard(shard.data, cfg, tcfg, schedule,
-                         checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
-                         progress=progress, desc=shard_id, slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices),
-                         init_state=init["state"] if init else None)
-    with tempfile.TemporaryDirectory() as tmp:
-        unet_dir = save_unet(result.unet, Path(tmp) / "unet")
-        weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
-        meta = Path(tmp) / "meta.json"
-        meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
-        grid = preview_grid(result.unet, cfg, Path(tmp) / "samples.png")
-        counts = shard.data.class_counts(cfg.num_classes).tolist()
-        tags = {
-            "cdm.owner_keys": json.dumps(sorted(shard.owner_counts(ws))),
-            "cdm.owner_counts": json.dumps(shard.owner_counts(ws), sort_keys=True),
-            "cdm.manifest_sha256": manifest_hash(ws, owners),
-            "cdm.dvc_data_hash": dvc.data_hash(ws.root) or "",
-            "cdm.data_hash": dhash,
-            "cdm.samples": str(len(shard.data)),
-            "cdm.class_counts": json.dumps(counts),
-            "cdm.config_hash": chash,
-            "cdm.code_version": code_version(),
-            "cdm.slice_keys": json.dumps(result.slice_keys),
-            "cdm.weights_sha256": weights_sha,
-            "cdm.resumed_from_slice": str(result.resumed_from_slice),
-            "cdm.init": f"{registry.INIT} v{init['version']} (public data)" if init else "random",
-        }
-        logged = registry.log_model_run(
-            c, exp_id, name, run_name=f"train-{shard_id}", model_code="shard.py",
-            artifacts={"unet": str(unet_dir), "meta": str(meta)},
-            params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
-                    "train": json.dumps(tcfg.__dict__), "config_hash": chash},
-            metrics={"loss": result.losses}, files=[grid], version_tags=tags,
-            run_tags={"cdm.kind": "paragon" if name == registry.PARAGON else "shard", "cdm.shard": shard_id},
-            summary={"train_seconds": result.seconds, "final_loss": sum(result.losses[-20:]) / min(20, len(result.losses))})
+    kind = "paragon" if name == registry.PARAGON else "shard"
+    with registry.start_run(ctx.experiment_id, f"train-{shard_id}", {"cdm.kind": kind, "cdm.shard": shard_id}) as run:
+        result = train_shard(shard.data, cfg, tcfg, schedule,
+                             checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
+                             progress=progress, desc=shard_id,
+                             slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices),
+                             init_state=init["state"] if init else None)
+        with tempfile.TemporaryDirectory() as tmp:
+            unet_dir = save_unet(result.unet, Path(tmp) / "unet")
+            weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
+            meta = Path(tmp) / "meta.json"
+            meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
+            grid = preview_grid(result.unet, cfg, Path(tmp) / "samples.png")
+            counts = shard.data.class_counts(cfg.num_classes).tolist()
+            tags = {
+                "cdm.owner_keys": json.dumps(sorted(shard.owner_counts(ws))),
+                "cdm.owner_counts": json.dumps(shard.owner_counts(ws), sort_keys=True),
+                "cdm.manifest_sha256": manifest_hash(ws, owners),
+                "cdm.dvc_data_hash": dvc.data_hash(ws.root) or "",
+                "cdm.data_hash": dhash,
+                "cdm.samples": str(len(shard.data)),
+                "cdm.class_counts": json.dumps(counts),
+                "cdm.config_hash": chash,
+                "cdm.code_version": code_version(),
+                "cdm.slice_keys": json.dumps(result.slice_keys),
+                "cdm.weights_sha256": weights_sha,
+                "cdm.resumed_from_slice": str(result.resumed_from_slice),
+                "cdm.init": f"{registry.INIT} v{init['version']} (public data)" if init else "random",
+            }
+            logged = registry.log_model(
+                c, run, name, model_code="shard.py", artifacts={"unet": str(unet_dir), "meta": str(meta)},
+                params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
+                        "train": json.dumps(tcfg.__dict__), "config_hash": chash},
+                metrics={"train_loss": result.smoothed_losses()}, files=[grid], version_tags=tags,
+                summary={"train_seconds": result.seconds})
     return {"name": name, "version": logged.version, "skipped": False, "seconds": round(result.seconds, 2),
             "steps_run": result.steps_run, "resumed_from_slice": result.resumed_from_slice,
-            "final_loss": round(sum(result.losses[-20:]) / min(20, len(result.losses)), 4), "run_id": logged.run_id}
+            "final_loss": round(result.smoothed_losses()[-1], 4), "run_id": logged.run_id}

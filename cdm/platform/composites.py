@@ -1,0 +1,146 @@
+"""Composite versions: build the spec from registered shards, train the router if asked, register `cdm-composite`
+as a pyfunc model, move the `production` alias; load the production composite.
+
+    spec = {"shards": [{id, model, version, owners {key: n}, class_counts, weights_sha256, run_id}],
+            "estimator", "sampler", "num_inference_steps", "eta", "threshold", "model_config", "schedule",
+            "revocations": [request ids applied so far]}
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from cdm.config import model_config
+from cdm.platform import registry
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
+from cdm.platform.shards import load_plan, load_shard_data
+from cdm.schedulers import NoiseSchedule
+
+
+class NothingToCompose(WorkspaceError):
+    """No shard is left to compose (every owner revoked, or nothing trained)."""
+
+
+def _shard_entry(sid: str, mv) -> dict:
+    return {"id": sid, "model": mv.name, "version": mv.version, "owners": json.loads(mv.tags["cdm.owner_counts"]),
+            "class_counts": json.loads(mv.tags["cdm.class_counts"]), "weights_sha256": mv.tags["cdm.weights_sha256"],
+            "run_id": mv.run_id}
+
+
+def _spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[str]) -> dict:
+    if not shards:
+        raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
+    p = ctx.params.compose
+    return {"shards": shards, "estimator": estimator, "sampler": p.sampler,
+            "num_inference_steps": p.num_inference_steps, "eta": p.eta, "threshold": p.threshold,
+            "model_config": json.loads(model_config(ctx.params).to_json()), "schedule": asdict(NoiseSchedule()),
+            "revocations": sorted(set(revocations))}
+
+
+def build_spec(ctx: Context, estimator: str, revocations: list[str] | None = None) -> dict:
+    """The spec of the latest version of every planned shard. Refuses when a planned shard has no version."""
+    shards = []
+    for sid in sorted(load_plan(ctx.ws)):
+        mv = registry.latest(ctx.client, registry.SHARD_PREFIX + sid)
+        if mv is None:
+            raise WorkspaceError(f"shard {sid} has no trained version; run `cdm train` first")
+        shards.append(_shard_entry(sid, mv))
+    return _spec(ctx, shards, estimator, revocations or [])
+
+
+def spec_without(spec: dict, drop: set[str], estimator: str, revocations: list[str]) -> dict:
+    """`spec` minus the shards in `drop` (a revocation going live): nothing is added or retrained."""
+    shards = [s for s in spec["shards"] if s["id"] not in drop]
+    if not shards:
+        raise NothingToCompose("no shard is left once the revoked owner's shards are dropped")
+    return {**spec, "shards": shards, "estimator": estimator,
+            "revocations": sorted(set(spec.get("revocations", [])) | set(revocations))}
+
+
+def spec_with_shards(ctx: Context, spec: dict, updated: list[str], estimator: str, revocations: list[str]) -> dict:
+    """`spec` with the latest versions of the shards in `updated` (retrained after a revocation)."""
+    shards = [_shard_entry(s["id"], registry.latest(ctx.client, registry.SHARD_PREFIX + s["id"]))
+              if s["id"] in updated else s for s in spec["shards"]]
+    return {**_spec(ctx, shards, estimator, spec.get("revocations", []) + revocations)}
+
+
+def train_spec_router(ctx: Context, spec: dict, path: Path, progress: bool = False) -> Path:
+    """Train the router on the spec's shards' current data (only theirs) and save it (safetensors)."""
+    from cdm.compose import RouterConfig, train_router
+    from cdm.data import Dataset
+    from cdm.safetensors_io import save_tree
+
+    plan = load_plan(ctx.ws)
+    parts, shard_of = [], []
+    for i, shard in enumerate(spec["shards"]):
+        sd = load_shard_data(ctx.ws, plan[shard["id"]], ctx.params)
+        parts.append(sd.data)
+        shard_of.append(torch.full((len(sd.data),), i, dtype=torch.long))
+    cfg = RouterConfig(steps=ctx.params.compose.router_steps, seed=ctx.params.train.seed)
+    router, _ = train_router(Dataset.concat(parts), torch.cat(shard_of), len(spec["shards"]),
+                             spec["model_config"]["num_classes"], cfg, NoiseSchedule(), progress=progress)
+    save_tree({"config": router.config, "weights": router.state_dict()}, path)
+    return path
+
+
+def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True) -> dict:
+    """Log and register a composite version for `spec` and make it `production`; log a sample grid (`grid`)."""
+    import mlflow
+
+    c = ctx.client
+    with registry.start_run(ctx.experiment_id, "compose", {"cdm.kind": "composite"}) as run, \
+            tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / "spec.json"
+        spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
+        artifacts = {"spec": str(spec_path)}
+        if spec["estimator"] == "router":
+            artifacts["router"] = str(train_spec_router(ctx, spec, Path(tmp) / "router.safetensors", progress))
+        tags = {
+            "cdm.components": json.dumps({s["id"]: s["version"] for s in spec["shards"]}, sort_keys=True),
+            "cdm.estimator": spec["estimator"],
+            "cdm.owner_keys": json.dumps(sorted({k for s in spec["shards"] for k in s["owners"]})),
+            "cdm.revocations": json.dumps(spec["revocations"]),
+            "cdm.router": "trained on the listed shards" if spec["estimator"] == "router" else "none",
+        }
+        logged = registry.log_model(
+            c, run, registry.COMPOSITE, model_code="composite.py", artifacts=artifacts,
+            params={"estimator": spec["estimator"], "shards": len(spec["shards"]), "sampler": spec["sampler"],
+                    "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
+            metrics=None, files=[], version_tags=tags)
+        c.set_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION, logged.version)
+        if grid:
+            # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
+            from cdm.data import save_grid
+
+            out = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}").predict({"n": 20, "seed": 0})
+            png = save_grid(torch.from_numpy(out["images"]), Path(tmp) / "samples.png", nrow=10)
+            mlflow.log_artifact(str(png))
+    return {"name": registry.COMPOSITE, "version": logged.version, "run_id": logged.run_id,
+            "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"]}
+
+
+def production(ctx: Context) -> tuple[str, dict] | None:
+    """(version, spec) of the production composite, or None."""
+    import mlflow
+
+    mv = registry.alias_version(ctx.client, registry.COMPOSITE)
+    if mv is None:
+        return None
+    path = mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{mv.version}",
+                                               tracking_uri=ctx.tracking_uri)
+    spec = json.loads((Path(path) / "artifacts" / "spec.json").read_text())
+    return str(mv.version), spec
+
+
+def load_production(ctx: Context):
+    import mlflow
+
+    if registry.alias_version(ctx.client, registry.COMPOSITE) is None:
+        raise WorkspaceError("no production composite; run `cdm compose` first")
+    return mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{registry.PRODUCTION}")

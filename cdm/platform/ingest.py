@@ -1,0 +1,234 @@
+"""Ingestion of one owner's batch: read the source, validate, commit atomically, version with DVC.
+
+    request (owner record: raw id, absolute source) -> read -> validate (great-expectations) -> commit under the lock
+
+A rejected batch raises `IngestionRejected` with the report; the workspace is left as it was (the report is kept
+under `.cdm/reports/ingest-<owner key>-*`). A revoked owner is refused before anything is read.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import shutil
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cdm.config import Params
+from cdm.platform import dvc, owner_records
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
+from cdm.platform.gitrepo import commit as git_commit
+from cdm.platform.sources import SourceFile, list_folder, list_s3
+from cdm.platform.validation import Limits, ValidationReport, validate_batch
+from cdm.platform.workspace import Workspace, check_owner_id, now
+
+
+class IngestionRejected(WorkspaceError):
+    def __init__(self, owner_key: str, report: ValidationReport):
+        self.owner_key, self.report = owner_key, report
+        lines = "\n".join(f"  {p.file}: {p.reason}" for p in report.problems)
+        docs = f"\nData Docs: {report.docs}" if report.docs else ""
+        super().__init__(f"ingestion of {owner_key} rejected, nothing was changed:\n{lines}{docs}")
+
+    def __reduce__(self):  # picklable with its report: Prefect may persist a failed task's exception
+        return (IngestionRejected, (self.owner_key, self.report))
+
+    def summary(self) -> str:
+        """One line: how many files were refused and the first reason."""
+        first = self.report.problems[0] if self.report.problems else None
+        more = f" (+{len(self.report.problems) - 1} more)" if len(self.report.problems) > 1 else ""
+        return f"batch rejected, nothing was changed: {first.file}: {first.reason}{more}" if first else str(self)
+
+
+@dataclass
+class IngestResult:
+    owner_key: str
+    added: int
+    total: int
+    data_hash: str | None
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def request(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None) -> str:
+    """Record an ingestion request in the owner record (raw id, absolute source); returns the owner key.
+    Refuses a revoked owner."""
+    key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
+    owner_records.require_consent(rec, key)
+    if not source.startswith("s3://"):
+        source = str(Path(source).expanduser().resolve())  # schedules must not depend on the current folder
+    fields = {"owner": owner, "source": source}
+    if license:
+        fields["license"] = license
+    if cron:
+        fields["cron"] = cron
+    owner_records.update(ctx.ws, key, **fields)
+    return key
+
+
+def limits_of(params: Params) -> Limits:
+    d = params.data
+    return Limits(d.labels, d.max_file_bytes, d.min_dimension, d.max_dimension, d.max_files)
+
+
+def read_source(ctx: Context, source: str) -> list[SourceFile]:
+    max_bytes = ctx.params.data.max_file_bytes
+    return list_s3(source, ctx.s3(), max_bytes) if source.startswith("s3://") else list_folder(source, max_bytes)
+
+
+def owner_metadata(files: list[SourceFile], license: str | None) -> dict:
+    """license and contact from an optional `owner.yaml` at the source's top; `--license` wins."""
+    import yaml
+
+    meta = {}
+    for f in files:
+        if f.path == "owner.yaml" and f.data is not None:
+            try:
+                raw = yaml.safe_load(f.data.decode("utf-8")) or {}
+            except (yaml.YAMLError, UnicodeDecodeError) as e:
+                raise WorkspaceError(f"owner.yaml: not valid YAML ({e})") from None
+            if not isinstance(raw, dict):
+                raise WorkspaceError("owner.yaml: expected a mapping with 'license' and 'contact'")
+            meta = {k: str(raw[k]) for k in ("license", "contact") if raw.get(k) is not None}
+    if license:
+        meta["license"] = license
+    return meta
+
+
+def validate(ctx: Context, owner_key: str, files: list[SourceFile]) -> ValidationReport:
+    stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
+    docs = ctx.ws.reports_dir / f"ingest-{owner_key}-{stamp}-{uuid.uuid4().hex[:6]}"
+    return validate_batch(files, limits_of(ctx.params), docs_dir=docs)
+
+
+def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, push: bool = True) -> IngestResult:
+    """Commit a validated batch: owner folder + manifest, `dvc add data`, `dvc push`, git commit of data.dvc.
+
+    Runs under the workspace lock; the owner's consent is checked again there (a revocation may have started since
+    the batch was read). Any failure restores the previous owner folder and data.dvc.
+    """
+    ws = ctx.ws
+    with ws.lock():
+        rec = owner_records.record(ws, owner_key)
+        owner_records.require_consent(rec, owner_key)
+        recover_interrupted(ctx)
+        target = ws.owner_dir(rec.owner)
+        before = len(ws.manifest(rec.owner)["samples"]) if target.exists() else 0
+        pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
+        # A journal makes the commit all-or-nothing even across kill -9: until it is gone, a later run restores the
+        # previous owner folder and data.dvc and deletes the batch's objects from cache and remote.
+        journal = _begin_journal(ws, owner_key, rec.owner, target, [d for _, d in pairs])
+        try:
+            manifest = _write_owner_files(ws, owner_key, rec.owner, pairs, meta)
+            data_hash = dvc.add_and_push(ws.root, push=push, retry_delays=ctx.params.data.push_retry_delays)
+            git_commit(ws.root, f"data: ingest {owner_key}", "data.dvc", ".gitignore")
+            _end_journal(journal)
+        except BaseException as failure:
+            try:
+                recover_interrupted(ctx)
+            except Exception as cleanup:  # e.g. the remote is still down: local state is restored, the journal stays
+                raise dvc.RemoteError(
+                    f"{failure}\nThe batch was rolled back in the workspace; removing the objects it pushed from the "
+                    f"remote failed too ({type(cleanup).__name__}: {cleanup}). The next ingestion or revocation in "
+                    "this workspace finishes that cleanup.") from failure
+            raise
+        owner_records.update(ws, owner_key, state="active", license=manifest.get("license"),
+                             consents=rec.consents or [now()])
+    return IngestResult(owner_key, len(manifest["samples"]) - before, len(manifest["samples"]), data_hash)
+
+
+def _write_owner_files(ws: Workspace, key: str, owner: str, files: Sequence[tuple[str, bytes]], meta: dict) -> dict:
+    """Atomically add `files` [(label, png bytes)] to the owner's folder and manifest: the new folder is assembled
+    in staging and swapped in with renames; on any error the old folder stays. Returns the new manifest."""
+    from cdm.data import sha256_bytes
+
+    target = ws.owner_dir(owner)
+    batch = uuid.uuid4().hex[:12]
+    stage = ws.staging_dir / f"{key}-{batch}"
+    stage.mkdir(parents=True)
+    try:
+        if target.exists():
+            shutil.copytree(target, stage, dirs_exist_ok=True)
+            manifest = json.loads((stage / "manifest.json").read_text())
+        else:
+            manifest = {"owner": owner, "samples": []}
+        manifest.update({k: v for k, v in meta.items() if v is not None})
+        known = {(s["label"], s["sha256"]) for s in manifest["samples"]}
+        consent = now()
+        for label, data in files:
+            digest = sha256_bytes(data)
+            if (int(label), digest) in known:
+                continue
+            path = stage / str(label) / f"{digest}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+            manifest["samples"].append({"sha256": digest, "label": int(label), "license": manifest.get("license"),
+                                        "consent_time": consent, "batch": batch})
+            known.add((int(label), digest))
+        (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        ws.owners_dir.mkdir(parents=True, exist_ok=True)
+        old = ws.staging_dir / f"{key}-{batch}-old"
+        if target.exists():
+            target.rename(old)
+        stage.rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return manifest
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
+
+
+def _begin_journal(ws: Workspace, key: str, owner: str, target: Path, batch: list[bytes]) -> Path:
+    ws.staging_dir.mkdir(parents=True, exist_ok=True)
+    stamp = uuid.uuid4().hex[:8]
+    backup = ws.staging_dir / f"backup-{key}-{stamp}"
+    if target.exists():
+        shutil.copytree(target, backup)
+    dvc_file = ws.root / "data.dvc"
+    journal = ws.staging_dir / f"journal-{key}-{stamp}.json"
+    tmp = journal.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"owner_key": key, "backup": str(backup) if target.exists() else None,
+                               "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
+                               "objects": sorted({dvc.md5_bytes(d) for d in batch})}))
+    tmp.replace(journal)
+    return journal
+
+
+def _end_journal(journal: Path) -> None:
+    state = json.loads(journal.read_text())
+    journal.unlink()
+    if state["backup"]:
+        shutil.rmtree(state["backup"], ignore_errors=True)
+
+
+def recover_interrupted(ctx: Context) -> list[str]:
+    """Undo ingestions that did not reach their git commit (crash, kill -9, failed push). The caller holds the
+    workspace lock, so no ingestion is in flight: every journal left is an interrupted one. Returns owner keys."""
+    ws, undone = ctx.ws, []
+    for journal in sorted(ws.staging_dir.glob("journal-*.json")) if ws.staging_dir.exists() else []:
+        state = json.loads(journal.read_text())
+        owner = owner_records.record(ws, state["owner_key"]).owner
+        target = ws.owner_dir(owner)
+        shutil.rmtree(target, ignore_errors=True)
+        if state["backup"] and Path(state["backup"]).exists():
+            shutil.copytree(state["backup"], target)
+        if state["data_dvc"] is not None:
+            (ws.root / "data.dvc").write_text(state["data_dvc"])
+        # Objects of the aborted batch that no remaining file holds leave the cache and the remote.
+        held = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
+        current = dvc.data_hash(ws.root)
+        aborted = [d for d in dvc.dir_objects(ws.root, md5s=set(state["objects"])) if d != current]
+        listed = {e["md5"] for d in aborted for e in dvc.read_dir_object(ws.root, d)
+                  if e.get("relpath", "").startswith(f"owners/{owner}/")}
+        orphans = ((set(state["objects"]) | listed) - held) | set(aborted)
+        if orphans:
+            dvc.delete_objects(ws.root, orphans, s3_client=ctx.dvc_s3())
+        _end_journal(journal)
+        undone.append(state["owner_key"])
+    for leftover in ws.staging_dir.iterdir() if ws.staging_dir.exists() else []:
+        if not leftover.name.startswith("journal-"):
+            shutil.rmtree(leftover, ignore_errors=True) if leftover.is_dir() else leftover.unlink()
+    return undone

@@ -1,0 +1,123 @@
+"""The revocation record: a typed state per request (`.cdm/revocations/<request_id>.json`), one field per step of
+`cdm.platform.unlearn`, each written before the next step starts (docs/design.md §5). `cdm status` and the
+evaluation read it; nothing in it names the owner by raw id.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel
+
+from cdm.platform.workspace import Workspace
+
+STEPS = ("plan", "go_live", "retrain", "forgetting_check", "purge", "verify", "reevaluate", "certify")
+
+
+class Plan(BaseModel):
+    exclusive_shards: list[str]  # only the owner's data: dropped
+    shared_shards: list[str]  # the owner and others: retrained without the owner
+    composite_before: str | None  # production version when the request came
+    estimator: str | None
+
+
+class Live(BaseModel):
+    composite_live: str | None  # production without every shard that saw the owner (None: nothing left to serve)
+    estimator: str | None
+    seconds_to_live: float
+
+
+class Retrained(BaseModel):
+    shards: dict[str, dict]  # shard -> {version, resumed_from_slice, steps_run, wall_seconds}
+    composite_after: str | None
+    router_retrained: bool
+
+
+class Forgetting(BaseModel):
+    n: int = 0
+    auc_before: float | None = None
+    auc_after: float | None = None
+    skipped: str | None = None
+
+
+class Purged(BaseModel):
+    versions: list[str]
+    runs: list[str]
+    logged_models: list[str]
+    registered_models: list[str]
+    paths: list[str]
+    objects: dict[str, int]  # {"cache": n, "remote": n}
+    data_hash: str | None
+    seconds: float
+
+
+class Verification(BaseModel):
+    ok: bool
+    mlflow: dict  # versions and runs still there, tags still naming the owner key
+    dvc: dict  # the owner's objects still in cache and remote
+    scan: dict  # ScanReport.as_dict(): stores scanned, findings
+    pixel_search: bool  # decoded pixels were searched too (False when an interrupted run had deleted them)
+
+
+class Revocation(BaseModel):
+    request_id: str
+    owner_key: str
+    received: str
+    received_ts: float
+    reason: str | None = None
+    requested_by: Literal["owner", "operator"] = "operator"
+    # How the request came: a command (the token, if any, was checked in that process) or a Prefect event (its
+    # payload, the token's sha256, is then stored by Prefect as the request's proof).
+    requested_via: Literal["command", "event"] = "command"
+    plan: Plan | None = None
+    go_live: Live | None = None
+    retrain: Retrained | None = None
+    forgetting_check: Forgetting | None = None
+    purge: Purged | None = None
+    verify: Verification | None = None
+    reevaluate: dict | None = None
+    certify: dict | None = None  # the certificate
+    completed: bool = False
+
+    @property
+    def steps_done(self) -> list[str]:
+        return [s for s in STEPS if getattr(self, s) is not None]
+
+    @property
+    def next_step(self) -> str | None:
+        return next((s for s in STEPS if getattr(self, s) is None), None)
+
+
+# -- the record ----------------------------------------------------------------------------------------------
+def record_path(ws: Workspace, request_id: str) -> Path:
+    return ws.revocations_dir / f"{request_id}.json"
+
+
+def needles_path(ws: Workspace, request_id: str) -> Path:
+    return ws.revocations_dir / f"{request_id}.needles.json"
+
+
+def load(ws: Workspace, request_id: str) -> Revocation:
+    return Revocation.model_validate_json(record_path(ws, request_id).read_text())
+
+
+def save(ws: Workspace, rev: Revocation) -> Revocation:
+    ws.revocations_dir.mkdir(parents=True, exist_ok=True)
+    path = record_path(ws, rev.request_id)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(rev.model_dump_json(indent=2))
+    tmp.replace(path)
+    return rev
+
+
+def record_step(ws: Workspace, rev: Revocation, step: str, output) -> Revocation:
+    setattr(rev, step, output)
+    return save(ws, rev)
+
+
+def all_revocations(ws: Workspace) -> list[Revocation]:
+    if not ws.revocations_dir.exists():
+        return []
+    return [Revocation.model_validate_json(p.read_text()) for p in sorted(ws.revocations_dir.glob("rev-*.json"))
+            if not p.name.endswith(".needles.json")]

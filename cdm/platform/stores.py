@@ -1,0 +1,94 @@
+"""Every store cdm writes for a workspace, as scan stores (docs/design.md §5):
+
+    workspace files   params, ledger, data/, outputs/, metrics.json, .cdm/ (reports, logs, checkpoints, records)
+    git objects       every object of the workspace's repository
+    DVC cache         .dvc/cache          DVC remote      the folder or s3:// prefix of the default remote
+    MLflow backend    the SQLite file     MLflow artifacts the artifact root (folder or s3://)
+    Prefect database  the SQLite file of the Prefect API in use (this workspace's home, .cdm/prefect, by default),
+                      found by the flow layer (cdm does not import Prefect) and passed in
+
+The owner record (`.cdm/owners.json`, the one documented place that keeps a revoked owner's raw id) is scanned
+for everything but the raw id. An MLflow tracking server or Prefect server is not a file here: it is reported
+as unscanned until a store type asks it through its API.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+from cdm.platform.context import Context
+from cdm.platform.scan import FolderStore, GitStore, S3Store, Store
+
+# What cdm writes at a workspace's top level (a workspace may also be a project's repository: .venv, sources and
+# the like are not ours to scan).
+WORKSPACE_FILES = ("params.yaml", "consumers.yaml", "workspace.yaml", "dvc.yaml", "data.dvc", "ledger.jsonl",
+                   "metrics.json", ".gitignore", "data", "outputs", ".cdm", ".dvc/config", ".dvc/config.local")
+
+
+def _s3(ctx: Context, name: str, url: str) -> Store:
+    bucket, _, prefix = url[5:].partition("/")
+    return S3Store(name, ctx.s3(), bucket, prefix.strip("/"))
+
+
+def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | None = None,
+                     prefect_server: str | None = None) -> list[Store]:
+    """`prefect_db`: the Prefect API's SQLite file; `prefect_server`: its URL when it is a server elsewhere."""
+    from cdm.platform import dvc
+
+    ws = ctx.ws
+    owner_record = ws.state_dir / "owners.json"
+    prefect_home = ws.prefect_home
+    internal = [owner_record, ws.state_dir / "secret", prefect_home, *skip]
+    stores: list[Store] = []
+    for name in WORKSPACE_FILES:
+        path = ws.root / name
+        if path.is_file():
+            stores.append(_File("workspace files", path, ws.root))
+        elif path.is_dir():
+            stores.append(FolderStore("workspace files", path, tuple(internal)))
+    stores.append(_File("owner record", owner_record, ws.root, allow_raw_id=True))
+    stores.append(GitStore("git objects", ws.root))
+    stores.append(FolderStore("DVC cache", ws.root / ".dvc" / "cache"))
+    remote = dvc.remote_config(ws.root)["url"] or ""
+    if remote.startswith("s3://"):
+        stores.append(_s3(ctx, "DVC remote", remote))
+    elif remote:
+        stores.append(FolderStore("DVC remote", Path(remote)))
+    uri = ctx.tracking_uri
+    if uri.startswith("sqlite:///"):
+        db = Path(uri.removeprefix("sqlite:///"))
+        stores.append(FolderStore("MLflow backend", db.parent, tuple(p for p in db.parent.iterdir() if p != db)
+                                  if db.parent.exists() else ()))
+    else:
+        stores.append(_Unscanned("MLflow backend", f"tracking server {uri} (not a file here)"))
+    artifacts = ctx.artifact_root
+    if artifacts.startswith("s3://"):
+        stores.append(_s3(ctx, "MLflow artifacts", artifacts))
+    else:
+        stores.append(FolderStore("MLflow artifacts", Path(urlparse(artifacts).path)))
+    if prefect_db is not None:
+        stores.append(FolderStore("Prefect database", prefect_db.parent,
+                                  tuple(p for p in prefect_db.parent.iterdir() if not p.name.startswith(prefect_db.name))))
+    if prefect_home.exists() and (prefect_db is None or prefect_db.parent != prefect_home):
+        stores.append(FolderStore("Prefect home", prefect_home))
+    if prefect_server is not None:
+        stores.append(_Unscanned("Prefect database", f"server {prefect_server} (not a file here)"))
+    return stores
+
+
+class _File(Store):
+    def __init__(self, name: str, path: Path, root: Path, allow_raw_id: bool = False):
+        self.name, self.path, self.root, self.allow_raw_id = name, path, root, allow_raw_id
+
+    def items(self):
+        if self.path.is_file():
+            yield str(self.path.relative_to(self.root)), self.path.read_bytes()
+
+
+class _Unscanned(Store):
+    def __init__(self, name: str, why: str):
+        self.name, self.why = name, why
+
+    def items(self):
+        yield self.why, None

@@ -1,0 +1,30 @@
+"""Model weights as the registry stores them: a diffusers UNet folder whose safetensors hash is recorded."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+UNET_ARTIFACT = "unet"
+WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
+
+
+def sha256_file(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def load_verified_unet(folder: str | Path, expected_sha256: str | None):
+    """Load a diffusers UNet folder, refusing weights whose hash differs from the record."""
+    from cdm.model import load_unet
+
+    folder = Path(folder)
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no {WEIGHTS_FILE} (weights load through safetensors only)")
+    if expected_sha256 is not None and sha256_file(weights) != expected_sha256:
+        raise ValueError(f"{weights}: sha256 does not match the recorded {expected_sha256[:12]}…; refusing to load")
+    return load_unet(folder).eval()

@@ -1,0 +1,142 @@
+"""A workspace's paths, locks, secret and owner keys.
+
+    <root>/params.yaml  consumers.yaml  workspace.yaml  dvc.yaml  data.dvc  ledger.jsonl
+    <root>/data/owners/<owner>/<label>/<sha256>.png  + manifest.json     (DVC-tracked; the owner's raw id)
+    <root>/mlflow/       mlflow.db and artifacts/                          (git-ignored)
+    <root>/.cdm/         secret, owners.json, shards.json, checkpoints/, cache/, staging/, revocations/,
+                         reports/, logs/, prefect/ (this workspace's Prefect home)   (git-ignored)
+
+Raw owner ids appear only in `data/owners/<owner>/` and in the owner record (docs/design.md §5); everything else uses
+the pseudonymous key HMAC(secret, owner).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from filelock import FileLock
+
+from cdm.platform.errors import WorkspaceError
+
+OWNER_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
+
+
+def check_owner_id(owner: str) -> str:
+    if not isinstance(owner, str) or not OWNER_ID.match(owner):
+        raise WorkspaceError(f"owner id {owner!r} is not allowed: use 1-64 of a-z, 0-9, '_' and '-', "
+                             "starting with a letter or digit")
+    return owner
+
+
+@dataclass(frozen=True)
+class Workspace:
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root).resolve())
+
+    # -- paths -----------------------------------------------------------------------------------------------
+    params_path = property(lambda self: self.root / "params.yaml")
+    consumers_path = property(lambda self: self.root / "consumers.yaml")
+    config_path = property(lambda self: self.root / "workspace.yaml")
+    data_dir = property(lambda self: self.root / "data")
+    owners_dir = property(lambda self: self.root / "data" / "owners")
+    ledger_path = property(lambda self: self.root / "ledger.jsonl")
+    state_dir = property(lambda self: self.root / ".cdm")
+    checkpoints_dir = property(lambda self: self.state_dir / "checkpoints")
+    cache_dir = property(lambda self: self.state_dir / "cache")
+    staging_dir = property(lambda self: self.state_dir / "staging")
+    revocations_dir = property(lambda self: self.state_dir / "revocations")
+    reports_dir = property(lambda self: self.state_dir / "reports")
+    logs_dir = property(lambda self: self.state_dir / "logs")
+    prefect_home = property(lambda self: self.state_dir / "prefect")
+
+    def owner_dir(self, owner: str) -> Path:
+        path = (self.owners_dir / check_owner_id(owner)).resolve()
+        if path.parent != self.owners_dir.resolve():
+            raise WorkspaceError(f"owner {owner!r} escapes the workspace")
+        return path
+
+    def exists(self) -> bool:
+        return self.params_path.is_file() and (self.root / ".dvc").is_dir()
+
+    def require(self) -> "Workspace":
+        if not self.exists():
+            raise WorkspaceError(f"{self.root} is not a cdm workspace (no params.yaml or .dvc/); run `cdm init DIR`")
+        return self
+
+    def lock(self) -> FileLock:
+        """Exclusive lock for changes to data/, DVC, git, the ledger and the shard plan (ingestion and revocation
+        of different owners may run concurrently; their commits are serialized). Not re-entrant across
+        instances: take it once per operation."""
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        return FileLock(self.state_dir / "lock", thread_local=False)
+
+    # -- configuration (workspace.yaml) -----------------------------------------------------------------------
+    def config(self) -> dict:
+        import yaml
+
+        if not self.config_path.exists():
+            return {}
+        data = yaml.safe_load(self.config_path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise WorkspaceError(f"{self.config_path}: expected a mapping")
+        return data
+
+    def tracking_uri(self, config: dict | None = None) -> str:
+        uri = (config if config is not None else self.config()).get("mlflow", {}).get("tracking_uri")
+        if not uri:
+            return f"sqlite:///{self.root}/mlflow/mlflow.db"  # root is absolute: four slashes in all
+        return uri
+
+    def artifact_root(self, config: dict | None = None) -> str:
+        root = (config if config is not None else self.config()).get("mlflow", {}).get("artifact_root")
+        return root or (self.root / "mlflow" / "artifacts").as_uri()
+
+    def s3_endpoint_url(self, config: dict | None = None) -> str | None:
+        return os.environ.get("AWS_ENDPOINT_URL") or (config if config is not None else self.config()).get(
+            "s3", {}).get("endpoint_url")
+
+    # -- secret and owner keys -------------------------------------------------------------------------------
+    def secret(self) -> bytes:
+        path = self.state_dir / "secret"
+        if not path.exists():
+            self.state_dir.mkdir(parents=True, exist_ok=True)
+            path.write_text(secrets.token_hex(32))
+            path.chmod(0o600)
+        return bytes.fromhex(path.read_text().strip())
+
+    def owner_key(self, owner: str) -> str:
+        """Pseudonymous owner key: stable within the workspace, meaningless outside it."""
+        return "ok-" + hmac.new(self.secret(), check_owner_id(owner).encode(), hashlib.sha256).hexdigest()[:16]
+
+    # -- owners' data ----------------------------------------------------------------------------------------
+    def owners(self) -> list[str]:
+        """Owners with data in the workspace (raw ids, from the folder names)."""
+        if not self.owners_dir.exists():
+            return []
+        return sorted(p.name for p in self.owners_dir.iterdir() if (p / "manifest.json").is_file())
+
+    def manifest(self, owner: str) -> dict:
+        path = self.owner_dir(owner) / "manifest.json"
+        if not path.is_file():
+            raise WorkspaceError(f"unknown owner {owner!r}")
+        return json.loads(path.read_text())
+
+    def load_owner(self, owner: str, image_size: int, channels: int, labels):
+        """The owner's samples as a `Dataset` (ids are the content sha256)."""
+        from cdm.data import load_folder
+
+        return load_folder(self.owner_dir(owner), image_size, channels, labels)
