@@ -239,9 +239,10 @@ def orchestration(args, results: dict) -> None:
 
     from cdm.config import Params
     from cdm.data import write_demo_owners
-    from cdm.platform.workspace import init_workspace
+    from cdm.platform.context import Context
+    from cdm.platform.create import init_workspace
     from flows.composition import compose
-    from flows.ingestion import ingest_owner
+    from flows.ingestion import ingest
     from flows.training import run_training
     from flows.unlearning import unlearn_owner
 
@@ -252,18 +253,19 @@ def orchestration(args, results: dict) -> None:
         p.compose.num_inference_steps, p.evaluate.n_samples = args.steps, 200
         src = write_demo_owners(tmp / "src", 8, "iid")
         ws = init_workspace(tmp / "ws", params=p)
+        ctx = Context.load(ws.root)
         for o in sorted(k for k in src if k != "heldout"):
-            ingest_owner(str(ws.root), o, str(src[o]))
+            ingest(ctx, o, str(src[o]))
         t0 = time.perf_counter()
-        tr = run_training(str(ws.root))
+        tr = run_training(ctx)
         flow_seconds = time.perf_counter() - t0
         bare = sum(r["seconds"] for r in tr["shards"].values())
         compose(str(ws.root))
         t0 = time.perf_counter()
-        cert = unlearn_owner(str(ws.root), "owner-03", "bench")
+        cert = unlearn_owner(str(ws.root), ws.owner_key("owner-03"), reason="bench")
         revoke_wall = time.perf_counter() - t0
         t0 = time.perf_counter()
-        run_training(str(ws.root), paragon=True)  # the baseline: the paragon on the 7 remaining owners
+        run_training(ctx, paragon=True)  # the baseline: the paragon on the 7 remaining owners
         paragon_seconds = time.perf_counter() - t0
         results["orchestration"] = {
             "shards": len(tr["shards"]), "flow_seconds": flow_seconds, "bare_training_seconds": bare,
@@ -273,6 +275,8 @@ def orchestration(args, results: dict) -> None:
             "revoke_wall_seconds": revoke_wall, "paragon_retrain_seconds": paragon_seconds,
             "live_speedup_vs_paragon_retrain": paragon_seconds / cert["seconds_to_live"],
             "complete_speedup_vs_paragon_retrain": paragon_seconds / cert["seconds_to_complete"],
+            "purge_seconds": cert["purged"]["seconds"],
+            "purge_speedup_vs_paragon_retrain": paragon_seconds / cert["purged"]["seconds"],
             "verification_ok": cert["verification"]["ok"]}
         log("orchestration", results["orchestration"], results["pipeline_forgetting"])
     finally:

@@ -1,4 +1,5 @@
-"""Composition of shard denoisers (DESIGN.md §2).
+"""Composition of shard denoisers (docs/design.md §2). One module on purpose (~320 lines): the four estimators,
+the batched `ShardStack` and the router share the composite's per-step state and read best side by side.
 
     eps(x_t, t, y) = sum_i w_i(x_t, t, y) eps_i(x_t, t, y),    w_i = p(i | x_t, y)
 
@@ -86,7 +87,7 @@ class ShardStack(torch.nn.Module):
 
 
 class CompositeDenoiser(torch.nn.Module):
-    """The composite of DESIGN.md §2 as one denoiser `(x_t, t, labels) -> eps`.
+    """The composite of docs/design.md §2 as one denoiser `(x_t, t, labels) -> eps`.
 
     Args:
         shards: the shard denoisers (callables) or a `ShardStack`.

@@ -157,7 +157,7 @@ def report(s: dict, ctx, names: dict[str, str]) -> str:
     rows = [
         ("FID (composite)", _fmt(s["fid_before"], ".2f"), _fmt(s["fid_after"], ".2f")),
         ("FID / paragon FID", _fmt(s["fid_ratio_before"]), _fmt(s["fid_ratio_after"])),
-        ("KID (unbiased MMD², conventional scale)", _fmt(s["kid_before"], ".4f"), _fmt(s["kid_after"], ".4f")),
+        ("KID (MMD², feature-net units)", _fmt(s["kid_before"], ".4f"), _fmt(s["kid_after"], ".4f")),
         ("membership AUC (revoked owner)", _fmt(s["membership_auc_before"]), _fmt(s["membership_auc_after"])),
     ]
     regressions = [f"before: {r}" for r in s["regressions_before"]] + [f"after: {r}" for r in s["regressions_after"]]

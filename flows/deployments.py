@@ -31,6 +31,7 @@ def deployments(workspace: str) -> list:
     from cdm.platform import owner_records
     from cdm.platform.workspace import Workspace
     from flows.ingestion import ingest_owner
+    from tasks.ingest import ingestion_deployment
     from flows.unlearning import unlearn_owner
 
     ws = Workspace(workspace).require()
@@ -39,7 +40,7 @@ def deployments(workspace: str) -> list:
         if rec.state != "active" or not rec.source:
             continue
         out.append(ingest_owner.to_deployment(
-            name=ingestion_name(key), cron=rec.cron or DEFAULT_CRON,
+            name=ingestion_deployment(key), cron=rec.cron or DEFAULT_CRON,
             parameters={"workspace": str(ws.root), "owner_key": key}, tags=["cdm", "ingestion"]))
     out.append(unlearn_owner.to_deployment(
         name="on-revocation", tags=["cdm", "unlearning"],
@@ -49,26 +50,6 @@ def deployments(workspace: str) -> list:
                         "token_sha256": "{{ event.payload.token_sha256 }}",
                         "reason": "{{ event.payload.reason }}"})]))
     return out
-
-
-def ingestion_name(owner_key: str) -> str:
-    return f"ingest-{owner_key}"
-
-
-def remove_ingestion(owner_key: str) -> list[str]:
-    """Delete the owner's ingestion deployment from the Prefect API, if there is one (its schedule and scheduled
-    runs go with it). Returns the full names removed."""
-    from prefect.client.orchestration import get_client
-    from prefect.exceptions import ObjectNotFound
-
-    name = f"cdm-ingest/{ingestion_name(owner_key)}"
-    with get_client(sync_client=True) as client:
-        try:
-            deployment = client.read_deployment_by_name(name)
-        except ObjectNotFound:
-            return []
-        client.delete_deployment(deployment.id)
-    return [name]
 
 
 def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Popen:

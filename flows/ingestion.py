@@ -10,7 +10,7 @@ from prefect import flow
 
 from cdm.platform import owner_records
 from cdm.platform.context import Context
-from cdm.platform.ingest import request
+from cdm.platform.ingest import requested
 from tasks.ingest import commit_batch, read_owner_source, validate_batch
 
 
@@ -26,20 +26,10 @@ def ingest_owner(workspace: str, owner_key: str) -> dict:
 
 
 def ingest(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None) -> dict:
-    """Record the request, run the flow, issue the owner's token at their first ingestion (outside Prefect).
-
-    A refused or failed ingestion leaves the owner record as it was (none, for a new owner).
-    """
-    key, before = owner_records.record_of(ctx.ws, owner)
-    request(ctx, owner, source, license, cron)
-    try:
+    """Entry point (CLI, demo): record the request, run the flow, issue the owner's token at their first ingestion
+    (outside Prefect). A refused or failed ingestion leaves the owner record as it was."""
+    with requested(ctx, owner, source, license, cron) as key:
         result = ingest_owner(str(ctx.ws.root), key)
-    except BaseException:
-        if before is None:
-            owner_records.remove(ctx.ws, key)
-        else:
-            owner_records.update(ctx.ws, key, **before.model_dump(exclude={"updated"}))
-        raise
     result["owner"] = owner
     result["token"] = None
     if owner_records.record(ctx.ws, key).token_sha256 is None:

@@ -5,13 +5,13 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform import registry
+from cdm.platform import cleanup
 from cdm.platform.composites import build_spec, register
 from cdm.platform.context import Context
 
 
 @task(cache_policy=NO_CACHE)
 def compose(ctx: Context, estimator: str | None = None, progress: bool = False) -> dict:
-    registry.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
+    cleanup.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
     spec = build_spec(ctx, estimator or ctx.params.compose.estimator)
     return register(ctx, spec, progress=progress)

@@ -12,6 +12,11 @@ from cdm.platform.sources import SourceFile
 from tasks import retry_on_io
 
 
+def ingestion_deployment(owner_key: str) -> str:
+    """The name of the owner's scheduled ingestion deployment (of flow `cdm-ingest`)."""
+    return f"ingest-{owner_key}"
+
+
 @task(retries=3, retry_delay_seconds=[1, 4, 10], cache_policy=NO_CACHE, retry_condition_fn=retry_on_io)
 def read_owner_source(ctx: Context, owner_key: str) -> list[SourceFile]:
     """The owner's source as recorded (a revoked owner is refused here, before anything is read)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform import registry, unlearn
+from cdm.platform import cleanup, unlearn
 from cdm.platform.context import Context
 from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
                                       record_step)
@@ -41,15 +41,26 @@ def go_live(ctx: Context, request_id: str, plan: Plan) -> Live:
 @task(cache_policy=NO_CACHE, task_run_name="remove-ingestion-schedule", retries=2, retry_delay_seconds=2,
       retry_condition_fn=retry_on_io)
 def remove_schedule(owner_key: str) -> list[str]:
-    """The owner's ingestion deployment (and with it its schedule and scheduled runs) leaves the Prefect API."""
-    from flows.deployments import remove_ingestion
+    """The owner's ingestion deployment (and with it its schedule and scheduled runs) leaves the Prefect API.
+    Returns the full names removed."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
 
-    return remove_ingestion(owner_key)
+    from tasks.ingest import ingestion_deployment
+
+    name = f"cdm-ingest/{ingestion_deployment(owner_key)}"
+    with get_client(sync_client=True) as client:
+        try:
+            deployment = client.read_deployment_by_name(name)
+        except ObjectNotFound:
+            return []
+        client.delete_deployment(deployment.id)
+    return [name]
 
 
 @task(cache_policy=NO_CACHE, task_run_name="retrain")
 def retrain(ctx: Context, request_id: str, plan: Plan, live: Live, progress: bool = False) -> Retrained:
-    registry.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
+    cleanup.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
     return _step(ctx, request_id, "retrain", lambda rev: unlearn.retrain(ctx, rev, plan, live, progress))
 
 

@@ -125,17 +125,18 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
             "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"]}
 
 
-def production(ctx: Context) -> tuple[str, dict] | None:
-    """(version, spec) of the production composite, or None."""
+def spec_of(ctx: Context, version: str) -> dict:
+    """The spec of a registered composite version."""
     import mlflow
 
+    path = mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{version}", tracking_uri=ctx.tracking_uri)
+    return json.loads((Path(path) / "artifacts" / "spec.json").read_text())
+
+
+def production(ctx: Context) -> tuple[str, dict] | None:
+    """(version, spec) of the production composite, or None."""
     mv = registry.alias_version(ctx.client, registry.COMPOSITE)
-    if mv is None:
-        return None
-    path = mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{mv.version}",
-                                               tracking_uri=ctx.tracking_uri)
-    spec = json.loads((Path(path) / "artifacts" / "spec.json").read_text())
-    return str(mv.version), spec
+    return None if mv is None else (str(mv.version), spec_of(ctx, str(mv.version)))
 
 
 def load_production(ctx: Context):

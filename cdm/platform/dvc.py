@@ -71,13 +71,18 @@ def push_with_retries(workspace: str | Path, retry_delays: Sequence[float] = (1.
     Raises:
         RemoteError: the last attempt failed too; the message carries DVC's last error.
     """
-    from tenacity import Retrying, before_sleep_log, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
+    from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
     delays = list(retry_delays)
-    retrying = Retrying(stop=stop_after_attempt(len(delays) + 1), reraise=True,
+
+    def warn(state) -> None:
+        logging.getLogger(__name__).warning("dvc push failed (attempt %d of %d), retrying in %g s: %s",
+                                            state.attempt_number, len(delays) + 1, state.next_action.sleep,
+                                            str(state.outcome.exception())[-300:])
+
+    retrying = Retrying(stop=stop_after_attempt(len(delays) + 1), reraise=True, before_sleep=warn,
                         wait=wait_chain(*[wait_fixed(d) for d in delays]) if delays else wait_fixed(0),
-                        retry=retry_if_exception_type(DvcError),
-                        before_sleep=before_sleep_log(logging.getLogger(__name__), logging.WARNING))
+                        retry=retry_if_exception_type(DvcError))
     try:
         for attempt in retrying:
             with attempt:

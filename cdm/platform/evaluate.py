@@ -1,8 +1,9 @@
 """Evaluation of the production composite (docs/design.md §6): FID/KID with our feature network, ratio to the
 paragon, attribution summary, memorization, membership inference on revoked owners, regression thresholds.
 
-Outputs name owners by key only (they are logged to MLflow and written to metrics.json). KID is reported on its
-conventional scale (an unbiased MMD², ~0.0x for close sets), never multiplied.
+Outputs name owners by key only (they are logged to MLflow and written to metrics.json). KID is torchmetrics' value
+as is (the unbiased polynomial-kernel MMD² in the feature network's own units), never multiplied: its magnitude
+depends on the feature scale, so it compares runs with the same `feature_sha256`, not Inception-based KIDs.
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ under `.cdm/reports/ingest-<owner key>-*`). A revoked owner is refused before an
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import shutil
@@ -54,20 +55,37 @@ class IngestResult:
         return dict(self.__dict__)
 
 
-def request(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None) -> str:
-    """Record an ingestion request in the owner record (raw id, absolute source); returns the owner key.
-    Refuses a revoked owner."""
-    key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
-    owner_records.require_consent(rec, key)
+@contextlib.contextmanager
+def requested(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None):
+    """Record an ingestion request in the owner record (raw id, absolute source, license, schedule) and yield the
+    owner key. A revoked owner is refused. If the body fails, the record is put back as it was (none, for a new
+    owner): a refused batch changes nothing."""
+    key, before = owner_records.record_of(ctx.ws, check_owner_id(owner))
+    owner_records.require_consent(before, key)
     if not source.startswith("s3://"):
         source = str(Path(source).expanduser().resolve())  # schedules must not depend on the current folder
-    fields = {"owner": owner, "source": source}
-    if license:
-        fields["license"] = license
-    if cron:
-        fields["cron"] = cron
+    fields = {"owner": owner, "source": source, **({"license": license} if license else {}),
+              **({"cron": cron} if cron else {})}
     owner_records.update(ctx.ws, key, **fields)
-    return key
+    try:
+        yield key
+    except BaseException:
+        if before is None:
+            owner_records.remove(ctx.ws, key)
+        else:
+            owner_records.update(ctx.ws, key, **before.model_dump(exclude={"updated"}))
+        raise
+
+
+def ingest(ctx: Context, owner: str, source: str, license: str | None = None, push: bool = True) -> IngestResult:
+    """The whole ingestion in one call, without Prefect (the flow runs the same steps as tasks)."""
+    with requested(ctx, owner, source, license) as key:
+        files = read_source(ctx, owner_records.record(ctx.ws, key).source)
+        report = validate(ctx, key, files)
+        if not report.ok:
+            raise IngestionRejected(key, report)
+        return commit(ctx, key, files, owner_metadata(files, license or owner_records.record(ctx.ws, key).license),
+                      push=push)
 
 
 def limits_of(params: Params) -> Limits:

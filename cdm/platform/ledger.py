@@ -51,6 +51,18 @@ def append(path: str | Path, secret: bytes, body: dict) -> dict:
     return entry
 
 
+def record(ws, body: dict) -> tuple[dict, str]:
+    """Append `body` to the workspace's ledger and commit it, under the workspace lock (concurrent revocations and
+    consents never fork the chain). Returns (entry, new head) — the caller anchors the head."""
+    from cdm.platform.gitrepo import commit
+
+    with ws.lock():
+        entry = append(ws.ledger_path, ws.secret(), body)
+        commit(ws.root, f"ledger: {body.get('event', 'entry')} {body.get('request_id') or body.get('owner_key', '')}",
+               "ledger.jsonl")
+        return entry, head(read(ws.ledger_path))
+
+
 @dataclass
 class Verification:
     ok: bool

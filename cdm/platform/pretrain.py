@@ -94,21 +94,3 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
         c.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
     return {"name": registry.INIT, "version": logged.version, "samples": len(data), "steps": tcfg.steps,
             "seconds": round(result.seconds, 2), "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}
-
-
-def load_init(c) -> dict | None:
-    """The shared initialization `cdm-init@current` as {"state", "sha256", "version"} (weights verified), or None."""
-    import mlflow
-
-    from cdm.platform.weights import load_verified_unet
-
-    mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
-    if mv is None:
-        return None
-    path = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.INIT}/{mv.version}",
-                                                    tracking_uri=c.tracking_uri))
-    state = load_verified_unet(path / "artifacts" / "unet", mv.tags.get("cdm.weights_sha256")).state_dict()
-    sha = state_sha256(state)
-    if sha != mv.tags.get("cdm.state_sha256"):
-        raise ValueError(f"{registry.INIT} v{mv.version}: loaded weights hash {sha[:12]} != recorded state hash")
-    return {"state": state, "sha256": sha, "version": str(mv.version)}

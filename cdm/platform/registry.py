@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +48,22 @@ def experiment_id(c, artifact_root: str, name: str = EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
 
 
+def signature():
+    """The pyfunc models' input contract (shard, composite and init alike)."""
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, Schema
+    from mlflow.types.schema import Array
+
+    # One request per call: a one-row frame (a dict is accepted and converted by MLflow against this schema).
+    return ModelSignature(inputs=Schema([
+        ColSpec("long", "n"),
+        ColSpec("long", "label", required=False),  # absent: unconditional
+        ColSpec("long", "seed", required=False),
+        ColSpec(Array("string"), "allowed_owners", required=False),  # owner keys a consumer may use
+        ColSpec("string", "estimator", required=False),
+    ]), params=ParamSchema([]))
+
+
 def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
     """An MLflow run tagged with this process (for `sweep_dead_runs`); open it before the work it times."""
     import mlflow
@@ -79,11 +93,9 @@ def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], par
         mlflow.log_metrics(summary)
     for f in files:
         mlflow.log_artifact(str(f))
-    from cdm.platform.serving import SIGNATURE
-
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
                                    artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS,
-                                   signature=SIGNATURE)
+                                   signature=signature())
     # The client's create_model_version (not mlflow.register_model, which prints to stderr): the version and its
     # provenance tags are created together, so a crash never leaves an untagged version.
     if not c.search_registered_models(filter_string=f"name = '{name}'"):
@@ -100,44 +112,6 @@ def log_model_run(c, exp_id: str, name: str, run_name: str, run_tags: dict[str, 
     """`log_model` in a run of its own (for work that was not timed inside a run)."""
     with start_run(exp_id, run_name, run_tags) as run:
         return log_model(c, run, name, **kwargs)
-
-
-def sweep_dead_runs(c, tracking_uri: str, exp_id: str) -> list[str]:
-    """Clean up after a cdm process killed while logging (kill -9, OOM, power loss).
-
-    A run still RUNNING whose process (tags `cdm.host`, `cdm.pid`) is gone on this host is ended as KILLED. If it
-    registered no model version, nothing refers to it: the run and its logged models are deleted and
-    garbage-collected with their artifacts. (A version is created together with its tags, so one that exists is
-    complete and its run stays.) Returns the ids of the runs deleted.
-    """
-    from mlflow.entities import RunStatus
-
-    host, swept = socket.gethostname(), []
-    for run in c.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
-        tags = run.data.tags
-        if tags.get("cdm.host") != host or not tags.get("cdm.pid") or _process_alive(int(tags["cdm.pid"])):
-            continue
-        rid = run.info.run_id
-        c.set_terminated(rid, RunStatus.to_string(RunStatus.KILLED))
-        if c.search_model_versions(f"run_id = '{rid}'"):
-            continue
-        models = [m.model_id for m in c.search_logged_models([exp_id], filter_string=f"source_run_id = '{rid}'")]
-        for mid in models:
-            c.delete_logged_model(mid)
-        c.delete_run(rid)
-        gc(tracking_uri, [rid], models)
-        swept.append(rid)
-    return swept
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def versions(c, name: str) -> list:
@@ -229,69 +203,3 @@ def registered_names(c, prefix: str) -> list[str]:
 def model_id_of(c, name: str, version: str) -> str | None:
     mv = c.get_model_version(name, version)
     return getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
-
-
-def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str]) -> dict:
-    """Hard-delete model versions: their runs and logged models are deleted and garbage-collected (`mlflow gc`,
-    which also empties their artifact folders), then the versions (and whole registered models) are deleted.
-
-    Returns:
-        {"versions": [...], "runs": [...], "logged_models": [...], "registered_models": [...]}.
-    """
-    from mlflow.exceptions import MlflowException
-
-    runs, models = set(), set()
-    for name, version in versions_to_delete:
-        try:
-            mv = c.get_model_version(name, version)
-        except MlflowException:
-            continue
-        if mv.run_id:
-            runs.add(mv.run_id)
-        mid = model_id_of(c, name, version)
-        if mid:
-            models.add(mid)
-    for mid in sorted(models):
-        try:
-            c.delete_logged_model(mid)
-        except MlflowException:
-            pass
-    for rid in sorted(runs):
-        try:
-            c.delete_run(rid)
-        except MlflowException:
-            pass
-    if runs or models:
-        gc(tracking_uri, sorted(runs), sorted(models))
-    # Deleting a version is soft in MLflow: its row and tags stay. Remove tags and aliases first.
-    for name, version in versions_to_delete:
-        try:
-            mv = c.get_model_version(name, version)
-            for alias in mv.aliases:
-                c.delete_registered_model_alias(name, alias)
-            for key in mv.tags:
-                c.delete_model_version_tag(name, version, key)
-            c.delete_model_version(name, version)
-        except MlflowException:
-            pass
-    for name in registered_to_delete:
-        try:
-            for key in c.get_registered_model(name).tags:
-                c.delete_registered_model_tag(name, key)
-            c.delete_registered_model(name)
-        except MlflowException:
-            pass
-    return {"versions": [f"{n}/{v}" for n, v in versions_to_delete], "runs": sorted(runs),
-            "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
-
-
-def gc(tracking_uri: str, run_ids: list[str], model_ids: list[str]) -> None:
-    """`mlflow gc` for the given deleted runs and logged models (deletes their rows and artifacts)."""
-    args = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri]
-    if run_ids:
-        args += ["--run-ids", ",".join(run_ids)]
-    if model_ids:
-        args += ["--logged-model-ids", ",".join(model_ids)]
-    proc = subprocess.run(args, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"mlflow gc failed: {proc.stderr.strip()[-2000:]}")

@@ -15,10 +15,7 @@ from typing import Any
 
 import pandas as pd
 import torch
-from mlflow.models import ModelSignature
 from mlflow.pyfunc import PythonModel
-from mlflow.types import ColSpec, ParamSchema, Schema
-from mlflow.types.schema import Array
 
 from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
 
@@ -94,14 +91,7 @@ def _first(model_input: Any, key: str, default=None):
     return value
 
 
-# One request per call: a one-row frame (a dict is accepted and converted by MLflow against this schema).
-SIGNATURE = ModelSignature(inputs=Schema([
-    ColSpec("long", "n"),
-    ColSpec("long", "label", required=False),  # absent: unconditional
-    ColSpec("long", "seed", required=False),
-    ColSpec(Array("string"), "allowed_owners", required=False),  # owner keys a consumer may use
-    ColSpec("string", "estimator", required=False),
-]), params=ParamSchema([]))
+
 
 
 class ShardModel(PythonModel):

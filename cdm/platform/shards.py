@@ -41,7 +41,7 @@ def shared_init(ctx: Context) -> dict | None:
     """The shared initialization `cdm-init@current` when `train.init` is `public`, else None."""
     if ctx.params.train.init != "public":
         return None
-    from cdm.platform.pretrain import load_init
+    from cdm.platform.weights import load_init
 
     init = load_init(ctx.client)
     if init is None:

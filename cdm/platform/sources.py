@@ -14,7 +14,9 @@ from cdm.platform.errors import WorkspaceError
 
 
 class SourceError(WorkspaceError):
-    """The source as a whole cannot be read, and retrying will not help (missing folder or bucket, no access)."""
+    """The source as a whole cannot be read, and retrying will not help (missing folder or bucket, no access).
+    Messages never repeat the source's path or URL (it may name the owner, and a flow's failure message is stored
+    by Prefect); the command that knows the source prefixes it."""
 
 
 class SourceUnavailable(OSError):
@@ -47,7 +49,7 @@ def _unsafe_path(rel: str) -> str | None:
 def list_folder(root: str | Path, max_bytes: int) -> list[SourceFile]:
     root = Path(root)
     if not root.is_dir():
-        raise SourceError(f"{root}: source folder not found")
+        raise SourceError("source folder not found")
     real_root = root.resolve()
     files: list[SourceFile] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
@@ -81,10 +83,10 @@ def list_folder(root: str | Path, max_bytes: int) -> list[SourceFile]:
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     if not url.startswith("s3://"):
-        raise SourceError(f"{url}: not an s3:// URL")
+        raise SourceError("not an s3:// URL")
     bucket, _, prefix = url[5:].partition("/")
     if not bucket:
-        raise SourceError(f"{url}: no bucket")
+        raise SourceError("no bucket in the s3:// URL")
     return bucket, prefix.strip("/")
 
 
@@ -100,12 +102,12 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
     except ClientError as e:
         code = e.response.get("Error", {}).get("Code", "")
         if code in ("NoSuchBucket", "404"):
-            raise SourceError(f"{url}: bucket {bucket!r} does not exist") from None
+            raise SourceError("the bucket does not exist") from None
         if code in TRANSIENT_CODES:
-            raise SourceUnavailable(f"{url}: S3 answered {code}") from None
-        raise SourceError(f"{url}: cannot list ({code or e})") from None
+            raise SourceUnavailable(f"S3 answered {code}") from None
+        raise SourceError(f"cannot list the source ({code or e})") from None
     except BotoCoreError as e:  # connection refused or dropped, timeouts: the network, not the request
-        raise SourceUnavailable(f"{url}: cannot reach S3 ({e})") from None
+        raise SourceUnavailable(f"cannot reach S3 ({type(e).__name__})") from None
     for o in sorted(objects, key=lambda o: o["Key"]):
         key = o["Key"]
         if key.endswith("/"):
@@ -120,9 +122,9 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
                 data = client.get_object(Bucket=bucket, Key=key)["Body"].read()
                 files.append(SourceFile(rel, data, len(data)))
             except BotoCoreError as e:
-                raise SourceUnavailable(f"{url}: reading {key} failed ({e})") from None
+                raise SourceUnavailable(f"reading {rel} failed ({type(e).__name__})") from None
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code", "") in TRANSIENT_CODES:
-                    raise SourceUnavailable(f"{url}: reading {key} failed ({e})") from None
+                    raise SourceUnavailable(f"reading {rel} failed ({type(e).__name__})") from None
                 files.append(SourceFile(rel, None, o["Size"], f"unreadable object ({e})"))
     return files

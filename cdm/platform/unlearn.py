@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from cdm.platform import dvc, ledger, owner_records, registry
+from cdm.platform import cleanup, dvc, ledger, owner_records, registry
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
 from cdm.platform.gitrepo import commit
@@ -109,8 +109,9 @@ def go_live(ctx: Context, rev: Revocation, plan: Plan) -> Live:
 
 def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: bool = False) -> Retrained:
     """Shared shards retrain without the owner, from their last untouched slice checkpoint; then the composite of
-    the live shards plus the retrained ones, with the original estimator (a router is retrained on them)."""
-    from cdm.platform.composites import production, register, spec_with_shards
+    the shards that were served before, minus the owner's exclusive ones, with the retrained versions and the
+    original estimator (a router is retrained on exactly those shards' data)."""
+    from cdm.platform.composites import NothingToCompose, register, spec_of, spec_with_shards, spec_without
     from cdm.platform.shards import load_plan, train_and_register
 
     shard_plan = load_plan(ctx.ws)
@@ -120,13 +121,16 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
         info = train_and_register(ctx, registry.SHARD_PREFIX + sid, shard_plan[sid], progress=progress)
         shards[sid] = {k: info.get(k) for k in ("version", "resumed_from_slice", "steps_run")}
         shards[sid]["wall_seconds"] = round(time.time() - t0, 2)
-    after = live.composite_live
-    router = plan.estimator == "router"
-    prod = production(ctx)
-    if prod is not None and (shards or router):
-        spec = spec_with_shards(ctx, prod[1], sorted(shards), plan.estimator, revocations=[rev.request_id])
-        after = register(ctx, spec)["version"]
-    return Retrained(shards=shards, composite_after=after, router_retrained=router and prod is not None)
+    after, router = live.composite_live, plan.estimator == "router"
+    if plan.composite_before is not None and (shards or router):
+        try:
+            base = spec_without(spec_of(ctx, plan.composite_before), set(plan.exclusive_shards), plan.estimator,
+                                [rev.request_id])
+            after = register(ctx, spec_with_shards(ctx, base, sorted(shards), plan.estimator, [rev.request_id]),
+                             progress=progress)["version"]
+        except NothingToCompose:
+            after = None
+    return Retrained(shards=shards, composite_after=after, router_retrained=router and after is not None)
 
 
 def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retrained) -> Forgetting:
@@ -176,7 +180,7 @@ def purge(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retr
         saw = any((registry.SHARD_PREFIX + s, v) in tainted for s, v in components.items())
         if (saw or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))) and mv.version not in keep:
             versions.append((registry.COMPOSITE, mv.version))
-    mlflow_result = registry.purge(c, ctx.tracking_uri, sorted(set(versions)), whole)
+    mlflow_result = cleanup.purge(c, ctx.tracking_uri, sorted(set(versions)), whole)
     # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key.
     removed = []
     for sid in plan.exclusive_shards:
@@ -248,19 +252,19 @@ def certify(ctx: Context, rev: Revocation) -> dict:
     needles file deleted."""
     cert = certificate(rev)
     ws = ctx.ws
-    with ws.lock():
-        # Idempotent: a run that died after appending finds its entry (the certificate's times are the first run's).
-        previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]
-        if previous:
-            cert["completed"] = previous[-1]["completed"]
-        entry = previous[-1] if previous else ledger.append(ws.ledger_path, ws.secret(), {
+    # Idempotent: a run that died after appending finds its entry (the certificate keeps the first run's times).
+    previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]
+    if previous:
+        cert["completed"] = previous[-1]["completed"]
+        entry = previous[-1]
+    else:
+        entry, _ = ledger.record(ws, {
             "event": "revocation", "request_id": cert["request_id"], "owner_key": cert["owner_key"],
             "requested_by": cert["requested_by"], "received": cert["received"], "completed": cert["completed"],
             "shards_dropped": cert["shards_dropped"], "shards_retrained": cert["shards_retrained"],
             "verification_ok": bool((cert["verification"] or {}).get("ok")),
             "certificate_sha256": hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()})
-        commit(ws.root, f"ledger: revocation {cert['request_id']}", "ledger.jsonl")
-        registry.anchor_ledger(ctx.client, ledger.head(ledger.read(ws.ledger_path)))
+    registry.anchor_ledger(ctx.client, ledger.head(ledger.read(ws.ledger_path)))
     cert["ledger"] = {"seq": entry["seq"], "hash": entry["hash"]}
     cert["audit_run"] = registry.log_certificate(ctx.client, ctx.artifact_root, cert)
     owner_records.update(ws, rev.owner_key, revoked=cert["completed"])

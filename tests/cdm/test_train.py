@@ -65,3 +65,36 @@ def test_empty_data_is_refused():
         assert "no data" in str(e)
     else:
         raise AssertionError("expected ValueError")
+
+
+def test_shards_trained_on_threads_get_the_weights_their_seed_says():
+    """Bug: `train_shard` seeded torch's global RNG, so shards trained on threads (`max_workers: 2`) raced for it
+    and a rerun could give other weights for the same config hash. Here two shards train at once while a third
+    thread keeps drawing from the global RNG (any other work in the process)."""
+    import threading
+
+    data = small_data(32)
+    cfgs = [TrainConfig(steps=2, batch_size=8, num_slices=1, seed=s, ema_decay=None) for s in (5, 6)]
+    sequential = [train_shard(data, CFG, c, progress=False).unet for c in cfgs]
+    stop, results = threading.Event(), {}
+
+    def noise():
+        while not stop.is_set():
+            torch.manual_seed(int(torch.randint(0, 1000, (1,))))
+            torch.rand(256)
+
+    def shard(i):
+        results[i] = train_shard(data, CFG, cfgs[i], progress=False).unet
+
+    noisy = threading.Thread(target=noise)
+    noisy.start()
+    try:
+        workers = [threading.Thread(target=shard, args=(i,)) for i in range(2)]
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+    finally:
+        stop.set()
+        noisy.join()
+    assert all(same_weights(sequential[i], results[i]) for i in range(2))

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from cdm.platform.workspace import init_workspace
+from cdm.platform.create import init_workspace
 from flows.deployments import REVOKED_EVENT, deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -29,11 +29,13 @@ def test_revocation_event_creates_an_unlearning_flow_run(tmp_path):
 
     assert asyncio.run(runs()) == []
     time.sleep(2)  # let the trigger's automation load
-    emit_event(REVOKED_EVENT, resource={"prefect.resource.id": "cdm.owner.alice"},
-               payload={"owner": "alice", "token": "t0k3n", "reason": "consent withdrawn"})
+    emit_event(REVOKED_EVENT, resource={"prefect.resource.id": "cdm.owner.ok-0123456789abcdef"},
+               payload={"owner_key": "ok-0123456789abcdef", "token_sha256": "ab" * 32, "reason": "consent withdrawn"})
     deadline, found = time.time() + 60, []
     while time.time() < deadline and not found:
         time.sleep(1)
         found = asyncio.run(runs())
     assert found, "no flow run was created for the revocation event"
-    assert found[0].parameters["owner"] == "alice" and found[0].parameters["token"] == "t0k3n"
+    params = found[0].parameters
+    assert params["owner_key"] == "ok-0123456789abcdef" and params["token_sha256"] == "ab" * 32
+    assert found[0].name != "" and "owner" not in params and "token" not in params

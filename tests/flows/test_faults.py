@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
 import time
@@ -16,10 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from cdm.platform import registry
 from cdm.config import Params
-from cdm.platform.workspace import Workspace, init_workspace
-from tests.flows.test_pipeline import owner_folders
+from cdm.platform import owner_records, registry
+from cdm.platform.create import init_workspace
+from cdm.platform.workspace import Workspace
 
 pytestmark = pytest.mark.slow
 CDM = [sys.executable, "-m", "flows.cli"]
@@ -46,7 +45,7 @@ def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
     return False
 
 
-def ingested_workspace(tmp: Path, owners: tuple[str, ...], steps: int, min_shard_samples: int
+def ingested_workspace(tmp: Path, owners: tuple[str, ...], steps: int, min_shard_samples: int, owner_folders
                        ) -> tuple[Workspace, dict]:
     """A small workspace with `owners` ingested through the CLI."""
     p = Params()
@@ -60,9 +59,9 @@ def ingested_workspace(tmp: Path, owners: tuple[str, ...], steps: int, min_shard
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> tuple[Workspace, dict]:
+def ws(tmp_path_factory, digit_owners) -> tuple[Workspace, dict]:
     return ingested_workspace(tmp_path_factory.mktemp("faults"), ("alice", "bob", "carol", "erin", "frank", "gina"),
-                              steps=200, min_shard_samples=120)
+                              steps=200, min_shard_samples=120, owner_folders=digit_owners)
 
 
 def extra_owner_folders(root: Path) -> dict[str, Path]:
@@ -79,7 +78,17 @@ def extra_owner_folders(root: Path) -> dict[str, Path]:
 
 # One revocation per step, each of a different owner; a kill after `certify` would find the work done.
 KILL_AFTER = {"plan": "erin", "go_live": "carol", "retrain": "bob", "forgetting_check": "frank", "purge": "alice",
-              "reevaluate": "gina"}
+              "verify": "gina"}
+
+
+def steps_done(ws: Workspace, owner: str) -> list[str]:
+    from cdm.platform.revocations import load
+
+    rec = owner_records.record(ws, ws.owner_key(owner))
+    try:
+        return load(ws, rec.revocation).steps_done if rec and rec.revocation else []
+    except (OSError, ValueError):  # being written
+        return []
 
 
 @pytest.mark.parametrize("stop_after", list(KILL_AFTER))
@@ -88,16 +97,14 @@ def test_unlearning_killed_after_a_step_completes_on_rerun(ws, stop_after):
     assert run_cdm("train", "--workspace", str(ws.root)).returncode == 0
     assert run_cdm("compose", "--workspace", str(ws.root)).returncode == 0
     owner = KILL_AFTER[stop_after]
-    key = ws.owner_key(owner)
-    state = ws.revocations_dir / f"{key}.json"
-    proc = start_cdm("revoke", owner, "--workspace", str(ws.root))
-    killed = kill_when(proc, lambda: state.exists() and stop_after in json.loads(state.read_text())["steps_done"])
+    proc = start_cdm("revoke", owner, "--wait", "--workspace", str(ws.root))
+    killed = kill_when(proc, lambda: stop_after in steps_done(ws, owner))
     assert killed, "the revocation finished before it could be killed"
-    done = run_cdm("revoke", owner, "--workspace", str(ws.root), "--json")
+    done = run_cdm("revoke", owner, "--wait", "--workspace", str(ws.root), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     cert = json.loads(done.stdout)
     assert cert["verification"]["ok"], cert["verification"]
-    c = registry.client(ws.tracking_uri)
+    c = registry.client(ws.tracking_uri())
     for mv in registry.versions(c, registry.COMPOSITE):  # no composite references a deleted model
         for sid, v in json.loads(mv.tags["cdm.components"]).items():
             c.get_model_version(registry.SHARD_PREFIX + sid, v)
@@ -133,20 +140,25 @@ def test_demo_runs_end_to_end(tmp_path):
 
 
 def running_runs(ws: Workspace) -> list[str]:
-    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
-        return [r[0] for r in db.execute("select run_uuid from runs where status = 'RUNNING'")]
+    c = registry.client(ws.tracking_uri())
+    exp = c.get_experiment_by_name(registry.EXPERIMENT)
+    return [r.info.run_id for r in c.search_runs([exp.experiment_id], "attributes.status = 'RUNNING'")]
 
 
 def run_state(ws: Workspace, run_id: str) -> tuple[str, str] | None:
-    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
-        row = db.execute("select status, lifecycle_stage from runs where run_uuid = ?", (run_id,)).fetchone()
-    return tuple(row) if row else None
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = registry.client(ws.tracking_uri()).get_run(run_id)
+    except MlflowException:
+        return None
+    return run.info.status, run.info.lifecycle_stage
 
 
 @pytest.fixture(scope="module")
-def ws2(tmp_path_factory) -> tuple[Workspace, dict]:
+def ws2(tmp_path_factory, digit_owners) -> tuple[Workspace, dict]:
     return ingested_workspace(tmp_path_factory.mktemp("faults2"), ("alice", "bob", "carol"), steps=120,
-                              min_shard_samples=1)
+                              min_shard_samples=1, owner_folders=digit_owners)
 
 
 def test_training_killed_while_logging_is_swept_and_completed_by_a_rerun(ws2):
@@ -156,8 +168,7 @@ def test_training_killed_while_logging_is_swept_and_completed_by_a_rerun(ws2):
     assert kill_when(proc, lambda: bool(seen.extend(running_runs(ws)) or seen)), "no run seen before training ended"
     dead = seen[0]
     assert run_state(ws, dead)[0] == "RUNNING"
-    with sqlite3.connect(ws.root / "mlflow" / "mlflow.db", timeout=30) as db:
-        (sid,) = db.execute("select value from tags where run_uuid = ? and key = 'cdm.shard'", (dead,)).fetchone()
+    sid = registry.client(ws.tracking_uri()).get_run(dead).data.tags["cdm.shard"]
     done = run_cdm("train", "--workspace", str(ws.root), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     result = json.loads(done.stdout)
@@ -179,7 +190,7 @@ def test_composition_killed_while_logging_is_completed_by_a_rerun(ws2):
     done = run_cdm("compose", "--workspace", str(ws.root), "--json")
     assert done.returncode == 0, done.stderr[-2000:]
     assert not running_runs(ws)
-    c = registry.client(ws.tracking_uri)
+    c = registry.client(ws.tracking_uri())
     live = c.get_model_version_by_alias(registry.COMPOSITE, registry.PRODUCTION)
     for sid, v in json.loads(live.tags["cdm.components"]).items():
         c.get_model_version(registry.SHARD_PREFIX + sid, v)
@@ -194,7 +205,7 @@ def test_ingestion_concurrent_with_a_revocation_gives_the_sequential_result(ws2)
     expected_files = sorted(str(p.relative_to(ws.root)) for o in ("alice", "carol")
                             for p in ws.owner_dir(o).rglob("*") if p.is_file())
     ingest = start_cdm("ingest", "dave", str(sources["dave"]), "--workspace", str(ws.root))
-    revoke = subprocess.Popen([*CDM, "revoke", "bob", "--workspace", str(ws.root), "--json"], stdout=subprocess.PIPE,
+    revoke = subprocess.Popen([*CDM, "revoke", "bob", "--wait", "--workspace", str(ws.root), "--json"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[2])
     out, err = revoke.communicate(timeout=900)
     assert ingest.wait(timeout=900) == 0
@@ -214,6 +225,6 @@ def test_ingestion_concurrent_with_a_revocation_gives_the_sequential_result(ws2)
     assert "up to date" in status.stdout, status.stdout
     dirty = subprocess.run(["git", "status", "--porcelain", "data.dvc"], cwd=ws.root, capture_output=True, text=True)
     assert dirty.stdout == ""  # both commits landed
-    records = ws.owner_records()
-    assert records[ws.owner_key("bob")]["state"] == "revoked" and records[ws.owner_key("dave")]["state"] == "active"
-    assert ledger.verify(ws.ledger_path).ok
+    records = owner_records.records(ws)
+    assert records[ws.owner_key("bob")].state == "revoked" and records[ws.owner_key("dave")].state == "active"
+    assert ledger.verify(ws.ledger_path, ws.secret()).ok

@@ -10,25 +10,27 @@ from pathlib import Path
 import mlflow
 import pytest
 
-from cdm.platform import registry
 from cdm.config import Params
 from cdm.data import digits_uint8, heldout_split, write_class_folders
-from cdm.platform.workspace import WorkspaceError, init_workspace
+from cdm.platform import registry
+from cdm.platform.context import Context
+from cdm.platform.create import init_workspace
+from cdm.platform.errors import WorkspaceError
 from flows.cli import main as cli
-from tests.flows.test_pipeline import owner_folders, small_params
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
 
-def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(tmp_path):
-    from flows.ingestion import ingest_owner
+def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(tmp_path, small_params,
+                                                                             digit_owners):
+    from cdm.platform.ingest import ingest
     from flows.training import pretrain, run_training
 
     p = small_params()
     p.train.init_steps = 30
     ws = init_workspace(tmp_path / "ws", params=p)
-    sources = owner_folders(tmp_path / "sources")
-    ingest_owner(str(ws.root), "bob", str(sources["bob"]))
+    sources = digit_owners(tmp_path / "sources")
+    ingest(Context.load(ws.root), "bob", str(sources["bob"]))
     images, labels = digits_uint8()
     _, held = heldout_split(labels)  # public: the held-out split, which belongs to no owner
     public = tmp_path / "public"
@@ -49,18 +51,18 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
     p.train.init = "public"
     p.dump(ws.params_path)
     with pytest.raises(WorkspaceError, match="cdm pretrain"):
-        run_training(str(ws.root))
+        run_training(Context.load(ws.root))
     info = pretrain(str(ws.root), str(public))
     assert info["samples"] == n_public and info["steps"] == 30
 
-    c = registry.client(ws.tracking_uri)
-    init = registry.latest(c, registry.INIT)
+    c = registry.client(ws.tracking_uri())
+    init = registry.alias_version(c, registry.INIT, registry.CURRENT)
     assert init.tags["cdm.public"] == "true" and init.tags["cdm.source"] == str(public)
     manifest = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=init.run_id,
                                                                    artifact_path="public_manifest.json")).read_text())
     assert len(manifest) == n_public and {m["label"] for m in manifest} <= set(range(10))
 
-    result = run_training(str(ws.root))
+    result = run_training(Context.load(ws.root))
     (sid, shard), = result["shards"].items()
     mv = registry.latest(c, registry.SHARD_PREFIX + sid)
     assert mv.tags["cdm.init"] == f"cdm-init v{info['version']} (public data)"
@@ -68,6 +70,6 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
     assert train_params["init_sha256"] == info["state_sha256"] == init.tags["cdm.state_sha256"]
     # A new shared initialization changes the config hash: the shard is trained again, not skipped.
     pretrain(str(ws.root), str(public), steps=10)
-    again = run_training(str(ws.root))
+    again = run_training(Context.load(ws.root))
     assert not again["shards"][sid]["skipped"]
     assert Params.load(ws.params_path).train.init == "public"

@@ -15,8 +15,9 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from cdm.config import Params
+from cdm.platform.context import Context
+from cdm.platform.errors import WorkspaceError
 from cdm.platform.ingest import IngestionRejected, ingest
-from cdm.platform.workspace import Workspace, WorkspaceError, init_workspace
 
 
 def png(arr: np.ndarray, mode: str | None = None, **save) -> bytes:
@@ -30,14 +31,21 @@ def good_png(seed: int) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def ws(tmp_path_factory) -> Workspace:
+def ctx(tmp_path_factory) -> Context:
+    from cdm.platform.create import init_workspace
+
     p = Params()
     p.data.max_file_bytes = 5000
     p.data.max_dimension = 64
-    return init_workspace(tmp_path_factory.mktemp("ingest") / "ws", params=p)
+    return Context.load(init_workspace(tmp_path_factory.mktemp("ingest") / "ws", params=p).root)
 
 
-def snapshot(ws: Workspace) -> tuple:
+@pytest.fixture(scope="module")
+def ws(ctx):
+    return ctx.ws
+
+
+def snapshot(ws) -> tuple:
     files = sorted((str(p.relative_to(ws.root)), p.stat().st_size) for p in ws.data_dir.rglob("*"))
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout
     cache = sorted(str(p) for p in (ws.root / ".dvc" / "cache").rglob("*") if p.is_file())
@@ -62,7 +70,7 @@ BAD_FILES = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_FILES))
-def test_each_bad_file_is_named_with_its_reason_and_nothing_changes(ws, tmp_path, case):
+def test_each_bad_file_is_named_with_its_reason_and_nothing_changes(ctx, ws, tmp_path, case):
     name, data, reason = BAD_FILES[case]
     src = tmp_path / "src"
     (src / "3").mkdir(parents=True)
@@ -71,17 +79,13 @@ def test_each_bad_file_is_named_with_its_reason_and_nothing_changes(ws, tmp_path
     (src / name).write_bytes(data)
     before = snapshot(ws)
     with pytest.raises(IngestionRejected) as e:
-        ingest(ws, "owner-bad", str(src), ws_params(ws))
+        ingest(ctx, "owner-bad", str(src))
     problems = e.value.report.problems
     assert any(p.file == name and reason in p.reason for p in problems), problems
     assert snapshot(ws) == before
 
 
-def ws_params(ws):
-    return Params.load(ws.params_path)
-
-
-def test_symlink_outside_the_source_is_refused(ws, tmp_path):
+def test_symlink_outside_the_source_is_refused(ctx, tmp_path):
     src = tmp_path / "src"
     (src / "3").mkdir(parents=True)
     (src / "3" / "good.png").write_bytes(good_png(0))
@@ -89,33 +93,36 @@ def test_symlink_outside_the_source_is_refused(ws, tmp_path):
     secret.write_bytes(good_png(9))
     os.symlink(secret, src / "3" / "link.png")
     with pytest.raises(IngestionRejected, match="symlink pointing outside"):
-        ingest(ws, "owner-link", str(src), ws_params(ws))
+        ingest(ctx, "owner-link", str(src))
 
 
-def test_palette_alpha_and_16_bit_images_are_converted(ws, tmp_path):
+def test_palette_alpha_and_16_bit_images_are_converted(ctx, ws, tmp_path):
     src = tmp_path / "src"
     (src / "5").mkdir(parents=True)
     base = np.random.default_rng(11).integers(0, 256, (8, 8), dtype=np.uint8)
     (src / "5" / "palette.png").write_bytes(png(base, "P"))
     (src / "5" / "alpha.png").write_bytes(png(np.stack([base] * 3 + [np.full_like(base, 255)], -1)))
     (src / "5" / "deep.png").write_bytes(png((base.astype(np.uint16) * 257 + 1)))
-    result = ingest(ws, "owner-modes", str(src), ws_params(ws), push=False)
+    result = ingest(ctx, "owner-modes", str(src), push=False)
     assert result.added == 3
     data = ws.load_owner("owner-modes", 8, 1, range(10))
     assert data.x.shape == (3, 1, 8, 8) and float(data.x.min()) >= -1 and float(data.x.max()) <= 1
 
 
-def test_empty_owner_unsafe_owner_id_and_missing_source(ws, tmp_path):
+def test_empty_owner_unsafe_owner_id_and_missing_source(ctx, ws, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(IngestionRejected, match="no samples"):
-        ingest(ws, "owner-empty", str(tmp_path / "empty"), ws_params(ws))
+        ingest(ctx, "owner-empty", str(tmp_path / "empty"))
+    from cdm.platform import owner_records
+
+    assert owner_records.record_of(ws, "owner-empty")[1] is None  # a refused first ingestion leaves no record
     for bad in ("../escape", "/abs", "UPPER", "a b", "", "x" * 65, "owner/../../x"):
         with pytest.raises(WorkspaceError, match="not allowed"):
-            ingest(ws, bad, str(tmp_path / "empty"), ws_params(ws))
+            ingest(ctx, bad, str(tmp_path / "empty"))
     from cdm.platform.sources import SourceError
 
     with pytest.raises(SourceError, match="not found"):
-        ingest(ws, "owner-nosrc", str(tmp_path / "missing"), ws_params(ws))
+        ingest(ctx, "owner-nosrc", str(tmp_path / "missing"))
 
 
 _counter = itertools.count()
@@ -125,7 +132,7 @@ BAD = st.sampled_from(sorted(BAD_FILES)).map(lambda k: ("bad", k))
 
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(GOOD, GOOD, BAD), min_size=0, max_size=6))
-def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory, batch):
+def test_any_mix_commits_exactly_the_good_batch_or_nothing(ctx, ws, tmp_path_factory, batch):
     src = tmp_path_factory.mktemp("mix")
     good, bad = {}, []
     for i, (kind, value) in enumerate(batch):
@@ -150,7 +157,7 @@ def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory,
     owner = f"prop-{next(_counter)}"
     before = snapshot(ws)
     if good and not bad:
-        result = ingest(ws, owner, str(src), ws_params(ws), push=False)
+        result = ingest(ctx, owner, str(src), push=False)
         from cdm.data import sha256_bytes
 
         stored = {s["sha256"] for s in ws.manifest(owner)["samples"]}
@@ -159,29 +166,23 @@ def test_any_mix_commits_exactly_the_good_batch_or_nothing(ws, tmp_path_factory,
                               text=True).stdout == ""
     else:
         with pytest.raises(IngestionRejected):
-            ingest(ws, owner, str(src), ws_params(ws), push=False)
+            ingest(ctx, owner, str(src), push=False)
         assert snapshot(ws) == before
         assert owner not in ws.owners()
 
 
-def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ws, tmp_path):
+def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ctx, ws, tmp_path, interrupted_ingestion):
     """The state a kill -9 leaves between `dvc add` and the git commit: the next ingestion restores it."""
     from cdm.platform import dvc
-    from cdm.platform.ingest import _begin_journal, recover_interrupted
-    from cdm.platform.sources import list_folder
+    from cdm.platform.ingest import recover_interrupted
 
-    src = tmp_path / "src"
-    (src / "2").mkdir(parents=True)
-    (src / "2" / "a.png").write_bytes(good_png(4242))
     before = snapshot(ws)
-    files = list_folder(src, 5000)
-    _begin_journal(ws, "owner-crash", ws.owner_dir("owner-crash"), [f.data for f in files])
-    ws.commit_owner_files("owner-crash", [("2", files[0].data)], {})
-    dvc.add_and_push(ws.root, push=False)
+    key, files = interrupted_ingestion(ctx, "owner-crash", tmp_path, good_png(4242))
     assert snapshot(ws) != before  # half-done
-    assert recover_interrupted(ws) == ["owner-crash"]
+    with ws.lock():
+        assert recover_interrupted(ctx) == [key]
     assert snapshot(ws) == before
-    assert dvc.md5_bytes(files[0].data) not in dvc.list_objects(ws.root)["cache"]
+    assert dvc.md5_bytes(files[0]) not in dvc.list_objects(ws.root)["cache"]
 
 
 def test_rejection_survives_pickling_with_its_report():
@@ -190,6 +191,6 @@ def test_rejection_survives_pickling_with_its_report():
 
     from cdm.platform.validation import Problem, ValidationReport
 
-    e = IngestionRejected("alice", ValidationReport(False, 1, [Problem("3/a.png", "empty file (0 bytes)")]))
+    e = IngestionRejected("ok-1234", ValidationReport(False, 1, [Problem("3/a.png", "empty file (0 bytes)")]))
     back = pickle.loads(pickle.dumps(e))
     assert isinstance(back, IngestionRejected) and back.report.problems[0].file == "3/a.png" and str(back) == str(e)

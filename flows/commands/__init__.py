@@ -1,0 +1,11 @@
+"""What each `cdm` command does: load the workspace's `Context` once, check the request, run flows, and return
+`(result for --json, text for people)`. Refusals raise `WorkspaceError` / `CommandFailed` (flows/cli.py maps them).
+"""
+
+from flows.commands.data import consent, ingest, init, pretrain
+from flows.commands.models import compose, evaluate, sample, train
+from flows.commands.revocation import finish_revocation, revoke
+from flows.commands.workspace import demo, serve, status, ui
+
+__all__ = ["compose", "consent", "demo", "evaluate", "finish_revocation", "ingest", "init", "pretrain", "revoke",
+           "sample", "serve", "status", "train", "ui"]

@@ -1,0 +1,76 @@
+"""`cdm` commands, data in: creating a workspace, ingesting an owner's batch, recording a new consent, the shared init."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdm.platform.errors import CommandFailed, WorkspaceError
+from flows.commands.common import _ctx
+
+
+def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: str | None):
+    from cdm.platform.create import init_workspace
+
+    ws = init_workspace(dir, remote=remote, endpoint_url=endpoint_url, artifact_root=artifact_root)
+    uri = ws.tracking_uri()
+    return {"workspace": str(ws.root), "tracking_uri": uri}, f"workspace ready: {ws.root} (MLflow store {uri})"
+
+
+def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None):
+    from cdm.platform.ingest import IngestionRejected
+    from cdm.platform.sources import SourceError
+    from cdm.platform.workspace import check_owner_id
+    from flows.ingestion import ingest as run_ingestion
+
+    check_owner_id(owner)
+    ctx = _ctx(workspace)
+    try:
+        result = run_ingestion(ctx, owner, source, license, cron)
+    except IngestionRejected as e:
+        raise CommandFailed(f"{e.summary()}; report: {e.report.docs}", code=2,
+                            result={"owner": owner, "rejected": e.report.as_dict()}) from None
+    except SourceError as e:
+        raise WorkspaceError(f"{source}: {e}") from None
+    text = (f"ingested {result['added']} new samples for {owner} ({result['total']} in all; owner key "
+            f"{result['owner_key']}); data {result['data_hash']}")
+    if result.get("token"):
+        text += f"\nowner token (shown once; proves `cdm revoke {owner} --token ...`): {result['token']}"
+    return result, text
+
+
+def consent(workspace: str, owner: str):
+    from cdm.platform import ledger, owner_records, registry
+    from cdm.platform.workspace import check_owner_id, now
+
+    ctx = _ctx(workspace)
+    key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
+    if rec is None:
+        raise WorkspaceError(f"no record of owner {owner!r}: a first `cdm ingest` records their consent")
+    if rec.state != "revoked":
+        raise WorkspaceError(f"owner {owner!r} has not revoked consent; nothing to record")
+    from cdm.platform.revocations import load
+
+    if rec.revocation and not load(ctx.ws, rec.revocation).completed:
+        raise WorkspaceError(f"the revocation of {owner!r} is still in progress; consent can follow once it ends")
+    entry, head = ledger.record(ctx.ws, {"event": "consent", "owner_key": key, "received": now()})
+    registry.anchor_ledger(ctx.client, head)
+    owner_records.update(ctx.ws, key, state="pending", consents=rec.consents + [now()],
+                         drop=("revocation", "revoked"))
+    token = owner_records.issue_token(ctx.ws, key)
+    return ({"owner": owner, "owner_key": key, "token": token, "ledger_seq": entry["seq"]},
+            f"consent of {owner} recorded (ledger entry {entry['seq']}); `cdm ingest {owner} SOURCE` may bring their "
+            f"data in again\nowner token (shown once): {token}")
+
+
+def pretrain(workspace: str, source: str, steps: int | None, progress: bool):
+    from cdm.platform.ingest import IngestionRejected
+    from flows.training import pretrain as run_pretrain
+
+    _ctx(workspace)
+    try:
+        result = run_pretrain(str(Path(workspace).resolve()), source, steps, progress=progress)
+    except IngestionRejected as e:
+        raise CommandFailed(f"public data: {e.summary()}", result={"rejected": e.report.as_dict()}) from None
+    return result, (f"cdm-init v{result['version']} (alias current): {result['samples']} public samples, "
+                    f"{result['steps']} steps ({result['seconds']} s); set `train.init: public` in params.yaml to "
+                    "start shards from it")

@@ -1,0 +1,124 @@
+"""`cdm` commands, models: training, composing, sampling, evaluating."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from cdm.platform.errors import CommandFailed, WorkspaceError
+from flows.commands.common import _ctx, _status
+
+
+def _owner_keys(ctx, owners: str | None) -> list[str] | None:
+    from cdm.platform.workspace import check_owner_id
+
+    if not owners:
+        return None
+    names = [check_owner_id(o.strip()) for o in owners.split(",") if o.strip()]
+    unknown = sorted(set(names) - set(ctx.ws.owners()))
+    if unknown:
+        raise WorkspaceError(f"unknown owner(s): {', '.join(unknown)}")
+    return [ctx.ws.owner_key(o) for o in names]
+
+
+def train(workspace: str, owners: str | None, paragon: bool, progress: bool):
+    from flows.training import run_training
+
+    ctx = _ctx(workspace)
+    keys = _owner_keys(ctx, owners)
+    result = run_training(ctx, keys, paragon, progress=progress)
+    lines = [f"{s}: " + ("unchanged" if r["skipped"] else f"v{r['version']} ({r['seconds']} s, final train_loss "
+                                                           f"{r['final_loss']})")
+             for s, r in result["shards"].items()]
+    if result["paragon"]:
+        lines.append(f"paragon: v{result['paragon']['version']}")
+    return result, "\n".join(lines + [f"total {result['seconds']} s"])
+
+
+def compose(workspace: str, estimator: str | None, progress: bool):
+    from flows.composition import compose as run_compose
+
+    ctx = _ctx(workspace)
+    with _status("composing: registering the composite and sampling its preview grid", progress):
+        result = run_compose(str(ctx.ws.root), estimator, progress)
+    return result, f"cdm-composite v{result['version']} is production ({result['estimator']}, {len(result['shards'])} shards)"
+
+
+def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed: int, out: str | None):
+    import torch
+
+    from cdm.config import Consumers
+    from cdm.data import save_grid
+    from cdm.platform.composites import load_production, production
+
+    ctx = _ctx(workspace)
+    if n < 1 or n > 10_000:
+        raise WorkspaceError("--n must be between 1 and 10000")
+    labels = ctx.params.data.labels
+    if label is not None and label not in labels:
+        raise WorkspaceError(f"--label {label} is not in the label set {labels}")
+    allowed = None
+    if consumer:
+        consumers = Consumers.load(ctx.ws.consumers_path)
+        licenses = {o: ctx.ws.manifest(o).get("license") for o in ctx.ws.owners()}
+        try:
+            owners = consumers.allowed_owners(consumer, licenses)
+        except KeyError as e:
+            raise WorkspaceError(str(e.args[0])) from None
+        allowed = [ctx.ws.owner_key(o) for o in owners]
+    prod = production(ctx)
+    if prod is None:
+        raise WorkspaceError("no production composite; run `cdm compose` first")
+    shards = [s for s in prod[1]["shards"] if allowed is None or set(s["owners"]) <= set(allowed)]
+    if not shards:
+        raise WorkspaceError(f"consumer {consumer!r}: no shard is composed solely of owners it may use")
+    served = sorted({y for s in shards for y, count in enumerate(s["class_counts"]) if count > 0})
+    if label is not None and label not in served:
+        raise WorkspaceError(f"no remaining owner's data holds label {label}; the shards served cover labels {served}")
+    request = {"n": n, "seed": seed, **({"label": label} if label is not None else {}),
+               **({"allowed_owners": allowed} if allowed is not None else {})}
+    out_dict = load_production(ctx).predict(request)
+    path = Path(out) if out else ctx.ws.root / "outputs" / "samples.png"
+    save_grid(torch.from_numpy(out_dict["images"]), path)
+    names = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
+    samples = [{"index": i, "attribution": {names.get(k, k): round(v, 6) for k, v in a.items()}}
+               for i, a in enumerate(out_dict["attribution"])]
+    result = {"image": str(path), "n": n, "label": label, "consumer": consumer, "shards": out_dict["shards"],
+              "samples": samples}
+    totals: dict[str, float] = {}
+    for s in samples:
+        for o, w in s["attribution"].items():
+            totals[o] = totals.get(o, 0.0) + w / len(samples)
+    text = f"wrote {path}\nattribution (mean over samples): " + ", ".join(
+        f"{o} {w:.2f}" for o, w in sorted(totals.items(), key=lambda kv: -kv[1]))
+    return result, text
+
+
+def evaluate(workspace: str, out: str | None, fail_on_regression: bool):
+    from flows.evaluation import evaluate as run_evaluation
+
+    ctx = _ctx(workspace)
+    metrics = run_evaluation(str(ctx.ws.root), out)
+    text = evaluation_text(metrics)
+    if fail_on_regression and metrics["regressions"]:
+        raise CommandFailed(f"{len(metrics['regressions'])} regression(s): " + "; ".join(metrics["regressions"]),
+                            code=1, result=metrics, text=text)
+    return metrics, text
+
+
+def evaluation_text(m: dict) -> str:
+    def f(v, spec=".3f"):
+        return "n/a" if v is None else format(v, spec)
+
+    lines = [f"composite v{m['composite_version']} ({m['estimator']}, {m['shards']} shards), "
+             f"{m['n_samples']} samples vs {m['n_real']} owners' images",
+             f"  FID {f(m['fid'], '.2f')}   paragon FID {f(m.get('paragon_fid'), '.2f')}   fid_ratio {f(m['fid_ratio'])}",
+             f"  KID {f(m['kid'], '.4f')} ± {f(m['kid_std'], '.4f')} (unbiased MMD² in feature-net units, as torchmetrics "
+             f"computes it; compare only with the same feature net {m['feature_sha256'][:12]})",
+             f"  memorization {f(m['memorization'])} (paragon {f(m.get('paragon_memorization'))})",
+             "  membership AUC of revoked owners: " + (", ".join(f"{k} {v:.3f}" for k, v in
+                                                               m["membership_auc"].items()) or "none revoked"),
+             "  attribution by owner key: " + ", ".join(f"{k} {v:.2f}" for k, v in m["attribution"].items())]
+    if m.get("paragon_note"):
+        lines.append(f"  note: {m['paragon_note']}")
+    lines.append("regressions: " + ("; ".join(m["regressions"]) if m["regressions"] else "none"))
+    return "\n".join(lines)

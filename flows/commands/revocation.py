@@ -1,0 +1,82 @@
+"""`cdm` commands, revocation: out of serving here, the rest in a background process (or `--wait`)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+
+from cdm.platform.errors import CommandFailed, WorkspaceError
+from flows.commands.common import _ctx, _status
+
+
+def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wait: bool, progress: bool):
+    """Checked and begun here (the token stays in this process), out of serving in this process, the rest in a
+    background process unless `wait` (it gets the token through a pipe, to search the stores for it)."""
+    from cdm.platform import owner_records, unlearn
+    from cdm.platform.revocations import load
+    from cdm.platform.workspace import check_owner_id
+    from flows.unlearning import known_token, unlearn_owner
+
+    ctx = _ctx(workspace)
+    key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
+    if rec is None or (rec.state != "revoked" and owner not in ctx.ws.owners()):
+        raise WorkspaceError(f"unknown owner {owner!r}")
+    resuming = rec.state == "revoked" and rec.revocation is not None
+    if resuming and load(ctx.ws, rec.revocation).completed:
+        raise WorkspaceError(f"owner {owner!r} was already revoked (request {rec.revocation})")
+    if token is not None and not resuming:
+        owner_records.authorize(ctx.ws, owner, token)  # PermissionError (exit 2) before anything changes
+    rev = unlearn.begin(ctx, key, hashlib.sha256(token.encode()).hexdigest() if token else None, reason)
+    marker = known_token.set(token)
+    try:
+        if wait:
+            with _status(f"revoking {owner}: live without them, retrain, purge, scan, certify", progress):
+                cert = unlearn_owner(str(ctx.ws.root), key, progress=progress)
+            return _revoked(owner, cert)
+        live = unlearn_owner(str(ctx.ws.root), key, until="go_live")
+    finally:
+        known_token.reset(marker)
+    log = ctx.ws.logs_dir / f"{rev.request_id}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "finish-revocation", key, "--workspace",
+                                 str(ctx.ws.root)] + (["--token-stdin"] if token else []),
+                                stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True,
+                                start_new_session=True, cwd=str(ctx.ws.root))
+        proc.stdin.write((token or "") + "\n")
+        proc.stdin.close()
+    version = live["live"]["composite_live"]
+    serving = f"production is cdm-composite v{version} without their shards" if version else "nothing is served"
+    result = {**live, "background": {"pid": proc.pid, "log": str(log)}}
+    return result, (f"{owner} is out of serving ({rev.request_id}): {serving}, live in "
+                    f"{live['live']['seconds_to_live']:.1f} s; their ingestion schedule is removed.\n"
+                    f"The purge continues in the background (pid {proc.pid}, log {log}); `cdm status` shows its "
+                    f"progress (`--wait` waits for it).")
+
+
+def _revoked(owner: str, cert: dict):
+    v = cert.get("verification") or {}
+    text = (f"revoked {owner} ({cert['request_id']}): live in {cert['seconds_to_live']} s, complete in "
+            f"{cert['seconds_to_complete']} s; dropped {cert['shards_dropped']}, retrained "
+            f"{cert['shards_retrained']}; verification {'ok' if v.get('ok') else 'FAILED'} "
+            f"({sum(v.get('scan', {}).get('scanned', {}).values())} items in "
+            f"{len(v.get('scan', {}).get('scanned', {}))} stores scanned)")
+    if not v.get("ok"):
+        raise CommandFailed("verification found traces of the owner: " + json.dumps(
+            v.get("scan", {}).get("findings", [])[:3]), code=1, result=cert, text=text)
+    return cert, text
+
+
+def finish_revocation(workspace: str, owner_key: str, token_stdin: bool):
+    from flows.unlearning import known_token, unlearn_owner
+
+    ctx = _ctx(workspace)
+    token = sys.stdin.readline().strip() if token_stdin else None
+    marker = known_token.set(token or None)
+    try:
+        cert = unlearn_owner(str(ctx.ws.root), owner_key)
+    finally:
+        known_token.reset(marker)
+    return _revoked(owner_key, cert)

@@ -1,0 +1,76 @@
+"""`cdm` commands, the workspace as a whole: status, the demo, serving deployments, the UIs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from cdm.platform.errors import CommandFailed
+from flows.commands.common import _ctx
+
+
+def status(workspace: str):
+    from cdm.platform import ledger, owner_records, registry
+    from cdm.platform.composites import production
+    from cdm.platform.revocations import all_revocations
+    from cdm.platform.shards import load_plan
+
+    ctx = _ctx(workspace)
+    ws, c = ctx.ws, ctx.client
+    owners = [{"id": o, "samples": len(ws.manifest(o)["samples"]), "state": "active",
+               "license": ws.manifest(o).get("license")} for o in ws.owners()]
+    active = {ws.owner_key(o["id"]) for o in owners}
+    owners += [{"id": key, "samples": 0, "state": rec.state} for key, rec in sorted(owner_records.records(ws).items())
+               if key not in active and rec.state != "pending"]
+    shards = [{"id": sid, "owners": members,
+               "model_version": (mv.version if (mv := registry.latest(c, registry.SHARD_PREFIX + sid)) else None)}
+              for sid, members in sorted(load_plan(ws).items())]
+    prod = production(ctx)
+    composite = None if prod is None else {"version": prod[0], "shards": [s["id"] for s in prod[1]["shards"]],
+                                           "estimator": prod[1]["estimator"]}
+    in_progress = [{"request_id": r.request_id, "owner_key": r.owner_key, "done": r.steps_done, "next": r.next_step}
+                   for r in all_revocations(ws) if not r.completed]
+    check = ledger.verify(ws.ledger_path, ws.secret(), registry.ledger_anchor(c))
+    result = {"workspace": str(ws.root), "owners": owners, "shards": shards, "production": composite,
+              "revocations_in_progress": in_progress, "ledger": check.as_dict()}
+    lines = [f"workspace {ws.root}", "owners:"] + [f"  {o['id']:<24} {o['state']:<8} {o['samples']} samples"
+                                                   for o in owners]
+    lines += ["shards:"] + [f"  {s['id']:<14} v{s['model_version']}  {', '.join(s['owners'])}" for s in shards]
+    lines += ["production: " + (f"cdm-composite v{composite['version']} ({composite['estimator']}, "
+                                 f"{len(composite['shards'])} shards)" if composite else "none")]
+    lines += [f"revocation in progress: {r['request_id']} ({r['owner_key']}): done {', '.join(r['done'])}; "
+              f"next {r['next']}" for r in in_progress]
+    lines += [f"ledger: {check.entries} entries, " + ("chain verified, anchor matches" if check.ok
+                                                      else f"TAMPERED: {check.problem}")]
+    if not check.ok:
+        raise CommandFailed(f"audit ledger verification failed: {check.problem}", code=1, result=result,
+                            text="\n".join(lines))
+    return result, "\n".join(lines)
+
+
+def demo(out: str, quick: bool, owners: int, partition: str, progress: bool):
+    from flows.demo import demo as run_demo
+
+    result = run_demo(out, quick=quick, owners=owners, partition=partition, progress=progress)
+    return result, result["report"]
+
+
+def serve(workspace: str):
+    from flows.deployments import serve as run_serve
+
+    run_serve(str(_ctx(workspace).ws.root))
+    return None, ""
+
+
+def ui(workspace: str, port: int, print_only: bool):
+    ctx = _ctx(workspace)
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ctx.tracking_uri, "--port", str(port)]
+    prefect = f"PREFECT_HOME={ctx.ws.prefect_home} {sys.executable} -m prefect server start"
+    text = (f"MLflow UI:  {' '.join(mlflow_cmd)}   (http://127.0.0.1:{port})\n"
+            f"Prefect UI: {prefect}   (http://127.0.0.1:4200)")
+    result = {"mlflow": mlflow_cmd, "prefect": prefect}
+    if print_only:
+        return result, text
+    print(text, file=sys.stderr)
+    subprocess.run(mlflow_cmd, check=False)
+    return result, ""
