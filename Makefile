@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench lint clean
+.PHONY: install test test-slow demo bench clean
 
 install: $(STAMP)
 
@@ -26,11 +26,11 @@ test-slow: install
 	$(PY) -m pytest -q -m slow
 
 demo: install
-	rm -rf demo-workspace
+	rm -rf demo-workspace demo-workspace.sources
 	$(VENV)/bin/cdm demo --quick --out demo-workspace
 
 bench: install
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) demo-workspace .pytest_cache
+	rm -rf $(VENV) demo-workspace demo-workspace.sources .pytest_cache

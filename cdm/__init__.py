@@ -1,6 +1,6 @@
 """cdm: compartmentalized diffusion models.
 
-One denoiser per data compartment (shard), composed at sampling time (see DESIGN.md §2). The library is plain
+One denoiser per data compartment (shard), composed at sampling time (see docs/design.md §2). The library is plain
 Python + torch/diffusers: functions take explicit arguments and read no files, globals or environment variables
 of their own. Heavy imports live inside the modules that need them.
 """

@@ -1,4 +1,4 @@
-"""Attribution: which owners produced a sample (DESIGN.md §2).
+"""Attribution: which owners produced a sample (docs/design.md §2).
 
 A sample's shard weights, averaged over its trajectory (and the final ones), are split over the owners of each
 shard in proportion to the samples each owner contributed to it, and summed per owner.

@@ -1,4 +1,4 @@
-"""Evaluation (DESIGN.md §6): FID/KID with our own feature network, memorization, membership inference.
+"""Evaluation (docs/design.md §6): FID/KID with our own feature network, memorization, membership inference.
 
 The feature network is a small classifier trained on a held-out split that belongs to no owner, so no weights are
 downloaded. Every score carries the sha256 of the feature network's weights.

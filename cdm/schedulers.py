@@ -5,7 +5,7 @@ Every sampling step of DDPM and of DDIM (with eta) is linear in the predicted no
     x_prev = a_t * x_t + b_t * eps(x_t) + sigma_t * z,     z ~ N(0, I)
 
 `transition` returns `(a_t, b_t, sigma_t)` for the scheduler's own update, so that the path weight estimator of
-DESIGN.md §2 scores exactly the transitions the sampler draws from. `clip_sample` is off: clipping the predicted x0
+docs/design.md §2 scores exactly the transitions the sampler draws from. `clip_sample` is off: clipping the predicted x0
 would make the step non-linear in eps.
 """
 

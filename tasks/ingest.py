@@ -35,8 +35,9 @@ def validate_batch(ctx: Context, owner_key: str, files: list[SourceFile]) -> dic
     return report.as_dict()
 
 
-@task(cache_policy=NO_CACHE, retries=1, retry_delay_seconds=5, retry_condition_fn=retry_on_io)
+@task(cache_policy=NO_CACHE)
 def commit_batch(ctx: Context, owner_key: str, files: list[SourceFile]) -> IngestResult:
-    """Owner folder + manifest, `dvc add`, `dvc push` (retried inside), git commit — all or nothing."""
+    """Owner folder + manifest, `dvc add`, `dvc push`, git commit — all or nothing. Not retried as a task: the push
+    has its own backoff, and a failed commit is rolled back (a retry would only repeat the rollback's I/O)."""
     license = owner_records.record(ctx.ws, owner_key).license
     return commit(ctx, owner_key, files, owner_metadata(files, license))

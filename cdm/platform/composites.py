@@ -28,7 +28,7 @@ class NothingToCompose(WorkspaceError):
 
 
 def _shard_entry(sid: str, mv) -> dict:
-    return {"id": sid, "model": mv.name, "version": mv.version, "owners": json.loads(mv.tags["cdm.owner_counts"]),
+    return {"id": sid, "model": mv.name, "version": str(mv.version), "owners": json.loads(mv.tags["cdm.owner_counts"]),
             "class_counts": json.loads(mv.tags["cdm.class_counts"]), "weights_sha256": mv.tags["cdm.weights_sha256"],
             "run_id": mv.run_id}
 

@@ -93,7 +93,7 @@ def evaluate(ctx: Context) -> dict:
     if paragon_mv is not None and json.loads(paragon_mv.tags.get("cdm.owner_keys", "[]")) == active_keys:
         para = sample_paragon(c, e.n_samples, e.seed)
         p_scores = fid_kid(real.x, para, net)
-        metrics.update(paragon_version=paragon_mv.version, paragon_fid=p_scores.fid, paragon_kid=p_scores.kid_mean,
+        metrics.update(paragon_version=str(paragon_mv.version), paragon_fid=p_scores.fid, paragon_kid=p_scores.kid_mean,
                        fid_ratio=scores.fid / p_scores.fid, paragon_memorization=memorization(para, real.x)["share"])
     else:
         metrics.update(paragon_version=None, fid_ratio=None,

@@ -208,7 +208,7 @@ def _begin_journal(ws: Workspace, key: str, owner: str, target: Path, batch: lis
     dvc_file = ws.root / "data.dvc"
     journal = ws.staging_dir / f"journal-{key}-{stamp}.json"
     tmp = journal.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"owner_key": key, "backup": str(backup) if target.exists() else None,
+    tmp.write_text(json.dumps({"owner_key": key, "owner": owner, "backup": str(backup) if target.exists() else None,
                                "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
                                "objects": sorted({dvc.md5_bytes(d) for d in batch})}))
     tmp.replace(journal)
@@ -228,7 +228,7 @@ def recover_interrupted(ctx: Context) -> list[str]:
     ws, undone = ctx.ws, []
     for journal in sorted(ws.staging_dir.glob("journal-*.json")) if ws.staging_dir.exists() else []:
         state = json.loads(journal.read_text())
-        owner = owner_records.record(ws, state["owner_key"]).owner
+        owner = state["owner"]  # the journal may outlive the record of a first ingestion that failed
         target = ws.owner_dir(owner)
         shutil.rmtree(target, ignore_errors=True)
         if state["backup"] and Path(state["backup"]).exists():
@@ -245,6 +245,8 @@ def recover_interrupted(ctx: Context) -> list[str]:
         if orphans:
             dvc.delete_objects(ws.root, orphans, s3_client=ctx.dvc_s3())
         _end_journal(journal)
+        if not target.exists():
+            owner_records.remove(ws, state["owner_key"])  # a first ingestion that never committed leaves no record
         undone.append(state["owner_key"])
     for leftover in ws.staging_dir.iterdir() if ws.staging_dir.exists() else []:
         if not leftover.name.startswith("journal-"):

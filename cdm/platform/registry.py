@@ -154,7 +154,7 @@ def versions_tagged(c, owner_key: str) -> list[tuple[str, str]]:
     """(name, version) of every registered version whose `cdm.owner_keys` names the owner."""
     import json
 
-    return [(m.name, mv.version) for m in c.search_registered_models() for mv in versions(c, m.name)
+    return [(m.name, str(mv.version)) for m in c.search_registered_models() for mv in versions(c, m.name)
             if owner_key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))]
 
 

@@ -58,8 +58,8 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
     uri = ctx.tracking_uri
     if uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
-        stores.append(FolderStore("MLflow backend", db.parent, tuple(p for p in db.parent.iterdir() if p != db)
-                                  if db.parent.exists() else ()))
+        stores.append(FolderStore("MLflow backend", db.parent, tuple(
+            p for p in db.parent.iterdir() if not p.name.startswith(db.name)) if db.parent.exists() else ()))
     else:
         stores.append(_Unscanned("MLflow backend", f"tracking server {uri} (not a file here)"))
     artifacts = ctx.artifact_root

@@ -168,18 +168,18 @@ def purge(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retr
     versions, whole, tainted = [], [], set()
     for sid in plan.exclusive_shards:
         name = registry.SHARD_PREFIX + sid
-        versions += [(name, mv.version) for mv in registry.versions(c, name)]
+        versions += [(name, str(mv.version)) for mv in registry.versions(c, name)]
         whole.append(name)
     for name in registry.registered_names(c, registry.SHARD_PREFIX) + [registry.PARAGON]:
         for mv in registry.versions(c, name):
             if key in json.loads(mv.tags.get("cdm.owner_keys", "[]")):
-                versions.append((name, mv.version))
-                tainted.add((name, mv.version))
+                versions.append((name, str(mv.version)))
+                tainted.add((name, str(mv.version)))
     for mv in registry.versions(c, registry.COMPOSITE):
         components = json.loads(mv.tags.get("cdm.components", "{}"))
-        saw = any((registry.SHARD_PREFIX + s, v) in tainted for s, v in components.items())
-        if (saw or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))) and mv.version not in keep:
-            versions.append((registry.COMPOSITE, mv.version))
+        saw = any((registry.SHARD_PREFIX + s, str(v)) in tainted for s, v in components.items())
+        if (saw or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))) and str(mv.version) not in keep:
+            versions.append((registry.COMPOSITE, str(mv.version)))
     mlflow_result = cleanup.purge(c, ctx.tracking_uri, sorted(set(versions)), whole)
     # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key.
     removed = []

@@ -335,7 +335,7 @@ def test_evaluation_writes_metrics_and_fails_on_regression(story, capsys):
         p = Params.load(ws.params_path)
         p.evaluate.fid_max, p.evaluate.memorization_max = 1e-6, -1.0
         p.dump(ws.params_path)
-        assert cli(["evaluate", "--workspace", str(ws.root)]) == 1
+        assert cli(["evaluate", "--workspace", str(ws.root), "--fail-on-regression"]) == 1
         captured = capsys.readouterr()
         assert "2 regression(s)" in captured.err and "fid" in captured.out and "memorization" in captured.out
         assert "KID" in captured.out and "feature-net units" in captured.out

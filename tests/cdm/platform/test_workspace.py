@@ -1,0 +1,72 @@
+"""Workspace paths, owner keys, owner records and consent, the shard plan, and the DVC adapter's targeted deletion
+(real `dvc` commands, a local remote)."""
+
+import pytest
+
+from cdm.platform import dvc, owner_records
+from cdm.platform.errors import OwnerRevoked, WorkspaceError
+from cdm.platform.shards import plan_shards
+from cdm.platform.workspace import Workspace
+
+
+@pytest.fixture
+def ws(tmp_path) -> Workspace:
+    ws = Workspace(tmp_path / "ws")
+    ws.root.mkdir()
+    return ws
+
+
+def test_owner_ids_cannot_escape_and_keys_are_stable_and_pseudonymous(ws, tmp_path):
+    for bad in ("../x", "/abs", "A", "", "a" * 65):
+        with pytest.raises(WorkspaceError, match="not allowed"):
+            ws.owner_dir(bad)
+    key = ws.owner_key("alice")
+    assert key == Workspace(ws.root).owner_key("alice") and key.startswith("ok-") and "alice" not in key
+    other = Workspace(tmp_path / "other")
+    assert other.owner_key("alice") != key  # another workspace's secret: another key
+
+
+def test_owner_records_keep_the_raw_id_and_a_revoked_owner_needs_a_new_consent(ws):
+    key = ws.owner_key("alice")
+    owner_records.update(ws, key, owner="alice", source="/data/alice")
+    token = owner_records.issue_token(ws, key)
+    assert owner_records.authorize(ws, "alice", token) == "owner" and owner_records.authorize(ws, "alice", None) == "operator"
+    with pytest.raises(PermissionError):
+        owner_records.authorize(ws, "alice", "someone-else")
+    owner_records.update(ws, key, state="revoked", revocation="rev-1", drop=("source", "token_sha256"))
+    rec = owner_records.record(ws, key)
+    assert rec.owner == "alice" and rec.source is None and rec.token_sha256 is None
+    with pytest.raises(OwnerRevoked, match="cdm consent"):
+        owner_records.require_consent(rec, key)
+    owner_records.update(ws, key, state="pending", drop=("revocation",))
+    owner_records.require_consent(owner_records.record(ws, key), key)  # consent recorded: allowed again
+    owner_records.remove(ws, ws.owner_key("nobody"))  # removing what is not there changes nothing
+    assert set(owner_records.records(ws)) == {key}
+
+
+def test_the_plan_keeps_shards_and_groups_small_owners(ws):
+    first = plan_shards(ws, {"alice": 200, "bob": 30, "carol": 40}, min_samples=60)
+    assert sorted(map(sorted, first.values())) == [["alice"], ["bob", "carol"]]
+    again = plan_shards(ws, {"alice": 200, "bob": 30, "carol": 40, "dave": 100}, min_samples=60, previous=first)
+    assert {s: o for s, o in again.items() if s in first} == first and ["dave"] in again.values()
+    after = plan_shards(ws, {"alice": 200, "carol": 40, "dave": 100}, min_samples=60, previous=again)
+    assert ["carol"] in after.values() and not any("bob" in o for o in after.values())
+
+
+def test_dvc_deletes_exactly_the_given_objects_from_cache_and_remote(ws, tmp_path):
+    import subprocess
+
+    subprocess.run(["git", "init", "-q"], cwd=ws.root, check=True)
+    dvc.init(ws.root, str(tmp_path / "remote"))
+    for owner, data in (("alice", b"a-bytes"), ("bob", b"b-bytes")):
+        (ws.owners_dir / owner / "1").mkdir(parents=True)
+        (ws.owners_dir / owner / "1" / "x.png").write_bytes(data)
+    dvc.add_and_push(ws.root, retry_delays=())
+    listing = dvc.list_objects(ws.root)
+    a, b = dvc.md5_bytes(b"a-bytes"), dvc.md5_bytes(b"b-bytes")
+    assert {a, b} <= listing["cache"] and {a, b} <= listing["remote"]
+    assert dvc.dir_objects(ws.root, prefix="owners/bob/") == [dvc.data_hash(ws.root)]
+    deleted = dvc.delete_objects(ws.root, [b])
+    assert deleted == {"cache": [b], "remote": [b]}
+    listing = dvc.list_objects(ws.root)
+    assert a in listing["cache"] and a in listing["remote"] and b not in listing["cache"] | listing["remote"]
