@@ -17,6 +17,22 @@ from pathlib import Path
 import torch
 
 
+def _train(preset: str, mp: str, steps: int, batch_size: int) -> tuple[dict, dict]:
+    """One training configuration (in its own process): timings, losses, and the final state dict (on the CPU)."""
+    from cdm.data import digits_dataset
+    from cdm.model import ModelConfig
+    from cdm.train import TrainConfig, train_shard
+
+    tcfg = TrainConfig(steps=steps, batch_size=batch_size, mixed_precision=mp, lr=1e-3)
+    t0 = time.perf_counter()
+    r = train_shard(digits_dataset(), ModelConfig.preset(preset), tcfg, progress=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return ({"seconds": round(time.perf_counter() - t0, 2), "steps": steps, "ms_per_step": round(1000 * r.seconds / steps, 2),
+             "loss_first10": sum(r.losses[:10]) / 10, "loss_last10": sum(r.losses[-10:]) / 10, "mixed_precision": mp},
+            {k: v.detach().cpu().clone() for k, v in r.unet.state_dict().items()})
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=300)
@@ -39,21 +55,17 @@ def main() -> None:
     report = {"device": torch.cuda.get_device_name(0) if cuda else platform.processor() or "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda}
     data = digits_dataset()
-    # 1. Training through accelerate: fp32 vs bf16 mixed precision, same seed.
+    # 1. Training through accelerate: fp32 vs bf16 mixed precision, same seed. accelerate keeps one precision per
+    #    process, so each configuration trains in a process of its own (spawned).
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
     for name, preset, mp in (("tiny-fp32", "tiny", "no"), ("tiny-bf16", "tiny", "bf16" if cuda else "no"),
                              ("base-bf16", "base", "bf16" if cuda else "no")):
-        cfg = ModelConfig.preset(preset)
-        tcfg = TrainConfig(steps=args.steps, batch_size=256 if cuda else 64, mixed_precision=mp, lr=1e-3)
-        t0 = time.perf_counter()
-        r = train_shard(data, cfg, tcfg, progress=False)
-        if cuda:
-            torch.cuda.synchronize()
-        report[f"train_{name}"] = {"seconds": round(time.perf_counter() - t0, 2), "steps": args.steps,
-                                   "ms_per_step": round(1000 * r.seconds / args.steps, 2),
-                                   "loss_first10": sum(r.losses[:10]) / 10, "loss_last10": sum(r.losses[-10:]) / 10,
-                                   "mixed_precision": mp}
+        with spawn.Pool(1) as pool:
+            report[f"train_{name}"], state = pool.apply(_train, (preset, mp, args.steps, 256 if cuda else 64))
         if name == "tiny-bf16":
-            init = {k: v.detach().clone() for k, v in r.unet.state_dict().items()}
+            init = state
     # 1b. The shared initialization on the device: a shard started from it begins where it ended.
     from cdm.safetensors_io import state_sha256
 

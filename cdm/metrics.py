@@ -170,20 +170,13 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, a
 
 
 def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor) -> float:
-    """Area under the ROC curve: P(score_pos > score_neg) + 0.5 P(tie)."""
+    """Area under the ROC curve (scikit-learn): P(score_pos > score_neg) + 0.5 P(tie)."""
+    from sklearn.metrics import roc_auc_score
+
     pos, neg = np.asarray(scores_pos, dtype=np.float64), np.asarray(scores_neg, dtype=np.float64)
     if len(pos) == 0 or len(neg) == 0:
         raise ValueError("AUC needs both positive and negative scores")
-    allv = np.concatenate([pos, neg])
-    order = allv.argsort(kind="mergesort")
-    ranks = np.empty(len(allv))
-    ranks[order] = np.arange(1, len(allv) + 1)
-    # Average ranks over ties.
-    for v in np.unique(allv):
-        m = allv == v
-        if m.sum() > 1:
-            ranks[m] = ranks[m].mean()
-    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+    return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
 def membership_auc(loss_members: torch.Tensor, loss_heldout: torch.Tensor) -> float:

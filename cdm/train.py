@@ -35,8 +35,10 @@ class TrainConfig:
     # Probability of replacing a label by the null label, so the shard also learns p(x) (unconditional sampling
     # and classifier-free guidance).
     label_dropout: float = 0.15
-    # EMA of the weights; the effective decay warms up as min(decay, (1+step)/(10+step)). None disables it.
+    # EMA of the weights (diffusers' EMAModel): the decay warms up as min(decay, (1+s)/(10+s)), s = updates - 1
+    # (the first update copies the weights). None disables it.
     ema_decay: float | None = 0.995
+    ema: str = "diffusers.EMAModel"  # which EMA (part of the config hash: checkpoints of another EMA never match)
     num_slices: int = 1
     seed: int = 0
     # sha256 (`state_sha256`) of the shared initialization every shard starts from: a UNet pretrained on public
@@ -94,34 +96,17 @@ def _slice_generator(seed: int, k: int) -> torch.Generator:
     return g
 
 
-class EMA:
-    """Exponential moving average of parameters, with decay warm-up."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].mul_(d).add_(v.detach().float(), alpha=1 - d)
-            else:
-                self.shadow[k].copy_(v)
-
-
 def _accelerator(mixed_precision: str):
-    """An Accelerator for this precision. accelerate keeps one process-wide state; a shard trained with another
-    precision than the previous one resets it (shards of one flow share their precision)."""
+    """An Accelerator for this precision. accelerate keeps one process-wide state and offers no public way to reset
+    it, so a process trains with one precision (the flows use `train.mixed_precision` throughout); asking for
+    another one is a clear error rather than a silent reset."""
     from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
 
     try:
         return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
-    except ValueError:
-        AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=mixed_precision, cpu=not torch.cuda.is_available())
+    except ValueError as e:
+        raise ValueError(f"this process already trains with another mixed precision than {mixed_precision!r}; "
+                         "run each precision in its own process") from e
 
 
 def train_shard(
@@ -152,6 +137,7 @@ def train_shard(
     Returns:
         The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
     """
+    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     if len(data) == 0:
@@ -202,9 +188,11 @@ def train_shard(
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     device = accelerator.device
-    ema = EMA(accelerator.unwrap_model(unet), cfg.ema_decay) if cfg.ema_decay else None  # on the device
+    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ema_state is not None:
-        ema.shadow = {k: v.to(device) for k, v in ema_state.items()}
+        ema.load_state_dict(ema_state)
+    if ema is not None:
+        ema.to(device)
     x_all, y_all = data.x.to(device), data.y.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     started, steps_run = time.perf_counter(), 0
@@ -236,7 +224,7 @@ def train_shard(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.update(accelerator.unwrap_model(unet), len(losses))
+                ema.step(accelerator.unwrap_model(unet).parameters())
             losses.append(float(loss.detach()))
             steps_run += 1
             bar.update(1)
@@ -247,12 +235,12 @@ def train_shard(
             state = {"model": accelerator.unwrap_model(unet).state_dict(), "optimizer": optimizer.state_dict(),
                      "losses": losses}
             if ema is not None:
-                state["ema"] = ema.shadow
+                state["ema"] = ema.state_dict()
             save_tree(state, ckpt_dir / f"{keys[k]}.safetensors")
     bar.close()
 
     final = accelerator.unwrap_model(unet).to("cpu").float()
     if ema is not None:
-        final.load_state_dict({k: v.to(final.state_dict()[k].dtype) for k, v in ema.shadow.items()})
+        ema.copy_to(final.parameters())
     final.eval()
     return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run)

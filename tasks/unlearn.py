@@ -2,6 +2,11 @@
 
 Each task returns the step's recorded output when the step is already done (a rerun after a crash), else runs it
 and records the output before returning. Steps that talk to remote stores retry on I/O failures.
+
+Why the revocation record and not Prefect's result persistence with cache keys: the record must be readable by
+`cdm status` and the evaluation without the Prefect API, survive a Prefect database that is reset or remote, and
+it is itself a store the verification scans (Prefect's result storage would be one more copy to purge). The
+tasks still pass their typed outputs to each other, so the Prefect UI shows the data flow step by step.
 """
 
 from __future__ import annotations

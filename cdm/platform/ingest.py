@@ -138,7 +138,9 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
         before = len(ws.manifest(rec.owner)["samples"]) if target.exists() else 0
         pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
         # A journal makes the commit all-or-nothing even across kill -9: until it is gone, a later run restores the
-        # previous owner folder and data.dvc and deletes the batch's objects from cache and remote.
+        # previous owner folder and data.dvc and deletes the batch's objects from cache and remote. (A Prefect
+        # transaction's rollback hooks run in the process that failed; after kill -9 there is no such process, and
+        # the undo must be done by the next command, which may not even run under Prefect.)
         journal = _begin_journal(ws, owner_key, rec.owner, target, [d for _, d in pairs])
         try:
             manifest = _write_owner_files(ws, owner_key, rec.owner, pairs, meta)

@@ -5,7 +5,9 @@
 
 A store is anything that yields `(where, bytes)` items. Matching rules:
 - the raw id as a whole word (not inside a longer id such as `alice2`), in every item except files whose format is
-  compressed or numeric (PNG, safetensors): a three-letter id would otherwise match random weight bytes;
+  compressed or numeric (PNG, safetensors): a three-letter id would otherwise match random weight bytes; in a
+  database file (SQLite and its WAL) column values sit next to each other with nothing between them, so there
+  the id only needs a boundary on its left;
 - hex strings (token sha256, sample sha256s, DVC md5s) and raw sample bytes (file contents and decoded pixels)
   as plain substrings, everywhere;
 - item names (paths, object keys) are searched for the raw id and the hex strings too.
@@ -33,12 +35,14 @@ class Needles:
     blobs: dict[bytes, str] = field(default_factory=dict)  # exact bytes (a sample file, its pixels) -> what
 
     def __post_init__(self):
-        self._word = None if not self.raw_id else re.compile(
-            rb"(?<![A-Za-z0-9_-])" + re.escape(self.raw_id.encode()) + rb"(?![A-Za-z0-9_-])")
+        left = rb"(?<![A-Za-z0-9_-])" + re.escape(self.raw_id.encode()) if self.raw_id else None
+        self._word = None if left is None else re.compile(left + rb"(?![A-Za-z0-9_-])")
+        self._left = None if left is None else re.compile(left)
 
-    def find(self, data: bytes, binary: bool, raw_id: bool = True) -> list[str]:
+    def find(self, data: bytes, binary: bool, raw_id: bool = True, database: bool = False) -> list[str]:
         found = []
-        if raw_id and self._word is not None and not binary and self._word.search(data):
+        pattern = self._left if database else self._word
+        if raw_id and pattern is not None and not binary and pattern.search(data):
             found.append("raw owner id")
         found += sorted({what for value, what in self.hex_strings.items() if value.encode() in data})
         found += sorted({what for blob, what in self.blobs.items() if blob in data})
@@ -148,6 +152,11 @@ def is_binary(where: str, data: bytes) -> bool:
         len(data) > 9 and data[8:10] == b'{"' and int.from_bytes(data[:8], "little") < len(data))  # safetensors
 
 
+def is_database(where: str, data: bytes) -> bool:
+    """A SQLite database, its write-ahead log or journal."""
+    return data.startswith(b"SQLite format 3\x00") or where.endswith(("-wal", "-journal", ".db", ".sqlite"))
+
+
 def scan(stores: Iterable[Store], needles: Needles) -> ScanReport:
     """Read every item of every store once; report each item that holds a needle (and why)."""
     report = ScanReport()
@@ -161,7 +170,7 @@ def scan(stores: Iterable[Store], needles: Needles) -> ScanReport:
                 report.unscanned.append(f"{store.name}: {where}")
                 continue
             binary = is_binary(where, data)
-            for what in needles.find(data, binary, not store.allow_raw_id):
+            for what in needles.find(data, binary, not store.allow_raw_id, is_database(where, data)):
                 report.findings.append(Finding(store.name, where, what))
         report.scanned[store.name] = report.scanned.get(store.name, 0) + count
     return report

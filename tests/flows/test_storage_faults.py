@@ -42,6 +42,7 @@ def owner_objects_on_remote(ws: Workspace, folder: Path, s3) -> set[str]:
     return held & set(dvc.list_objects(ws.root, s3_client=s3)["remote"])
 
 
+@pytest.mark.slow  # ~2 minutes of dropped connections and timeouts: `make test-slow`
 def test_s3_stopping_mid_push_fails_clearly_changes_nothing_and_is_cleaned_up_later(faulty, workspace_snapshot):
     from flows.ingestion import ingest
 

@@ -130,7 +130,7 @@ GOOD = st.integers(min_value=0, max_value=10_000).map(lambda s: ("good", s))
 BAD = st.sampled_from(sorted(BAD_FILES)).map(lambda k: ("bad", k))
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.lists(st.one_of(GOOD, GOOD, BAD), min_size=0, max_size=6))
 def test_any_mix_commits_exactly_the_good_batch_or_nothing(ctx, ws, tmp_path_factory, batch):
     src = tmp_path_factory.mktemp("mix")
