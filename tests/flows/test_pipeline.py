@@ -431,3 +431,17 @@ def test_verification_catches_a_trace_planted_in_each_store(story, s3):
                       "MLflow artifacts", "Prefect database"}, report.as_dict()
     assert not report.ok
     ctx.client.delete_run(run.info.run_id)
+
+
+def test_a_new_consent_lets_a_revoked_owner_in_again(story, capsys):
+    """Last in the module: carol consents again (ledger entry, new token), and her ingestion is accepted."""
+    ws = story["ws"]
+    capsys.readouterr()
+    assert cli(["consent", "carol", "--workspace", str(ws.root), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["token"] and doc["token"] != story["ingest"]["carol"]["token"] and doc["ledger_seq"] == 1
+    assert cli(["consent", "carol", "--workspace", str(ws.root)]) == 2  # not revoked any more
+    assert cli(["ingest", "carol", str(story["sources"]["carol"]), "--workspace", str(ws.root)]) == 0
+    assert "carol" in ws.owners() and owner_records.record(ws, story["carol_key"]).state == "active"
+    assert cli(["status", "--workspace", str(ws.root), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ledger"]["entries"] == 2

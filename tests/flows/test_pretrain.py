@@ -18,7 +18,8 @@ from cdm.platform.create import init_workspace
 from cdm.platform.errors import WorkspaceError
 from flows.cli import main as cli
 
-pytestmark = pytest.mark.usefixtures("prefect_harness")
+# ~35 s of training: in `make test-slow`, beside the other end-to-end runs.
+pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 
 def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(tmp_path, small_params,
