@@ -443,5 +443,6 @@ def test_a_new_consent_lets_a_revoked_owner_in_again(story, capsys):
     assert cli(["consent", "carol", "--workspace", str(ws.root)]) == 2  # not revoked any more
     assert cli(["ingest", "carol", str(story["sources"]["carol"]), "--workspace", str(ws.root)]) == 0
     assert "carol" in ws.owners() and owner_records.record(ws, story["carol_key"]).state == "active"
+    capsys.readouterr()
     assert cli(["status", "--workspace", str(ws.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ledger"]["entries"] == 2
