@@ -35,7 +35,13 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
             with _status(f"revoking {owner}: live without them, retrain, purge, scan, certify", progress):
                 cert = unlearn_owner(str(ctx.ws.root), key, progress=progress)
             return _revoked(owner, cert)
-        live = unlearn_owner(str(ctx.ws.root), key, until="go_live")
+        # Out of serving without waiting for a Prefect API to start: the two steps run here as plain functions
+        # (`task.fn`) and are recorded; the background flow run shows them as done and removes the schedule first.
+        from tasks import unlearn as steps
+
+        plan = steps.plan.fn(ctx, rev.request_id)
+        live_step = steps.go_live.fn(ctx, rev.request_id, plan)
+        live = {"request_id": rev.request_id, "owner_key": key, "live": live_step.model_dump(), "completed": False}
     finally:
         known_token.reset(marker)
     log = ctx.ws.logs_dir / f"{rev.request_id}.log"
@@ -51,7 +57,7 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
     serving = f"production is cdm-composite v{version} without their shards" if version else "nothing is served"
     result = {**live, "background": {"pid": proc.pid, "log": str(log)}}
     return result, (f"{owner} is out of serving ({rev.request_id}): {serving}, live in "
-                    f"{live['live']['seconds_to_live']:.1f} s; their ingestion schedule is removed.\n"
+                    f"{live['live']['seconds_to_live']:.1f} s; ingestion of them is refused from now on.\n"
                     f"The purge continues in the background (pid {proc.pid}, log {log}); `cdm status` shows its "
                     f"progress (`--wait` waits for it).")
 
