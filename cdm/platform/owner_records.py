@@ -101,12 +101,15 @@ def issue_token(ws: Workspace, key: str) -> str:
     return token
 
 
+def token_matches(rec: OwnerRecord | None, token_sha256: str) -> bool:
+    """Whether a token's sha256 is the one issued to this owner (constant-time)."""
+    return bool(rec and rec.token_sha256) and hmac.compare_digest(rec.token_sha256, token_sha256)
+
+
 def authorize(ws: Workspace, owner: str, token: str | None) -> str:
     """`owner` when the token proves the request comes from that owner, `operator` when no token is given."""
     if token is None:
         return "operator"
-    rec = record(ws, ws.owner_key(check_owner_id(owner)))
-    expected = rec.token_sha256 if rec else None
-    if not expected or not hmac.compare_digest(expected, hashlib.sha256(token.encode()).hexdigest()):
+    if not token_matches(record(ws, ws.owner_key(check_owner_id(owner))), hashlib.sha256(token.encode()).hexdigest()):
         raise PermissionError(f"the token does not belong to owner {owner!r}")
     return "owner"

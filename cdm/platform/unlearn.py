@@ -43,8 +43,6 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
     schedule, license and token hash dropped). `token_sha256` proves an owner's own request; without it the request
     is the operator's. Refuses unknown and already revoked owners.
     """
-    import hmac
-
     ws = ctx.ws
     with ws.lock():
         rec = owner_records.record(ws, owner_key)
@@ -57,7 +55,7 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
             return existing  # resume
         requested_by = "operator"
         if token_sha256 is not None:
-            if not rec.token_sha256 or not hmac.compare_digest(rec.token_sha256, token_sha256):
+            if not owner_records.token_matches(rec, token_sha256):
                 raise PermissionError(f"the token does not belong to owner {owner_key}")
             requested_by = "owner"
         rev = Revocation(request_id="rev-" + uuid.uuid4().hex[:12], owner_key=owner_key, received=now(),

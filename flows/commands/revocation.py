@@ -23,27 +23,25 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
     key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
     if rec is None or (rec.state != "revoked" and owner not in ctx.ws.owners()):
         raise WorkspaceError(f"unknown owner {owner!r}")
-    resuming = rec.state == "revoked" and rec.revocation is not None
-    if resuming and load(ctx.ws, rec.revocation).completed:
+    if rec.state == "revoked" and rec.revocation and load(ctx.ws, rec.revocation).completed:
         raise WorkspaceError(f"owner {owner!r} was already revoked (request {rec.revocation})")
-    if token is not None and not resuming:
-        owner_records.authorize(ctx.ws, owner, token)  # PermissionError (exit 2) before anything changes
+    # begin() checks the token (PermissionError, exit 2) before anything changes; only its hash leaves this function.
     rev = unlearn.begin(ctx, key, hashlib.sha256(token.encode()).hexdigest() if token else None, reason)
-    marker = known_token.set(token)
-    try:
-        if wait:
+    if wait:
+        marker = known_token.set(token)
+        try:
             with _status(f"revoking {owner}: live without them, retrain, purge, scan, certify", progress):
                 cert = unlearn_owner(str(ctx.ws.root), key, progress=progress)
-            return _revoked(owner, cert)
-        # Out of serving without waiting for a Prefect API to start: the two steps run here as plain functions
-        # (`task.fn`) and are recorded; the background flow run shows them as done and removes the schedule first.
-        from tasks import unlearn as steps
+        finally:
+            known_token.reset(marker)
+        return _revoked(owner, cert)
+    # Out of serving without waiting for a Prefect API to start: the two steps run here as plain functions
+    # (`task.fn`) and are recorded; the background flow run shows them as done and removes the schedule first.
+    from tasks import unlearn as steps
 
-        plan = steps.plan.fn(ctx, rev.request_id)
-        live_step = steps.go_live.fn(ctx, rev.request_id, plan)
-        live = {"request_id": rev.request_id, "owner_key": key, "live": live_step.model_dump(), "completed": False}
-    finally:
-        known_token.reset(marker)
+    plan = steps.plan.fn(ctx, rev.request_id)
+    live_step = steps.go_live.fn(ctx, rev.request_id, plan)
+    live = {"request_id": rev.request_id, "owner_key": key, "live": live_step.model_dump(), "completed": False}
     log = ctx.ws.logs_dir / f"{rev.request_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a") as f:
