@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from cdm.data import Dataset
 from cdm.model import Denoiser
-from cdm.schedulers import NoiseSchedule, train_scheduler, transition
+from cdm.schedulers import NoiseSchedule, check_linear, train_scheduler, transition
 
 EstimatorName = Literal["path", "router", "prior", "average"]
 ESTIMATORS: tuple[str, ...] = ("path", "router", "prior", "average")
@@ -46,6 +46,18 @@ def class_priors(counts: torch.Tensor) -> torch.Tensor:
     per_label = counts / counts.sum(0, keepdim=True).clamp(min=1)
     total = counts.sum(1, keepdim=True) / counts.sum().clamp(min=1)
     return torch.cat([per_label, total], dim=1).float()
+
+
+def check_path_sampler(scheduler, eta: float) -> None:
+    """The path estimator scores each stochastic transition; a sampler without noise leaves it nothing to score."""
+    from diffusers import DDIMScheduler
+
+    if scheduler is None:
+        raise ValueError("the path estimator needs the sampling scheduler")
+    check_linear(scheduler)
+    if isinstance(scheduler, DDIMScheduler) and eta <= 0:
+        raise ValueError("the path estimator needs a stochastic sampler (DDPM, or DDIM with eta > 0): with eta = 0 "
+                         "no step carries evidence and the weights would stay at the prior (the average estimator)")
 
 
 class ShardStack(torch.nn.Module):
@@ -122,10 +134,15 @@ class CompositeDenoiser(torch.nn.Module):
             raise ValueError(f"priors has {priors.shape[0]} rows for {n} shards")
         if estimator not in ESTIMATORS:
             raise ValueError(f"unknown estimator {estimator!r}; choose one of {ESTIMATORS}")
-        if estimator == "path" and scheduler is None:
-            raise ValueError("the path estimator needs the sampling scheduler")
+        if estimator == "path":
+            check_path_sampler(scheduler, eta)
         if estimator == "router" and router is None:
             raise ValueError("the router estimator needs a trained router")
+        if any(getattr(s, "guidance_scale", 0.0) for s in ([] if isinstance(shards, ShardStack) else shards)):
+            # Each shard would subtract its own unconditional prediction, not the mixture's (whose weights are
+            # p(i | x_t) without y): the guided composite would be no composition of anything.
+            raise ValueError("classifier-free guidance inside a composite's shards is not supported; "
+                             "use shards with guidance_scale 0")
         if evaluation == "batched" and not isinstance(shards, ShardStack):
             raise ValueError("batched evaluation needs a ShardStack")
         self.shards = shards
@@ -135,6 +152,14 @@ class CompositeDenoiser(torch.nn.Module):
         allowed[list(range(n)) if subset is None else list(subset)] = True
         if not allowed.any():
             raise ValueError("the subset allows no shard")
+        if estimator == "router":
+            trained_on = set(router.config.get("trained_on") or range(n))
+            if trained_on != set(allowed.nonzero().flatten().tolist()):
+                # A router is p(i | x_t, y) estimated on its training shards' data: it has seen the excluded
+                # owners' data and would renormalize over the wrong set.
+                raise ValueError(f"the router was trained on shards {sorted(trained_on)} but the composite may use "
+                                 f"{allowed.nonzero().flatten().tolist()}; train a router on exactly the allowed "
+                                 "shards' data, or use the prior or path estimator")
         self.register_buffer("allowed", allowed)
         self.estimator, self.scheduler, self.eta = estimator, scheduler, eta
         self.threshold, self.evaluation, self.router, self.generator = threshold, evaluation, router, generator
@@ -245,10 +270,11 @@ class Router(torch.nn.Module):
     """
 
     def __init__(self, n_shards: int, channels: int = 1, num_classes: int = 10, width: int = 32,
-                 num_train_timesteps: int = 1000):
+                 num_train_timesteps: int = 1000, trained_on: list[int] | None = None):
         super().__init__()
+        # trained_on: the shard indices whose data the router saw (a composite refuses it for any other subset).
         self.config = dict(n_shards=n_shards, channels=channels, num_classes=num_classes, width=width,
-                           num_train_timesteps=num_train_timesteps)
+                           num_train_timesteps=num_train_timesteps, trained_on=trained_on)
         self.conv1 = torch.nn.Conv2d(channels, width, 3, padding=1)
         self.conv2 = torch.nn.Conv2d(width, 2 * width, 3, padding=1)
         self.t_embed = torch.nn.Sequential(torch.nn.Linear(32, 2 * width), torch.nn.SiLU(),
@@ -303,7 +329,8 @@ def train_router(data: Dataset, shard_of: torch.Tensor, n_shards: int, num_class
     noise = train_scheduler(schedule)
     g = torch.Generator().manual_seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    router = Router(n_shards, data.x.shape[1], num_classes, cfg.width, schedule.num_train_timesteps)
+    router = Router(n_shards, data.x.shape[1], num_classes, cfg.width, schedule.num_train_timesteps,
+                    trained_on=sorted(shard_of.unique().tolist()))
     opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr)
     losses = []
     for _ in tqdm(range(cfg.steps), desc="router", disable=not progress, leave=False):

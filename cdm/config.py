@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -57,6 +57,12 @@ class ComposeParams(_Strict):
     eta: float = Field(1.0, ge=0)
     threshold: float = Field(1e-3, ge=0, lt=1)  # sparse composition
     router_steps: int = Field(1500, ge=1)
+
+    @model_validator(mode="after")
+    def _path_needs_noise(self) -> "ComposeParams":
+        if self.estimator == "path" and self.sampler == "ddim" and self.eta == 0:
+            raise ValueError("compose.estimator 'path' needs a stochastic sampler: use ddpm, or ddim with eta > 0")
+        return self
 
 
 class EvaluateParams(_Strict):

@@ -22,6 +22,18 @@ class CDMPipeline:
     def __init__(self, denoiser: Denoiser, scheduler, image_shape: tuple[int, int, int]):
         self.denoiser, self.scheduler, self.image_shape = denoiser, scheduler, tuple(image_shape)
 
+    def check(self, eta: float) -> None:
+        """A composite that scores transitions must see the very steps this pipeline takes."""
+        from diffusers import DDIMScheduler
+
+        if getattr(self.denoiser, "estimator", None) != "path":
+            return
+        if self.denoiser.scheduler is not self.scheduler:
+            raise ValueError("the path-weighted composite and the pipeline must share one scheduler object")
+        if isinstance(self.scheduler, DDIMScheduler) and self.denoiser.eta != eta:
+            raise ValueError(f"the composite scores DDIM steps with eta={self.denoiser.eta} but the pipeline "
+                             f"samples with eta={eta}")
+
     @torch.no_grad()
     def __call__(
         self,
@@ -41,6 +53,7 @@ class CDMPipeline:
         from diffusers import DDIMScheduler
         from tqdm.auto import tqdm
 
+        self.check(eta)
         labels = labels.to(device)
         # 1. New trajectory: stateful denoisers (path weights, attribution trace) start afresh.
         if hasattr(self.denoiser, "reset"):

@@ -59,21 +59,51 @@ def sampling_scheduler(schedule: NoiseSchedule, sampler: SamplerName = "ddpm"):
 
 def previous_timestep(scheduler, t: int) -> int:
     """The timestep the scheduler steps to from `t` (-1 after the last step)."""
+    if hasattr(scheduler, "previous_timestep"):  # DDPM knows its own (custom timesteps included)
+        return int(scheduler.previous_timestep(t))
     n = scheduler.config.num_train_timesteps
     steps = scheduler.num_inference_steps or n
     return t - n // steps
+
+
+# Variance types whose step is `mean + std * z` with a fixed std (diffusers' DDPMScheduler._get_variance rules).
+LINEAR_DDPM_VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
+
+
+def check_linear(scheduler) -> None:
+    """Refuse a scheduler whose step is not `a x_t + b eps + sigma z` with known (a, b, sigma).
+
+    The path estimator and the likelihood bound read the step's Gaussian from `transition`; a scheduler configured
+    otherwise (another prediction type, clipping or thresholding of x0, a learned variance) would be scored with
+    the wrong Gaussian, silently. So it is an error here, not a fallback.
+    """
+    from diffusers import DDIMScheduler, DDPMScheduler
+
+    c = scheduler.config
+    name = type(scheduler).__name__
+    if not isinstance(scheduler, (DDPMScheduler, DDIMScheduler)):
+        raise TypeError(f"no transition rule for {name}; use a DDPMScheduler or DDIMScheduler")
+    if c.prediction_type != "epsilon":
+        raise ValueError(f"{name} predicts {c.prediction_type!r}; transition() supports prediction_type='epsilon'")
+    if c.clip_sample or c.get("thresholding", False):
+        raise ValueError(f"{name} clips or thresholds x0, which makes the step non-linear in eps; turn it off")
+    if isinstance(scheduler, DDPMScheduler) and c.variance_type not in LINEAR_DDPM_VARIANCES:
+        raise ValueError(f"DDPMScheduler variance_type {c.variance_type!r} is not supported; "
+                         f"choose one of {LINEAR_DDPM_VARIANCES}")
 
 
 def transition(scheduler, t: int, eta: float = 1.0) -> tuple[float, float, float]:
     """Coefficients `(a, b, sigma)` of the step from `t`: `x_prev = a x_t + b eps + sigma z`.
 
     Args:
-        scheduler: a DDPMScheduler ('fixed_small') or DDIMScheduler, after `set_timesteps`.
+        scheduler: a DDPMScheduler (`fixed_small`, `fixed_small_log` or `fixed_large` variance) or DDIMScheduler,
+            predicting epsilon without clipping, after `set_timesteps`; anything else is refused (`check_linear`).
         t: the current timestep.
         eta: DDIM's stochasticity (ignored for DDPM). The path estimator needs sigma > 0, i.e. eta > 0.
     """
-    from diffusers import DDIMScheduler, DDPMScheduler
+    from diffusers import DDPMScheduler
 
+    check_linear(scheduler)
     ac = scheduler.alphas_cumprod.double()
     prev = previous_timestep(scheduler, t)
     a_t = ac[t]
@@ -86,14 +116,16 @@ def transition(scheduler, t: int, eta: float = 1.0) -> tuple[float, float, float
         ct = alpha.sqrt() * (1 - a_prev) / (1 - a_t)
         a = c0 / a_t.sqrt() + ct
         b = -c0 * (1 - a_t).sqrt() / a_t.sqrt()
-        var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20) if prev >= 0 else torch.tensor(0.0)
-        return float(a), float(b), float(var.sqrt())
-    if isinstance(scheduler, DDIMScheduler):
-        a_prev = ac[prev] if prev >= 0 else scheduler.final_alpha_cumprod.double()
-        var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
-        sigma = eta * var.sqrt()
-        # x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z
-        a = a_prev.sqrt() / a_t.sqrt()
-        b = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - sigma**2).sqrt()
-        return float(a), float(b), float(sigma)
-    raise TypeError(f"no transition rule for {type(scheduler).__name__}")
+        if scheduler.config.variance_type == "fixed_large":
+            var = beta
+        else:  # fixed_small and fixed_small_log draw with the posterior variance
+            var = ((1 - a_prev) / (1 - a_t) * beta).clamp(min=1e-20)
+        # diffusers adds noise for every t > 0 (a clamped 1e-20 variance, i.e. none, on a last step to prev < 0).
+        return float(a), float(b), float(var.sqrt()) if t > 0 and var > 1e-20 else 0.0
+    a_prev = ac[prev] if prev >= 0 else scheduler.final_alpha_cumprod.double()
+    var = (1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev)
+    sigma = eta * var.sqrt()
+    # x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev - sigma^2) eps + sigma z
+    a = a_prev.sqrt() / a_t.sqrt()
+    b = -a_prev.sqrt() * (1 - a_t).sqrt() / a_t.sqrt() + (1 - a_prev - sigma**2).sqrt()
+    return float(a), float(b), float(sigma)

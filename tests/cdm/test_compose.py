@@ -181,3 +181,48 @@ def test_sparse_threshold_skips_evaluations():
     # Same samples for almost all trajectories (they only differ where a dropped shard mattered).
     close = ((xd - xs).flatten(1).abs().max(1).values < 1e-2).float().mean()
     assert close > 0.95
+
+
+def test_path_with_a_deterministic_sampler_is_refused():
+    sched, shards, priors = gaussian_setup(sampler="ddim")
+    with pytest.raises(ValueError, match="stochastic sampler"):
+        CompositeDenoiser(shards, priors, "path", scheduler=sched, eta=0.0)
+
+
+def test_the_pipeline_refuses_an_eta_the_path_composite_does_not_score():
+    sched, shards, priors = gaussian_setup(sampler="ddim")
+    comp = CompositeDenoiser(shards, priors, "path", scheduler=sched, eta=1.0)
+    with pytest.raises(ValueError, match="eta"):
+        CDMPipeline(comp, sched, (1, 2, 2))(torch.tensor([0, 1]), 10, eta=0.0)
+    other = sampling_scheduler(NoiseSchedule(), "ddim")
+    with pytest.raises(ValueError, match="one scheduler"):
+        CDMPipeline(comp, other, (1, 2, 2))(torch.tensor([0, 1]), 10, eta=1.0)
+
+
+def test_classifier_free_guidance_inside_a_composite_is_refused():
+    cfg, unets = tiny_unets(2)
+    priors = class_priors(torch.tensor([[10.0] * 10, [5.0] * 10]))
+    guided = [UNetDenoiser(u, cfg.null_label, guidance_scale=2.0) for u in unets]
+    with pytest.raises(ValueError, match="guidance"):
+        CompositeDenoiser(guided, priors, "prior")
+
+
+def test_a_router_is_refused_for_a_subset_it_was_not_trained_on():
+    sched, shards, priors = gaussian_setup()
+    x = torch.randn(40, 1, 2, 2)
+    data = Dataset(x, torch.randint(0, 2, (40,)), [str(k) for k in range(40)])
+    both, _ = train_router(data, torch.arange(40) % 2, 2, num_classes=2, cfg=RouterConfig(steps=2, width=4))
+    with pytest.raises(ValueError, match="router was trained on shards"):
+        CompositeDenoiser(shards, priors, "router", router=both, subset=[0])
+    only_0, _ = train_router(data, torch.zeros(40, dtype=torch.long), 2, num_classes=2,
+                             cfg=RouterConfig(steps=2, width=4))
+    CompositeDenoiser(shards, priors, "router", router=only_0, subset=[0])  # trained on exactly the allowed shard
+
+
+def test_params_refuse_path_with_deterministic_ddim():
+    from pydantic import ValidationError
+
+    from cdm.config import ComposeParams
+
+    with pytest.raises(ValidationError, match="stochastic"):
+        ComposeParams(estimator="path", sampler="ddim", eta=0.0)
