@@ -66,10 +66,14 @@ class ComposeParams(_Strict):
 
 
 class EvaluateParams(_Strict):
-    n_samples: int = Field(500, ge=10)
+    n_samples: int = Field(500, ge=10)  # images per sample set (capped at the owners' control half)
+    sets: int = Field(5, ge=2)  # independent sample sets (seeds seed, seed+1, ...): the interval's backbone
     seed: int = 0
+    nll_steps: int = Field(100, ge=2)  # steps of the chain the likelihood bound is computed on
     feature_steps: int = Field(800, ge=1)
-    fid_ratio_max: float = 1.5  # thresholds checked by --fail-on-regression
+    # Thresholds checked by --fail-on-regression; a figure fails when its whole 95% interval is past the threshold.
+    fid_ratio_max: float = 1.5
+    nll_gap_max: float = 1.0  # bits/dim of the composite's bound over the paragon's
     fid_max: float | None = None
     membership_auc_max: float = 0.6
     memorization_max: float = 0.2

@@ -13,11 +13,16 @@ from pathlib import Path
 
 import torch
 
-from cdm.config import Params
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from cdm.compose import CompositeDenoiser
+from cdm.config import EvaluateParams, Params
 from cdm.data import Dataset, digits_dataset, digits_uint8, heldout_split
 from cdm.platform import registry
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
+from cdm.schedulers import NoiseSchedule
 
 FEATURE_NET = "feature-net.safetensors"
 
@@ -52,52 +57,172 @@ def owners_data(ctx: Context) -> Dataset:
     return Dataset.concat([ctx.ws.load_owner(o, d.image_size, d.channels, d.labels) for o in ctx.ws.owners()])
 
 
-def sample_paragon(c, n: int, seed: int) -> torch.Tensor | None:
+def paragon_unet(ctx: Context):
+    """The latest paragon's UNet if it was trained on exactly the current owners, else (None, reason)."""
     import mlflow
 
-    mv = registry.latest(c, registry.PARAGON)
-    if mv is None:
-        return None
+    mv = registry.latest(ctx.client, registry.PARAGON)
+    active_keys = sorted(ctx.ws.owner_key(o) for o in ctx.ws.owners())
+    if mv is None or json.loads(mv.tags.get("cdm.owner_keys", "[]")) != active_keys:
+        return None, None
     model = mlflow.pyfunc.load_model(f"models:/{registry.PARAGON}/{mv.version}")
-    return torch.from_numpy(model.predict({"n": n, "seed": seed})["images"])
+    return model.unwrap_python_model().unet, str(mv.version)
+
+
+def unseen(ctx: Context) -> Dataset:
+    """The held-out split minus any public sample the shared initialization was trained on: data no generator saw."""
+    import mlflow
+
+    held = heldout(ctx.params)
+    mv = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
+    if mv is None:
+        return held
+    manifest = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="public_manifest.json",
+                                                        tracking_uri=ctx.tracking_uri))
+    seen = {row["sha256"] for row in json.loads(manifest.read_text())}
+    return held.subset([i for i, h in enumerate(held.ids) if h not in seen])
+
+
+@dataclass
+class Models:
+    """What an evaluation measures: the composite (rebuilt per seed: the prior's draws follow the seed), its shards
+    with their priors (for the mixture's likelihood bound) and the paragon, all sampled with one sampler setting."""
+
+    composite_for: Callable[[int], CompositeDenoiser]  # seed -> a fresh composite
+    shards: list  # the shard UNets, in the composite's order
+    priors: torch.Tensor  # [N, K + 1] lambda_i(y)
+    paragon: Any | None  # the paragon's UNet, or None
+    sampler: Callable[[], Any]  # -> a fresh sampling scheduler
+    num_inference_steps: int
+    eta: float
+    image_shape: tuple[int, int, int]
+    null_label: int
+    schedule: NoiseSchedule = field(default_factory=NoiseSchedule)
+
+
+def sample_sets(denoiser_for: Callable[[int], tuple], labels: torch.Tensor, m: Models, seeds: range) -> list:
+    """One image set per seed, all with the same labels."""
+    from cdm.pipeline import CDMPipeline
+
+    sets = []
+    for seed in seeds:
+        denoiser, sampler = denoiser_for(seed)
+        pipe = CDMPipeline(denoiser, sampler, m.image_shape)
+        sets.append(pipe(labels, m.num_inference_steps, eta=m.eta, generator=torch.Generator().manual_seed(seed)))
+    return sets
+
+
+def measure(m: Models, real: Dataset, unseen_data: Dataset, net, e: EvaluateParams) -> dict:
+    """The quality figures of docs/design.md §6, each with its 95% interval and noise floor (cdm/quality.py), and the
+    likelihood bounds on data no generator saw (cdm/likelihood.py).
+
+    Returns metrics keyed as in metrics.json; `_composites` (the seed's composites) and `_sets` are for the caller.
+    """
+    from cdm.metrics import fid_kid, memorization
+    from cdm.model import UNetDenoiser
+    from cdm.quality import (features, fid_interval, ratio_interval, real_floor, seed_floor, stratified_halves,
+                             stratified_labels)
+
+    # 1. Reference and control: class-stratified halves of the owners' data; labels in the reference's proportions.
+    ref_idx, ctl_idx = stratified_halves(real.y, seed=e.seed)
+    n = min(e.n_samples, len(ctl_idx))
+    labels = stratified_labels(real.y[ref_idx].bincount(minlength=m.null_label), n)
+    f_ref, f_ctl = features(net, real.x[ref_idx]), features(net, real.x[ctl_idx])
+    seeds = range(e.seed, e.seed + e.sets)
+    # 2. The composite: one sample set per seed.
+    composites = {}
+
+    def composite(seed):
+        composites[seed] = m.composite_for(seed)
+        return composites[seed], composites[seed].scheduler
+
+    fakes = sample_sets(composite, labels, m, seeds)
+    f_fake = [features(net, x) for x in fakes]
+    fid, kid = fid_interval(f_ref, f_fake), fid_kid(real.x[ref_idx], fakes[0], net)
+    out = {
+        "n_samples": n, "sets": e.sets, "n_real": len(ref_idx), "labels": "class-conditional, stratified",
+        "fid": fid.mean, "fid_ci": [fid.low, fid.high],
+        "floor_real": real_floor(f_ref, f_ctl, real.y[ctl_idx].numpy(), n, seed=e.seed).as_dict(),
+        "floor_seed": seed_floor(f_fake).as_dict(),
+        "kid": kid.kid_mean, "kid_std": kid.kid_std, "feature_sha256": kid.feature_sha256,
+        "memorization": memorization(fakes[0], real.x)["share"],
+        "_composites": composites,
+    }
+    # 3. The paragon with the same seeds, labels and sampler: the ratio is paired set by set.
+    if m.paragon is not None:
+        para = sample_sets(lambda seed: (UNetDenoiser(m.paragon, m.null_label), m.sampler()), labels, m, seeds)
+        f_para = [features(net, x) for x in para]
+        p_fid, ratio = fid_interval(f_ref, f_para), ratio_interval(f_ref, f_fake, f_para)
+        out.update(paragon_fid=p_fid.mean, paragon_fid_ci=[p_fid.low, p_fid.high], fid_ratio=ratio.mean,
+                   fid_ratio_ci=[ratio.low, ratio.high], paragon_memorization=memorization(para[0], real.x)["share"])
+    else:
+        out.update(fid_ratio=None, fid_ratio_ci=None)
+    # 4. Likelihood bounds on the unseen split.
+    out["nll"] = likelihood(m, unseen_data, e)
+    return out
+
+
+def likelihood(m: Models, data: Dataset, e: EvaluateParams) -> dict:
+    """Bits/dim bounds (mean and 95% interval over images) of the composite as a mixture, of each shard and of the
+    paragon, and the composite's gap to the paragon (paired by image and noise draw)."""
+    from cdm.likelihood import BoundConfig, bits_per_dim, elbo, mixture_elbo
+    from cdm.model import UNetDenoiser
+    from cdm.quality import paired_interval
+
+    dims, cfg = data.x[0].numel(), BoundConfig(steps=e.nll_steps, seed=e.seed)
+
+    def bpd(elbos):
+        return paired_interval(bits_per_dim(elbos, dims), torch.zeros(len(elbos))).as_dict()
+
+    shard_elbos = torch.stack([elbo(UNetDenoiser(u, m.null_label), data.x, data.y, m.schedule, cfg) for u in m.shards])
+    mix = mixture_elbo(shard_elbos, m.priors[:, data.y].double().log())  # lambda_i(y) of each image's label
+    out = {"images": len(data), "steps": e.nll_steps, "composite_bpd": bpd(mix),
+           "shards_bpd": [bpd(el) for el in shard_elbos]}
+    if m.paragon is not None:
+        para = elbo(UNetDenoiser(m.paragon, m.null_label), data.x, data.y, m.schedule, cfg)
+        out["paragon_bpd"] = bpd(para)
+        out["gap_bpd"] = paired_interval(bits_per_dim(mix, dims), bits_per_dim(para, dims)).as_dict()
+    return out
 
 
 def evaluate(ctx: Context) -> dict:
-    """Metrics of the production composite against the owners' current data."""
-    from cdm.metrics import fid_kid, memorization
+    """Metrics of the production composite against the owners' current data (`measure`), with the attribution by
+    owner key, the revoked owners' membership figures and the gate's verdict."""
+    from cdm.attribution import attribute
+    from cdm.compose import class_priors
     from cdm.platform.composites import load_production, production
+    from cdm.platform.serving import build_composite
+    from cdm.schedulers import sampling_scheduler
 
-    e, c = ctx.params.evaluate, ctx.client
     prod = production(ctx)
     if prod is None:
         raise WorkspaceError("no production composite; run `cdm compose` first")
     version, spec = prod
-    real = owners_data(ctx)
-    net = feature_net(ctx)
-    out = load_production(ctx).predict({"n": e.n_samples, "seed": e.seed})
-    fake = torch.from_numpy(out["images"])
-    scores = fid_kid(real.x, fake, net)
+    served = load_production(ctx).unwrap_python_model()
+    cfg, schedule = spec["model_config"], NoiseSchedule(**spec.get("schedule", {}))
+    paragon, paragon_version = paragon_unet(ctx)
+    models = Models(
+        composite_for=lambda seed: build_composite(spec, served.unets, served.router, seed=seed)[0],
+        shards=served.unets, priors=class_priors(torch.tensor([s["class_counts"] for s in spec["shards"]],
+                                                              dtype=torch.float32)),
+        paragon=paragon, sampler=lambda: sampling_scheduler(schedule, spec["sampler"]),
+        num_inference_steps=spec["num_inference_steps"], eta=spec["eta"],
+        image_shape=(cfg["channels"], cfg["image_size"], cfg["image_size"]), null_label=cfg["num_classes"],
+        schedule=schedule)
+    e = ctx.params.evaluate
+    metrics = measure(models, owners_data(ctx), unseen(ctx), feature_net(ctx), e)
+    composites = metrics.pop("_composites")
     share: dict[str, float] = {}
-    for row in out["attribution"]:
+    rows = attribute(composites[e.seed].attribution()["mean"], [s["owners"] for s in spec["shards"]])
+    for row in rows:
         for k, v in row.items():
-            share[k] = share.get(k, 0.0) + v / len(out["attribution"])
-    metrics = {
-        "composite_version": version, "estimator": spec["estimator"], "shards": len(spec["shards"]),
-        "n_samples": len(fake), "n_real": len(real), "fid": scores.fid, "kid": scores.kid_mean,
-        "kid_std": scores.kid_std, "feature_sha256": scores.feature_sha256,
-        "attribution": {k: round(v, 4) for k, v in sorted(share.items())},  # by owner key
-        "memorization": memorization(fake, real.x)["share"],
-    }
-    paragon_mv = registry.latest(c, registry.PARAGON)
-    active_keys = sorted(ctx.ws.owner_key(o) for o in ctx.ws.owners())
-    if paragon_mv is not None and json.loads(paragon_mv.tags.get("cdm.owner_keys", "[]")) == active_keys:
-        para = sample_paragon(c, e.n_samples, e.seed)
-        p_scores = fid_kid(real.x, para, net)
-        metrics.update(paragon_version=str(paragon_mv.version), paragon_fid=p_scores.fid, paragon_kid=p_scores.kid_mean,
-                       fid_ratio=scores.fid / p_scores.fid, paragon_memorization=memorization(para, real.x)["share"])
-    else:
-        metrics.update(paragon_version=None, fid_ratio=None,
-                       paragon_note="no paragon trained on exactly the current owners (`cdm train --paragon`)")
+            share[k] = share.get(k, 0.0) + v / len(rows)
+    metrics.update(composite_version=version, estimator=spec["estimator"], shards=len(spec["shards"]),
+                   attribution={k: round(v, 4) for k, v in sorted(share.items())},  # by owner key
+                   paragon_version=paragon_version)
+    metrics["nll"]["shards_bpd"] = dict(zip([s["id"] for s in spec["shards"]], metrics["nll"]["shards_bpd"]))
+    if paragon is None:
+        metrics["paragon_note"] = "no paragon trained on exactly the current owners (`cdm train --paragon`)"
     metrics["membership_auc"] = revoked_membership(ctx)
     metrics["regressions"] = regressions(metrics, ctx.params)
     return metrics
@@ -112,11 +237,18 @@ def revoked_membership(ctx: Context) -> dict[str, float]:
 
 
 def regressions(metrics: dict, params: Params) -> list[str]:
+    """The gate: a figure regresses only when its whole 95% interval is past the threshold, so that a reseed of the
+    same models cannot trip it and a real regression (larger than the instrument's noise) does."""
     e, out = params.evaluate, []
-    if metrics.get("fid_ratio") is not None and metrics["fid_ratio"] > e.fid_ratio_max:
-        out.append(f"fid_ratio {metrics['fid_ratio']:.3f} > {e.fid_ratio_max}")
-    if e.fid_max is not None and metrics["fid"] > e.fid_max:
-        out.append(f"fid {metrics['fid']:.3f} > {e.fid_max}")
+    ratio_low = (metrics.get("fid_ratio_ci") or [None])[0]
+    if ratio_low is not None and ratio_low > e.fid_ratio_max:
+        out.append(f"fid_ratio {metrics['fid_ratio']:.3f} (95% CI from {ratio_low:.3f}) > {e.fid_ratio_max}")
+    if e.fid_max is not None and metrics["fid_ci"][0] > e.fid_max:
+        out.append(f"fid {metrics['fid']:.3f} (95% CI from {metrics['fid_ci'][0]:.3f}) > {e.fid_max}")
+    gap = metrics.get("nll", {}).get("gap_bpd")
+    if gap is not None and gap["low"] > e.nll_gap_max:
+        out.append(f"NLL gap to the paragon {gap['mean']:.3f} bits/dim (95% CI from {gap['low']:.3f}) "
+                   f"> {e.nll_gap_max}")
     for key, auc in metrics.get("membership_auc", {}).items():
         if auc > e.membership_auc_max:
             out.append(f"membership AUC {auc:.3f} on revoked {key} > {e.membership_auc_max}")
@@ -136,6 +268,9 @@ def log_evaluation(ctx: Context, metrics: dict) -> str:
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
             c.log_metric(rid, k, float(v))
+    for k in ("composite_bpd", "paragon_bpd", "gap_bpd"):
+        if k in metrics["nll"]:
+            c.log_metric(rid, f"nll_{k}", float(metrics["nll"][k]["mean"]))
     c.log_dict(rid, metrics, "metrics.json")
     c.set_terminated(rid)
     return rid

@@ -109,9 +109,21 @@ def evaluation_text(m: dict) -> str:
     def f(v, spec=".3f"):
         return "n/a" if v is None else format(v, spec)
 
-    lines = [f"composite v{m['composite_version']} ({m['estimator']}, {m['shards']} shards), "
-             f"{m['n_samples']} samples vs {m['n_real']} owners' images",
-             f"  FID {f(m['fid'], '.2f')}   paragon FID {f(m.get('paragon_fid'), '.2f')}   fid_ratio {f(m['fid_ratio'])}",
+    def ci(v, bounds, spec=".2f"):
+        return "n/a" if v is None else f"{v:{spec}} [{bounds[0]:{spec}}, {bounds[1]:{spec}}]"
+
+    def bpd(d):
+        return "n/a" if d is None else ci(d["mean"], (d["low"], d["high"]), ".3f")
+
+    nll = m.get("nll", {})
+    lines = [f"composite v{m['composite_version']} ({m['estimator']}, {m['shards']} shards): {m['sets']} sample sets "
+             f"of {m['n_samples']} ({m['labels']}) vs {m['n_real']} owners' images; [95% CI]",
+             f"  FID {ci(m['fid'], m['fid_ci'])}   paragon FID {ci(m.get('paragon_fid'), m.get('paragon_fid_ci'))}"
+             f"   fid_ratio {ci(m['fid_ratio'], m.get('fid_ratio_ci'), '.3f')}",
+             f"  noise floor at the same N: real vs real {ci(m['floor_real']['mean'], (m['floor_real']['low'], m['floor_real']['high']))}"
+             f", one model vs itself {ci(m['floor_seed']['mean'], (m['floor_seed']['low'], m['floor_seed']['high']))}",
+             f"  NLL bound on {nll.get('images')} unseen images (bits/dim): composite {bpd(nll.get('composite_bpd'))}"
+             f"   paragon {bpd(nll.get('paragon_bpd'))}   gap {bpd(nll.get('gap_bpd'))}",
              f"  KID {f(m['kid'], '.4f')} ± {f(m['kid_std'], '.4f')} (unbiased MMD² in feature-net units, as torchmetrics "
              f"computes it; compare only with the same feature net {m['feature_sha256'][:12]})",
              f"  memorization {f(m['memorization'])} (paragon {f(m.get('paragon_memorization'))})",
