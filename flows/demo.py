@@ -126,8 +126,12 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
         "rejected_batch": rejection, "shards": {s: len(o) for s, o in plan.items()},
         "revoked_key": victim_key, "request_id": cert["request_id"],
         "fid_before": before["fid"], "fid_after": after["fid"],
+        "fid_ci_before": before["fid_ci"], "fid_ci_after": after["fid_ci"], "floor_real": before["floor_real"],
         "fid_change": after["fid"] / before["fid"] - 1,
         "fid_ratio_before": before.get("fid_ratio"), "fid_ratio_after": after.get("fid_ratio"),
+        "fid_ratio_ci_before": before.get("fid_ratio_ci"), "fid_ratio_ci_after": after.get("fid_ratio_ci"),
+        "nll_before": before["nll"]["composite_bpd"], "nll_after": after["nll"]["composite_bpd"],
+        "nll_gap_before": before["nll"].get("gap_bpd"), "nll_gap_after": after["nll"].get("gap_bpd"),
         "kid_before": before["kid"], "kid_after": after["kid"],
         "regressions_before": before["regressions"], "regressions_after": after["regressions"],
         "memorization_composite": before["memorization"], "memorization_paragon": before.get("paragon_memorization"),
@@ -152,11 +156,25 @@ def _fmt(v, spec=".3f"):
     return "n/a" if v is None else format(v, spec)
 
 
+def _ci(v, bounds, spec=".2f"):
+    """`value [low, high]` (the 95% interval), or n/a."""
+    if v is None or bounds is None:
+        return "n/a"
+    return f"{v:{spec}} [{bounds[0]:{spec}}, {bounds[1]:{spec}}]"
+
+
+def _bpd(d):
+    return "n/a" if d is None else _ci(d["mean"], (d["low"], d["high"]), ".3f")
+
+
 def report(s: dict, ctx, names: dict[str, str]) -> str:
     """The summary people read (printed, not stored: it names owners)."""
     rows = [
-        ("FID (composite)", _fmt(s["fid_before"], ".2f"), _fmt(s["fid_after"], ".2f")),
-        ("FID / paragon FID", _fmt(s["fid_ratio_before"]), _fmt(s["fid_ratio_after"])),
+        ("FID (composite)", _ci(s["fid_before"], s["fid_ci_before"]), _ci(s["fid_after"], s["fid_ci_after"])),
+        ("FID / paragon FID", _ci(s["fid_ratio_before"], s["fid_ratio_ci_before"], ".3f"),
+         _ci(s["fid_ratio_after"], s["fid_ratio_ci_after"], ".3f")),
+        ("NLL bound, bits/dim (composite)", _bpd(s["nll_before"]), _bpd(s["nll_after"])),
+        ("NLL gap to the paragon, bits/dim", _bpd(s["nll_gap_before"]), _bpd(s["nll_gap_after"])),
         ("KID (MMD², feature-net units)", _fmt(s["kid_before"], ".4f"), _fmt(s["kid_after"], ".4f")),
         ("membership AUC (revoked owner)", _fmt(s["membership_auc_before"]), _fmt(s["membership_auc_after"])),
     ]
@@ -169,12 +187,13 @@ def report(s: dict, ctx, names: dict[str, str]) -> str:
         f"rejected batch: {s['rejected_batch']}",
         f"revoked: {victim} ({s['request_id']}), verification {'ok' if s['verification_ok'] else 'FAILED'} "
         f"({len(s['stores_scanned'] or {})} stores scanned)",
-        "", f"{'metric':<42}{'before':>12}{'after':>12}", "-" * 66,
-        *[f"{a:<42}{b:>12}{c:>12}" for a, b, c in rows],
-        "-" * 66,
+        "", f"{'metric [95% CI]':<34}{'before':>24}{'after':>24}", "-" * 82,
+        *[f"{a:<34}{b:>24}{c:>24}" for a, b, c in rows],
+        "-" * 82,
+        f"noise floor (real vs real at the same N): FID {_ci(s['floor_real']['mean'], (s['floor_real']['low'], s['floor_real']['high']))}",
         "REGRESSIONS found by the evaluation: " + ("; ".join(regressions) if regressions else "none"),
-        f"FID change after forgetting: {100 * s['fid_change']:+.1f}% (one seed, {ctx.params.evaluate.n_samples} "
-        "samples: within FID's seed-to-seed noise, see bench/RESULTS.md)",
+        f"FID change after forgetting: {100 * s['fid_change']:+.1f}% (reference: the remaining owners' data, "
+        f"{ctx.params.evaluate.sets} sample sets of {ctx.params.evaluate.n_samples}; compare the intervals above)",
         f"revocation live in {s['seconds_to_live']:.1f} s; purge {s['purge_seconds']:.1f} s; the whole revocation "
         f"{s['seconds_to_complete']:.1f} s. Retraining the paragon without the owner took "
         f"{s['paragon_retrain_seconds']:.1f} s: {s['speedup_live_vs_retrain']:.0f}x the time to go live, "

@@ -71,6 +71,7 @@ def small_params():
         p.train.min_shard_samples = 120
         p.compose.num_inference_steps, p.compose.router_steps = 10, 50
         p.evaluate.n_samples, p.evaluate.feature_steps = 60, 100
+        p.evaluate.sets, p.evaluate.nll_steps = 2, 10
         return p
 
     return make

@@ -220,7 +220,10 @@ def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
     if retrained.composite_after is None:
         return {"skipped": "nothing is served"}
     m = evaluate(ctx)
-    return {k: m[k] for k in ("fid", "kid", "fid_ratio", "memorization", "composite_version") if k in m}
+    out = {k: m[k] for k in ("fid", "fid_ci", "floor_real", "kid", "fid_ratio", "fid_ratio_ci", "memorization",
+                             "composite_version", "regressions") if k in m}
+    out["nll_bpd"] = m["nll"]["composite_bpd"]
+    return out
 
 
 def certificate(rev: Revocation) -> dict:

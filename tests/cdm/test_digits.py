@@ -1,66 +1,42 @@
 """Real data: two tiny shards on the digits (labels 0-4 and 5-9), composed unconditionally."""
 
-import pytest
 import torch
 
 from cdm.compose import CompositeDenoiser, ShardStack, class_priors
-from cdm.data import digits_dataset, digits_uint8, heldout_split
-from cdm.metrics import fid_kid, train_feature_net
+from cdm.metrics import fid_kid
 from cdm.model import ModelConfig, UNetDenoiser
 from cdm.pipeline import CDMPipeline
 from cdm.schedulers import NoiseSchedule, sampling_scheduler
-from cdm.train import TrainConfig, train_shard
 
 CFG = ModelConfig.preset("tiny")
 
 
-@pytest.fixture(scope="module")
-def split():
-    _, labels = digits_uint8()
-    own, held = heldout_split(labels)
-    return digits_dataset(own), digits_dataset(held)
-
-
-@pytest.fixture(scope="module")
-def feature_net(split):
-    return train_feature_net(split[1], steps=600)
-
-
-@pytest.fixture(scope="module")
-def two_shards(split):
-    owners = split[0]
-    low = owners.subset((owners.y < 5).nonzero().flatten())
-    high = owners.subset((owners.y >= 5).nonzero().flatten())
-    cfg = TrainConfig(steps=900, batch_size=64, seed=0)
-    return [train_shard(d, CFG, cfg, progress=False).unet for d in (low, high)], (low, high)
-
-
-def test_feature_net_classifies_heldout_digits(split, feature_net):
-    owners, _ = split  # the net never saw these (trained on the held-out split)
-    acc = (feature_net.predict(owners.x) == owners.y).float().mean()
+def test_feature_net_classifies_heldout_digits(digits_split, digits_feature_net):
+    owners, _ = digits_split  # the net never saw these (trained on the held-out digits_split)
+    acc = (digits_feature_net.predict(owners.x) == owners.y).float().mean()
     assert acc > 0.9, acc
 
 
-def test_fid_separates_real_from_noise(split, feature_net):
-    owners, _ = split
+def test_fid_separates_real_from_noise(digits_split, digits_feature_net):
+    owners, _ = digits_split
     perm = torch.randperm(len(owners), generator=torch.Generator().manual_seed(0))
     a, b = owners.x[perm[:600]], owners.x[perm[600:1200]]
     noise = torch.rand(600, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1
-    real_real, real_noise = fid_kid(a, b, feature_net), fid_kid(a, noise, feature_net)
+    real_real, real_noise = fid_kid(a, b, digits_feature_net), fid_kid(a, noise, digits_feature_net)
     assert real_real.fid * 20 < real_noise.fid, (real_real, real_noise)
     assert real_real.kid_mean < real_noise.kid_mean
-    assert real_real.feature_sha256 == feature_net.sha256() and len(real_real.feature_sha256) == 64
+    assert real_real.feature_sha256 == digits_feature_net.sha256() and len(real_real.feature_sha256) == 64
 
 
-def test_unconditional_composite_attributes_samples_to_the_right_shard(two_shards, feature_net):
-    unets, (low, high) = two_shards
+def test_unconditional_composite_attributes_samples_to_the_right_shard(by_class_shards, digits_feature_net):
+    unets, (low, high) = by_class_shards
     counts = torch.stack([low.class_counts(10), high.class_counts(10)]).float()
     priors = class_priors(counts)
     sched = sampling_scheduler(NoiseSchedule(), "ddpm")
     comp = CompositeDenoiser([UNetDenoiser(u, CFG.null_label) for u in unets], priors, "path", scheduler=sched)
     labels = torch.full((200,), CFG.null_label)  # unconditional: only the estimator can separate the shards
     x = CDMPipeline(comp, sched, (1, 8, 8))(labels, 100, generator=torch.Generator().manual_seed(0))
-    read = feature_net.predict(x)
+    read = digits_feature_net.predict(x)
     w = comp.attribution()["final"]
     reads_high = read >= 5
     assert 0.2 < reads_high.float().mean() < 0.8  # both shards contribute
@@ -69,8 +45,8 @@ def test_unconditional_composite_attributes_samples_to_the_right_shard(two_shard
     assert right_high > 0.9 and right_low > 0.9, (right_high, right_low)
 
 
-def test_batched_composite_matches_loop_on_trained_shards(two_shards):
-    unets, (low, high) = two_shards
+def test_batched_composite_matches_loop_on_trained_shards(by_class_shards):
+    unets, (low, high) = by_class_shards
     priors = class_priors(torch.stack([low.class_counts(10), high.class_counts(10)]).float())
     sched = sampling_scheduler(NoiseSchedule(), "ddpm")
     labels = torch.tensor([0, 4, 5, 9, 10, 10, 10, 10])

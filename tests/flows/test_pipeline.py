@@ -327,6 +327,10 @@ def test_evaluation_writes_metrics_and_fails_on_regression(story, capsys):
     assert cli(["evaluate", "--workspace", str(ws.root), "--json", "--out", str(out)]) == 0
     metrics = json.loads(out.read_text())
     assert metrics["fid"] > 0 and len(metrics["feature_sha256"]) == 64 and metrics["kid_std"] >= 0
+    assert metrics["fid_ci"][0] <= metrics["fid"] <= metrics["fid_ci"][1] and metrics["floor_real"]["mean"] > 0
+    assert metrics["labels"] == "class-conditional, stratified" and metrics["sets"] == 2
+    nll = metrics["nll"]
+    assert nll["gap_bpd"]["low"] <= nll["gap_bpd"]["mean"] <= nll["gap_bpd"]["high"] and len(nll["shards_bpd"]) == 2
     assert metrics["membership_auc"] == {story["carol_key"]: story["certificate"]["forgetting"]["auc_after"]}
     assert set(metrics["attribution"]) <= {ws.owner_key(o) for o in ("alice", "bob")}
     capsys.readouterr()
@@ -339,6 +343,7 @@ def test_evaluation_writes_metrics_and_fails_on_regression(story, capsys):
         captured = capsys.readouterr()
         assert "2 regression(s)" in captured.err and "fid" in captured.out and "memorization" in captured.out
         assert "KID" in captured.out and "feature-net units" in captured.out
+        assert "noise floor at the same N" in captured.out and "NLL bound" in captured.out
     finally:
         ws.params_path.write_text(params)
 

@@ -1,0 +1,65 @@
+"""The quality instrument's parts: stratification, FID against torchmetrics, intervals and floors."""
+
+import numpy as np
+import pytest
+import torch
+
+from cdm.quality import (Interval, fid_interval, frechet_distance, paired_interval, ratio_interval, real_floor,
+                         seed_floor, stratified_halves, stratified_labels, t_interval)
+
+
+def test_stratified_labels_follow_the_proportions_exactly():
+    labels = stratified_labels([30, 10, 0, 60], 20)
+    assert torch.bincount(labels, minlength=4).tolist() == [6, 2, 0, 12]
+    assert len(stratified_labels([1, 1, 1], 10)) == 10
+    with pytest.raises(ValueError):
+        stratified_labels([0, 0], 5)
+
+
+def test_stratified_halves_are_disjoint_and_balanced():
+    labels = torch.tensor([0] * 11 + [1] * 6 + [2] * 3)
+    a, b = stratified_halves(labels)
+    assert len(set(a.tolist()) & set(b.tolist())) == 0 and len(a) + len(b) == 20
+    assert torch.bincount(labels[a]).tolist() == [6, 3, 2] and torch.bincount(labels[b]).tolist() == [5, 3, 1]
+
+
+def test_frechet_distance_agrees_with_torchmetrics():
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    rng = np.random.default_rng(0)
+    f1, f2 = rng.normal(size=(300, 8)), rng.normal(0.3, 1.2, size=(300, 8))
+
+    class Identity(torch.nn.Module):
+        num_features = 8
+
+        def forward(self, x):
+            return x.double()
+
+    fid = FrechetInceptionDistance(feature=Identity(), normalize=False)
+    fid.update(torch.from_numpy(f1), real=True)
+    fid.update(torch.from_numpy(f2), real=False)
+    assert frechet_distance(f1, f2) == pytest.approx(float(fid.compute()), rel=1e-4)
+
+
+def test_intervals_cover_and_ratios_are_paired():
+    assert t_interval([1.0, 1.2, 0.8, 1.1, 0.9]).low < 1.0 < t_interval([1.0, 1.2, 0.8, 1.1, 0.9]).high
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(400, 4))
+    a = [rng.normal(0.5, 1.0, size=(200, 4)) for _ in range(5)]
+    same = fid_interval(ref, a)
+    assert isinstance(same, Interval) and same.low <= same.mean <= same.high and same.n == 5
+    r = ratio_interval(ref, a, a)
+    assert r.mean == pytest.approx(1.0) and r.high - r.low < 1e-9  # a set against itself: no noise at all
+    worse = [rng.normal(1.5, 1.0, size=(200, 4)) for _ in range(5)]
+    assert ratio_interval(ref, worse, a).low > 2
+    d = paired_interval(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.0, 1.0, 2.0]))
+    assert d.mean == pytest.approx(1.0) and d.high - d.low == pytest.approx(0.0)
+
+
+def test_floors_measure_real_against_real_and_a_model_against_itself():
+    rng = np.random.default_rng(2)
+    ref, control = rng.normal(size=(500, 4)), rng.normal(size=(500, 4))
+    floor = real_floor(ref, control, np.repeat([0, 1], 250), 200)
+    shifted = fid_interval(ref, [rng.normal(1.0, 1.0, size=(200, 4)) for _ in range(3)])
+    assert 0 < floor.mean < shifted.low
+    assert seed_floor([rng.normal(size=(200, 4)) for _ in range(3)]).n == 2
