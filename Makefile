@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench clean
+.PHONY: install test test-slow demo bench bench-v1 clean
 
 install: $(STAMP)
 
@@ -30,6 +30,9 @@ demo: install
 	$(VENV)/bin/cdm demo --quick --out demo-workspace
 
 bench: install
+	$(PY) bench/quality.py
+
+bench-v1: install
 	$(PY) bench/run.py
 
 clean:

@@ -30,7 +30,7 @@ from cdm.schedulers import NoiseSchedule, check_linear, train_scheduler, transit
 
 EstimatorName = Literal["path", "router", "prior", "average"]
 ESTIMATORS: tuple[str, ...] = ("path", "router", "prior", "average")
-EvaluationName = Literal["loop", "batched"]
+EvaluationName = Literal["loop", "batched", "grouped"]
 
 
 def class_priors(counts: torch.Tensor) -> torch.Tensor:
@@ -92,10 +92,12 @@ class ShardStack(torch.nn.Module):
             params = {k: v[index] for k, v in params.items()}
             buffers = {k: v[index] for k, v in buffers.items()}
 
-        def one(p, b, x, tt, y):
-            return torch.func.functional_call(self.base, (p, b), (x, tt), {"class_labels": y}).sample
+        shared = x_t.dim() == 4  # one batch for every shard, or a batch per shard [n, G, C, H, W]
+        dims = (0, 0, None, None, None) if shared else (0, 0, 0, 0, 0)
+        return torch.vmap(self._one, in_dims=dims)(params, buffers, x_t, t, labels)
 
-        return torch.vmap(one, in_dims=(0, 0, None, None, None))(params, buffers, x_t, t, labels)
+    def _one(self, p, b, x, tt, y):
+        return torch.func.functional_call(self.base, (p, b), (x, tt), {"class_labels": y}).sample
 
 
 class CompositeDenoiser(torch.nn.Module):
@@ -110,7 +112,9 @@ class CompositeDenoiser(torch.nn.Module):
         threshold: sparse evaluation — a shard whose weight is below it for a sample is not evaluated for that
             sample and, for `path`, dropped from that sample's trajectory. 0 evaluates every allowed shard.
         evaluation: `loop` calls each shard on the samples that need it; `batched` evaluates the needed shards
-            in one vmapped call over the whole batch (requires a ShardStack).
+            in one vmapped call over the whole batch; `grouped` gathers each needed shard's own samples, pads the
+            groups to one size and evaluates all of them in one vmapped call (work ~ the samples routed, not
+            shards x batch). `batched` and `grouped` require a ShardStack.
         router: the trained router (estimator `router`).
         generator: randomness of the `prior` draw.
     """
@@ -143,8 +147,8 @@ class CompositeDenoiser(torch.nn.Module):
             # p(i | x_t) without y): the guided composite would be no composition of anything.
             raise ValueError("classifier-free guidance inside a composite's shards is not supported; "
                              "use shards with guidance_scale 0")
-        if evaluation == "batched" and not isinstance(shards, ShardStack):
-            raise ValueError("batched evaluation needs a ShardStack")
+        if evaluation in ("batched", "grouped") and not isinstance(shards, ShardStack):
+            raise ValueError(f"{evaluation} evaluation needs a ShardStack")
         self.shards = shards
         self.n = n
         self.register_buffer("priors", priors.float())
@@ -214,6 +218,18 @@ class CompositeDenoiser(torch.nn.Module):
         if self.evaluation == "batched":
             out[active] = self.shards(x_t, t, labels, index=active)
             self.evaluations += len(active) * x_t.shape[0]
+            return out
+        if self.evaluation == "grouped":
+            # Each active shard's rows, padded to the largest group by repeating its first row.
+            cols = need[:, active]  # [B, n]
+            size = int(cols.sum(0).max())
+            order = torch.argsort(cols.to(torch.int8), dim=0, descending=True, stable=True)[:size].T  # [n, G]
+            valid = torch.gather(cols.T, 1, order)  # [n, G]: False on padding
+            order = torch.where(valid, order, order[:, :1])
+            eps = self.shards(x_t[order], t[order], labels[order], index=active)  # [n, G, C, H, W]
+            shard_idx = active[:, None].expand_as(order)
+            out[shard_idx[valid], order[valid]] = eps[valid]
+            self.evaluations += int(valid.sum())
             return out
         for i in active.tolist():
             rows = need[:, i].nonzero().flatten()

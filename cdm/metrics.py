@@ -169,6 +169,33 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, a
     return (total / (len(timesteps) * repeats)).float()
 
 
+# The membership attack's score (docs/design.md §6): the denoising loss at low noise levels, where a model that
+# memorized an image predicts its noise best, averaged over 32 noise draws per image so that the score's own noise
+# does not drown the signal (a handful of draws at mid t gave AUC 0.55 on a paragon trained on the images).
+MEMBERSHIP_TIMESTEPS = (5, 10, 20, 40)
+MEMBERSHIP_DRAWS = 32
+MEMBERSHIP_POWER = 0.7  # the positive control: the attack must reach this AUC before any "after" AUC means anything
+
+
+def membership_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
+                    seed: int = 0) -> torch.Tensor:
+    """Per-image membership score (lower: more likely a member), [N]."""
+    return denoising_loss(denoiser, x0, labels, alphas_cumprod, MEMBERSHIP_TIMESTEPS,
+                          MEMBERSHIP_DRAWS // len(MEMBERSHIP_TIMESTEPS), seed)
+
+
+def membership_verdict(auc_before: float | None, auc_after: float | None, auc_max: float) -> str:
+    """`met` only when the attack fired on the owner before the revocation and no longer does after it."""
+    if auc_before is None or auc_after is None:
+        return "not measured"
+    if auc_before < MEMBERSHIP_POWER:
+        return (f"inconclusive: the attack had no power on this owner before the revocation (AUC {auc_before:.3f} "
+                f"< {MEMBERSHIP_POWER}), so the AUC after it is no evidence of forgetting")
+    if auc_after > auc_max:
+        return f"failed: AUC {auc_after:.3f} after the revocation > {auc_max}"
+    return f"met: AUC {auc_before:.3f} before (the attack fires), {auc_after:.3f} after (<= {auc_max})"
+
+
 def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor) -> float:
     """Area under the ROC curve (scikit-learn): P(score_pos > score_neg) + 0.5 P(tie)."""
     from sklearn.metrics import roc_auc_score

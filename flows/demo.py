@@ -137,6 +137,7 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
         "memorization_composite": before["memorization"], "memorization_paragon": before.get("paragon_memorization"),
         "membership_auc_before": (cert["forgetting"] or {}).get("auc_before"),
         "membership_auc_after": (cert["forgetting"] or {}).get("auc_after"),
+        "membership_verdict": (cert["forgetting"] or {}).get("verdict"),
         "seconds_to_live": cert["seconds_to_live"], "seconds_to_complete": cert["seconds_to_complete"],
         "purge_seconds": (cert["purged"] or {}).get("seconds"),
         "paragon_retrain_seconds": times["paragon_retrain"],
@@ -198,6 +199,7 @@ def report(s: dict, ctx, names: dict[str, str]) -> str:
         f"{s['seconds_to_complete']:.1f} s. Retraining the paragon without the owner took "
         f"{s['paragon_retrain_seconds']:.1f} s: {s['speedup_live_vs_retrain']:.0f}x the time to go live, "
         f"{faster:.1f}x the purge",
+        f"membership check of the revoked owner: {s['membership_verdict']}",
         f"memorization composite {_fmt(s['memorization_composite'])} vs paragon {_fmt(s['memorization_paragon'])}",
         "attribution of samples before revocation: " + ", ".join(
             f"{names.get(k, k)} {w:.2f}" for k, w in sorted(s["attribution_before"].items())),

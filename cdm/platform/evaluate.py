@@ -52,9 +52,11 @@ def feature_net(ctx: Context):
     return net
 
 
-def owners_data(ctx: Context) -> Dataset:
-    d = ctx.params.data
-    return Dataset.concat([ctx.ws.load_owner(o, d.image_size, d.channels, d.labels) for o in ctx.ws.owners()])
+def owners_data(ctx: Context, keys: set[str] | None = None) -> Dataset:
+    """The current owners' data (only the owners with these keys, if given)."""
+    d, ws = ctx.params.data, ctx.ws
+    return Dataset.concat([ws.load_owner(o, d.image_size, d.channels, d.labels) for o in ws.owners()
+                           if keys is None or ws.owner_key(o) in keys])
 
 
 def paragon_unet(ctx: Context):
@@ -210,7 +212,10 @@ def evaluate(ctx: Context) -> dict:
         image_shape=(cfg["channels"], cfg["image_size"], cfg["image_size"]), null_label=cfg["num_classes"],
         schedule=schedule)
     e = ctx.params.evaluate
-    metrics = measure(models, owners_data(ctx), unseen(ctx), feature_net(ctx), e)
+    # The reference is the data of the owners the composite serves: a label no shard holds cannot be sampled, and
+    # an owner not yet composed (ingested after the last `cdm compose`) is no quality loss of the composite.
+    served_keys = {k for s in spec["shards"] for k in s["owners"]}
+    metrics = measure(models, owners_data(ctx, served_keys), unseen(ctx), feature_net(ctx), e)
     composites = metrics.pop("_composites")
     share: dict[str, float] = {}
     rows = attribute(composites[e.seed].attribution()["mean"], [s["owners"] for s in spec["shards"]])
@@ -224,15 +229,18 @@ def evaluate(ctx: Context) -> dict:
     if paragon is None:
         metrics["paragon_note"] = "no paragon trained on exactly the current owners (`cdm train --paragon`)"
     metrics["membership_auc"] = revoked_membership(ctx)
+    metrics["membership_verdict"] = revoked_membership(ctx, verdicts=True)
     metrics["regressions"] = regressions(metrics, ctx.params)
     return metrics
 
 
-def revoked_membership(ctx: Context) -> dict[str, float]:
-    """Membership-inference AUC measured for each revoked owner when it was revoked (their data is gone now)."""
+def revoked_membership(ctx: Context, verdicts: bool = False) -> dict:
+    """Membership-inference AUC (or, with `verdicts`, the verdict with its positive control) measured for each
+    revoked owner when it was revoked (their data is gone now)."""
     from cdm.platform.revocations import all_revocations
 
-    return {r.owner_key: r.forgetting_check.auc_after for r in all_revocations(ctx.ws)
+    return {r.owner_key: r.forgetting_check.verdict if verdicts else r.forgetting_check.auc_after
+            for r in all_revocations(ctx.ws)
             if r.completed and r.forgetting_check is not None and r.forgetting_check.auc_after is not None}
 
 
@@ -279,10 +287,10 @@ def log_evaluation(ctx: Context, metrics: dict) -> str:
 def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Dataset,
                              nonmembers: Dataset) -> dict[str, float]:
     """Membership-inference AUC per composite version; each distinct shard version is loaded and scored once.
-    Score: the lowest unconditional denoising loss over the composite's shards."""
+    Score: the lowest `membership_loss` (low-t, 32 draws, the images' own labels) over the composite's shards."""
     import mlflow
 
-    from cdm.metrics import denoising_loss, membership_auc
+    from cdm.metrics import membership_auc, membership_loss
     from cdm.model import UNetDenoiser, model_config_of
     from cdm.schedulers import NoiseSchedule, train_scheduler
     from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
@@ -304,8 +312,7 @@ def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Da
             unet = load_verified_unet(local / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
             null_label = model_config_of(unet).null_label
             den = UNetDenoiser(unet, null_label)
-            losses[ref] = tuple(denoising_loss(den, d.x, torch.full((len(d),), null_label), alphas_cumprod, repeats=2)
-                                for d in (members, nonmembers))
+            losses[ref] = tuple(membership_loss(den, d.x, d.y, alphas_cumprod) for d in (members, nonmembers))
     out = {}
     for tag, spec in specs.items():
         refs = [(s["model"], s["version"]) for s in spec["shards"]]

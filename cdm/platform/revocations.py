@@ -38,6 +38,7 @@ class Forgetting(BaseModel):
     n: int = 0
     auc_before: float | None = None
     auc_after: float | None = None
+    verdict: str = "not measured"  # `membership_verdict`: met only with the positive control (AUC before) firing
     skipped: str | None = None
 
 

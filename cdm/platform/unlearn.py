@@ -134,6 +134,7 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
 def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retrained) -> Forgetting:
     """Membership-inference AUC of the owner's samples vs held-out samples of the same labels, before and after.
     Score: the lowest denoising loss over the composite's shards (an attacker who can query every component)."""
+    from cdm.metrics import membership_verdict
     from cdm.platform.evaluate import composite_membership_auc, heldout
 
     try:
@@ -153,7 +154,8 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     versions = {tag: v for tag, v in (("before", plan.composite_before), ("after", retrained.composite_after))
                 if v is not None}
     aucs = composite_membership_auc(ctx, versions, members, nonmembers)
-    return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"))
+    verdict = membership_verdict(aucs.get("before"), aucs.get("after"), ctx.params.evaluate.membership_auc_max)
+    return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"), verdict=verdict)
 
 
 def purge(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retrained) -> Purged:

@@ -127,8 +127,8 @@ def evaluation_text(m: dict) -> str:
              f"  KID {f(m['kid'], '.4f')} ± {f(m['kid_std'], '.4f')} (unbiased MMD² in feature-net units, as torchmetrics "
              f"computes it; compare only with the same feature net {m['feature_sha256'][:12]})",
              f"  memorization {f(m['memorization'])} (paragon {f(m.get('paragon_memorization'))})",
-             "  membership AUC of revoked owners: " + (", ".join(f"{k} {v:.3f}" for k, v in
-                                                               m["membership_auc"].items()) or "none revoked"),
+             "  membership of revoked owners: " + ("; ".join(f"{k} {v}" for k, v in
+                                                             m.get("membership_verdict", {}).items()) or "none revoked"),
              "  attribution by owner key: " + ", ".join(f"{k} {v:.2f}" for k, v in m["attribution"].items())]
     if m.get("paragon_note"):
         lines.append(f"  note: {m['paragon_note']}")

@@ -226,3 +226,20 @@ def test_params_refuse_path_with_deterministic_ddim():
 
     with pytest.raises(ValidationError, match="stochastic"):
         ComposeParams(estimator="path", sampler="ddim", eta=0.0)
+
+
+@pytest.mark.parametrize("estimator,threshold", [("prior", 0.0), ("path", 0.05), ("path", 0.0), ("average", 0.0)])
+def test_grouped_evaluation_reproduces_the_plain_loop(estimator, threshold):
+    cfg, unets = tiny_unets(3)
+    sched = sampling_scheduler(NoiseSchedule(), "ddpm")
+    priors = class_priors(torch.tensor([[10.0] * 10, [5.0] * 10, [1.0] * 10]))
+    labels = torch.tensor([0, 3, 7, 10, 10, 2, 5, 10])
+    outs, evaluations = [], []
+    for shards, evaluation in (([UNetDenoiser(u, cfg.null_label) for u in unets], "loop"),
+                               (ShardStack(unets), "grouped")):
+        comp = CompositeDenoiser(shards, priors, estimator, scheduler=sched, evaluation=evaluation,
+                                 threshold=threshold, generator=torch.Generator().manual_seed(1))
+        outs.append(CDMPipeline(comp, sched, (1, 8, 8))(labels, 20, generator=torch.Generator().manual_seed(0)))
+        evaluations.append(comp.evaluations)
+    assert torch.allclose(outs[0], outs[1], atol=1e-4)
+    assert evaluations[0] == evaluations[1]  # the same (shard, sample) pairs, padding not counted

@@ -63,3 +63,9 @@ def test_floors_measure_real_against_real_and_a_model_against_itself():
     shifted = fid_interval(ref, [rng.normal(1.0, 1.0, size=(200, 4)) for _ in range(3)])
     assert 0 < floor.mean < shifted.low
     assert seed_floor([rng.normal(size=(200, 4)) for _ in range(3)]).n == 2
+
+
+def test_fid_stays_finite_with_fewer_samples_than_features():
+    rng = np.random.default_rng(3)
+    value = frechet_distance(rng.normal(size=(40, 64)), rng.normal(size=(30, 64)))
+    assert np.isfinite(value) and value > 0

@@ -330,7 +330,9 @@ def test_evaluation_writes_metrics_and_fails_on_regression(story, capsys):
     assert metrics["fid_ci"][0] <= metrics["fid"] <= metrics["fid_ci"][1] and metrics["floor_real"]["mean"] > 0
     assert metrics["labels"] == "class-conditional, stratified" and metrics["sets"] == 2
     nll = metrics["nll"]
-    assert nll["gap_bpd"]["low"] <= nll["gap_bpd"]["mean"] <= nll["gap_bpd"]["high"] and len(nll["shards_bpd"]) == 2
+    assert nll["composite_bpd"]["low"] <= nll["composite_bpd"]["mean"] <= nll["composite_bpd"]["high"]
+    assert len(nll["shards_bpd"]) == 2 and nll["images"] > 100
+    assert metrics["paragon_version"] is None and "gap_bpd" not in nll  # carol's paragon was purged
     assert metrics["membership_auc"] == {story["carol_key"]: story["certificate"]["forgetting"]["auc_after"]}
     assert set(metrics["attribution"]) <= {ws.owner_key(o) for o in ("alice", "bob")}
     capsys.readouterr()
