@@ -17,6 +17,30 @@ def rows_of(r: dict, **match) -> list[dict]:
     return [row for row in r["rows"] if all(row.get(k) == v for k, v in match.items())]
 
 
+COST = {"prior": 1, "router": 2, "path": 3}  # shard evaluations per image-step: 1, sparse, dense-ish (cheapest first)
+
+
+def choose_default(r: dict) -> tuple[str, str]:
+    """The rule, fixed before the run: over the equal-compute, class-conditional rows of both partitions and all
+    seeds, take each estimator's mean fid_ratio; among the estimators whose mean is within 2% of the best, or
+    whose intervals overlap the best one's in every row, the cheapest to sample with wins."""
+    rows = [g for g in r["rows"] if g["regime"] == "equal compute" and g["labels"] == "conditional"]
+    ests = sorted({g["estimator"] for g in rows})
+    mean = {e: float(np.mean([g["fid_ratio"]["mean"] for g in rows if g["estimator"] == e])) for e in ests}
+    best = min(mean, key=mean.get)
+
+    def overlaps(e):
+        pairs = [(g, h) for g in rows if g["estimator"] == e for h in rows if h["estimator"] == best
+                 and (h["partition"], h["seed"]) == (g["partition"], g["seed"])]
+        return all(g["fid_ratio"]["low"] <= h["fid_ratio"]["high"] for g, h in pairs)
+
+    tied = [e for e in ests if mean[e] <= 1.02 * mean[best] or overlaps(e)]
+    choice = min(tied, key=lambda e: COST.get(e, 9))
+    why = ("mean equal-compute conditional fid_ratio " + ", ".join(f"{e} {mean[e]:.3f}" for e in ests) +
+           f"; within 2% of the best ({best}) or overlapping it: {', '.join(tied)}; cheapest: {choice}")
+    return choice, why
+
+
 def write_report(r: dict, path: str | Path) -> None:
     s = r["settings"]
     L = ["# What compartmentalization costs (benchmark v2)", "",
@@ -37,6 +61,9 @@ def write_report(r: dict, path: str | Path) -> None:
                 gaps = "; ".join(f"seed {g['seed']}: {ci(g['nll']['gap_bpd'])}" for g in got)
                 L.append(f"- **{regime}, {part} N={got[0]['N']}, {est}, class-conditional**: FID ratio {ratios}; "
                          f"NLL gap (bits/dim) {gaps}; {got[0]['steps_per_shard']} steps per shard.")
+    if any(g["regime"] == "equal compute" for g in r["rows"]):
+        choice, why = choose_default(r)
+        L += ["", f"- **Default estimator: `{choice}`** by the stated rule ({why})."]
     c = r.get("controls", {})
     L += ["", f"- **Positive controls** (one shard over-fitted on {c.get('images')} images, {c.get('steps')} steps): "
           f"memorization share {c.get('memorization_share', float('nan')):.3f} "
