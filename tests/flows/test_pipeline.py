@@ -169,6 +169,10 @@ def test_revocation_certificate(story):
                                          "MLflow artifacts", "Prefect database", "owner record"}
     assert all(n > 0 for store, n in v["scan"]["scanned"].items() if store != "owner record"), v["scan"]["scanned"]
     assert cert["composite_after"] != cert["composite_before"]
+    f = cert["forgetting"]
+    expected = "met" if f["auc_before"] >= 0.7 and f["auc_after"] <= 0.6 else "inconclusive" if f["auc_before"] < 0.7 \
+        else "failed"
+    assert f["verdict"].startswith(expected), f  # 40-step shards: the attack has no power, and the record says so
     assert not re.search(r"\bcarol\b", json.dumps(cert))
     assert cert["ledger"]["seq"] == 0
 
