@@ -94,9 +94,8 @@ class Scorer:
     def feats(self, sets):
         return [features(self.net, x) for x in sets]
 
-    def elbo(self, unet, data: Dataset | None = None) -> torch.Tensor:
-        data = data or self.unseen
-        return elbo(UNetDenoiser(unet, NULL), data.x, data.y, SCHEDULE, self.bound)
+    def elbo(self, unet) -> torch.Tensor:
+        return elbo(UNetDenoiser(unet, NULL), self.unseen.x, self.unseen.y, SCHEDULE, self.bound)
 
 
 def composite_maker(unets, counts, estimator, router=None):
@@ -113,16 +112,16 @@ def single_maker(unet):
     return lambda seed: (UNetDenoiser(unet, NULL), sampling_scheduler(SCHEDULE))
 
 
-def router_accuracy(router, data: Dataset, shard_of: torch.Tensor, labels_null: bool) -> dict[int, float]:
+def router_accuracy(router, data: Dataset, shard_of: torch.Tensor) -> dict[int, float]:
+    """The router's accuracy on noised samples with their own labels, at several t."""
     noise = train_scheduler(SCHEDULE)
     g = torch.Generator().manual_seed(5)
     out = {}
     for t in (20, 100, 300, 600, 900):
         eps = torch.randn(data.x.shape, generator=g)
         tt = torch.full((len(data),), t)
-        y = torch.full_like(data.y, NULL) if labels_null else data.y
         with torch.no_grad():
-            pred = router(noise.add_noise(data.x, eps, tt), tt, y).argmax(1)
+            pred = router(noise.add_noise(data.x, eps, tt), tt, data.y).argmax(1)
         out[t] = float((pred == shard_of).float().mean())
     return out
 
@@ -152,7 +151,7 @@ def quality_rows(args, sc: Scorer, owners: Dataset, seed: int, part: str, idx: l
     row_base = {"seed": seed, "regime": regime, "partition": part, "N": n, "steps_per_shard": steps_per_shard,
                 "shard_sizes": [len(ix) for ix in idx], "train_seconds": round(train_s, 1),
                 "plateau_last_quarter_drop": float(np.mean(plateaus)), "nll": nll,
-                "router_accuracy_vs_t": router_accuracy(router, union, shard_of, labels_null=False)}
+                "router_accuracy_vs_t": router_accuracy(router, union, shard_of)}
     for mode, labels in (("conditional", sc.cond), ("unconditional", sc.uncond)):
         for est in args.estimators:
             make = composite_maker(shards, counts, est, router if est == "router" else None)

@@ -232,19 +232,19 @@ def evaluate(ctx: Context) -> dict:
     metrics["nll"]["shards_bpd"] = dict(zip([s["id"] for s in spec["shards"]], metrics["nll"]["shards_bpd"]))
     if paragon is None:
         metrics["paragon_note"] = "no paragon trained on exactly the current owners (`cdm train --paragon`)"
-    metrics["membership_auc"] = revoked_membership(ctx)
-    metrics["membership_verdict"] = revoked_membership(ctx, verdicts=True)
+    checks = revoked_membership(ctx)
+    metrics["membership_auc"] = {k: f.auc_after for k, f in checks.items()}
+    metrics["membership_verdict"] = {k: f.verdict for k, f in checks.items()}
     metrics["regressions"] = regressions(metrics, ctx.params)
     return metrics
 
 
-def revoked_membership(ctx: Context, verdicts: bool = False) -> dict:
-    """Membership-inference AUC (or, with `verdicts`, the verdict with its positive control) measured for each
-    revoked owner when it was revoked (their data is gone now)."""
+def revoked_membership(ctx: Context) -> dict:
+    """The membership check (`Forgetting`: AUC after, verdict with its positive control) of each revoked owner, as
+    measured when it was revoked (their data is gone now), by owner key."""
     from cdm.platform.revocations import all_revocations
 
-    return {r.owner_key: r.forgetting_check.verdict if verdicts else r.forgetting_check.auc_after
-            for r in all_revocations(ctx.ws)
+    return {r.owner_key: r.forgetting_check for r in all_revocations(ctx.ws)
             if r.completed and r.forgetting_check is not None and r.forgetting_check.auc_after is not None}
 
 
