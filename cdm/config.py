@@ -42,8 +42,14 @@ class TrainParams(_Strict):
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     min_shard_samples: int = Field(0, ge=0)  # owners under it are grouped into shared shards
+    # Where shard tasks run: threads of this process, worker processes of a Dask cluster, or one after another.
     task_runner: Literal["threads", "dask", "sequential"] = "threads"
-    max_workers: int = Field(2, ge=1)
+    max_workers: int = Field(2, ge=1)  # threads, or worker processes of the local Dask cluster (CPU)
+    # An existing Dask scheduler (tcp://host:8786) for `dask`; None starts a local cluster of worker processes
+    # (one per GPU on a CUDA machine, else `max_workers`, each with its share of the cores).
+    dask_address: str | None = None
+    # Each shard task asks the cluster for one `GPU` worker resource; None: when this machine has CUDA.
+    dask_gpu_per_task: bool | None = None
     # Where shards and the paragon start: `random` weights, or `public`, the shared initialization registered by
     # `cdm pretrain` (public data that belongs to no owner; see bench/RESULTS.md for what it buys).
     init: Literal["random", "public"] = "random"

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
+from dataclasses import dataclass
 
 from prefect import flow
+
+from cdm.config import TrainParams
 
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
@@ -12,17 +16,49 @@ from tasks.ingest import validate_batch
 from tasks.train import plan, train_init, train_paragon, train_shard
 
 
-def task_runner(kind: str, workers: int):
-    """Threads by default; Dask when asked for and installed (`pip install prefect-dask`)."""
-    if kind == "dask":
-        try:
-            from prefect_dask import DaskTaskRunner
-        except ImportError:
-            raise WorkspaceError("task_runner 'dask' needs `pip install prefect-dask`") from None
-        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1})
-    from prefect.task_runners import ThreadPoolTaskRunner
+@dataclass(frozen=True)
+class Placement:
+    """Where shard tasks run and what each asks for: the runner, the torch threads a task may use (None: leave the
+    process's setting) and the Dask worker resources of one task."""
+    runner: object
+    threads: int | None = None
+    resources: dict[str, float] | None = None
 
-    return ThreadPoolTaskRunner(max_workers=1 if kind == "sequential" else workers)
+    def submit(self, task, *args):
+        """`task.submit(*args)` with this placement's resources (a Dask annotation: the scheduler places the task
+        on a worker that has them free)."""
+        if not self.resources:
+            return task.submit(*args)
+        import dask
+
+        with dask.annotate(resources=self.resources):
+            return task.submit(*args)
+
+
+def placement(t: TrainParams) -> Placement:
+    """Threads of this process by default; `dask`: worker processes of a local cluster, or the cluster at
+    `train.dask_address`. On a CUDA machine the local cluster has one worker per GPU, each offering a `GPU`
+    resource, and each shard task asks for one."""
+    import torch
+
+    cores = os.cpu_count() or 1
+    if t.task_runner != "dask":
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        workers = 1 if t.task_runner == "sequential" else t.max_workers
+        return Placement(ThreadPoolTaskRunner(max_workers=workers))
+    from prefect_dask import DaskTaskRunner
+
+    cuda = torch.cuda.is_available()
+    gpu = t.dask_gpu_per_task if t.dask_gpu_per_task is not None else cuda
+    resources = {"GPU": 1} if gpu else None
+    if t.dask_address:
+        return Placement(DaskTaskRunner(address=t.dask_address), resources=resources)
+    workers = torch.cuda.device_count() if gpu and cuda else t.max_workers
+    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+               "resources": resources}
+    return Placement(DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster),
+                     threads=max(1, cores // workers), resources=resources)
 
 
 @flow(name="cdm-train")
@@ -40,8 +76,10 @@ def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = F
         raise WorkspaceError(f"unknown owner(s): {', '.join(unknown)}")
     chosen = {by_key[k] for k in owner_keys or []}
     selected = {s: o for s, o in shard_plan.items() if not owner_keys or set(o) & chosen}
-    futures = {s: train_shard.submit(ctx, s, o, progress) for s, o in selected.items()}
-    para_future = train_paragon.submit(ctx, ctx.ws.owners(), len(shard_plan), progress) if paragon else None
+    where = placement(ctx.params.train)
+    futures = {s: where.submit(train_shard, ctx, s, o, progress, where.threads) for s, o in selected.items()}
+    para_future = (where.submit(train_paragon, ctx, ctx.ws.owners(), len(shard_plan), progress, where.threads)
+                   if paragon else None)
     results = {s: f.result() for s, f in futures.items()}
     para = para_future.result() if para_future is not None else None
     return {"shards": results, "paragon": para, "seconds": round(time.perf_counter() - started, 2)}
@@ -49,17 +87,17 @@ def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = F
 
 def run_training(ctx: Context, owner_keys: list[str] | None = None, paragon: bool = False,
                  progress: bool = False) -> dict:
-    """Entry point: runs the flow on the configured task runner, with torch threads split between concurrent
-    shards so that they do not oversubscribe the cores."""
+    """Entry point: runs the flow on the configured task runner. Shards on threads split torch's threads between
+    them so that they do not oversubscribe the cores; Dask worker processes set their own (`Placement.threads`)."""
     import torch
 
     t = ctx.params.train
-    workers = 1 if t.task_runner == "sequential" else t.max_workers
+    where = placement(t)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // workers))
+    if t.task_runner == "threads":
+        torch.set_num_threads(max(1, threads // t.max_workers))
     try:
-        return train.with_options(task_runner=task_runner(t.task_runner, workers))(
-            str(ctx.ws.root), owner_keys, paragon, progress)
+        return train.with_options(task_runner=where.runner)(str(ctx.ws.root), owner_keys, paragon, progress)
     finally:
         torch.set_num_threads(threads)
 

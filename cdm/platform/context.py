@@ -25,6 +25,10 @@ class Context:
         ws = Workspace(Path(root)).require()
         return cls(ws, Params.load(ws.params_path), ws.config())
 
+    def __getstate__(self) -> dict:
+        """Pickled (a task on a Dask worker process) without its clients: the worker makes its own."""
+        return {k: v for k, v in self.__dict__.items() if k in ("ws", "params", "config")}
+
     @property
     def tracking_uri(self) -> str:
         return self.ws.tracking_uri(self.config)
