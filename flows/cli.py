@@ -34,7 +34,8 @@ def env_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # artifact downloads are tiny here
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "creating tables" and the like: not for people
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at …" after each run  # "creating tables" and the like: not for people
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
@@ -42,8 +43,11 @@ def env_defaults() -> None:
 def workspace_env(root: Path, verbose: bool):
     """The workspace's Prefect home (unless PREFECT_API_URL is set) and logging: library log records and warnings
     go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too)."""
-    saved = os.environ.get("PREFECT_HOME")
-    if not os.environ.get("PREFECT_API_URL"):
+    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
+    stack = _stack_env(root)
+    if stack:
+        os.environ.update(stack)
+    elif not os.environ.get("PREFECT_API_URL"):
         os.environ["PREFECT_HOME"] = str(root / ".cdm" / "prefect")
     if (root / "params.yaml").is_file() or not root.exists() or not any(root.iterdir()):
         log_file = root / ".cdm" / "logs" / "cdm.log"  # a workspace, or one about to be created
@@ -77,10 +81,22 @@ def workspace_env(root: Path, verbose: bool):
         for logger, h in moved:
             logger.addHandler(h)
         handler.close()
-        if saved is None:
-            os.environ.pop("PREFECT_HOME", None)
-        else:
-            os.environ["PREFECT_HOME"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _stack_env(root: Path) -> dict[str, str]:
+    """PREFECT_API_URL and PREFECT_HOME of the workspace's stack when it is up (`cdm stack up`), else {}."""
+    stack_file = root / ".cdm" / "stack" / "stack.json"
+    if not stack_file.is_file():
+        return {}
+    stack = json.loads(stack_file.read_text())
+    if not stack.get("started"):
+        return {}
+    return {"PREFECT_API_URL": stack["prefect_api_url"], "PREFECT_HOME": str(root / ".cdm" / "stack" / "prefect-home")}
 
 
 def classify(e: BaseException) -> tuple[int, str]:
@@ -319,6 +335,33 @@ def ui(port, print_only, workspace, want_json, verbose):
     from flows import commands
 
     run("ui", workspace, want_json, verbose, commands.ui, workspace, port, print_only)
+
+
+@cli.group()
+def stack():
+    """The production stack on this machine: PostgreSQL, an S3 API (moto), an MLflow tracking server, a Prefect
+    server and a worker on a work pool. After `up`, every command on the workspace uses it."""
+
+
+@stack.command("up")
+@click.option("--pool", default="cdm", show_default=True, help="Prefect work pool the worker polls")
+@click.option("--s3-endpoint", help="an existing S3 API for MLflow's artifacts (keys from AWS_*); default: moto")
+@common
+def stack_up(pool, s3_endpoint, workspace, want_json, verbose):
+    """Start the stack (ports on 127.0.0.1, credentials generated into .cdm/stack/, never printed), deploy the
+    workspace's flows to the work pool, and print where each service is."""
+    from flows import commands
+
+    run("stack up", workspace, want_json, verbose, commands.stack_up, workspace, pool, s3_endpoint, not want_json)
+
+
+@stack.command("down")
+@common
+def stack_down(workspace, want_json, verbose):
+    """Stop every process of the stack; its PostgreSQL cluster stays for the next `up`."""
+    from flows import commands
+
+    run("stack down", workspace, want_json, verbose, commands.stack_down, workspace)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,6 +52,23 @@ def deployments(workspace: str) -> list:
     return out
 
 
+def deploy_to_pool(workspace: str, stack) -> list[str]:
+    """The same deployments on the stack's work pool: its worker runs them as subprocesses in this checkout
+    (schedules by the stack's Prefect server, the revocation trigger by its automations). Returns their names."""
+    from pathlib import Path
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    checkout = str(Path(__file__).resolve().parent.parent)  # where the entrypoints (flows/…) resolve
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api_url}):
+        names = []
+        for d in deployments(workspace):
+            d.job_variables = {**d.job_variables, "working_dir": checkout}
+            d.apply(work_pool_name=stack.work_pool)
+            names.append(d.name)
+        return names
+
+
 def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Popen:
     """`prefect server start` on loopback; returns the process once /api/health answers."""
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",

@@ -20,7 +20,7 @@ from cdm.platform.shards import load_plan, plan_shards, save_plan, train_and_reg
 @task(cache_policy=NO_CACHE)
 def plan(ctx: Context) -> dict[str, list[str]]:
     """Shard id -> owners. Existing shards keep their owners; new owners are placed."""
-    cleanup.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
+    cleanup.sweep_dead_runs(ctx.client, ctx.backend, ctx.experiment_id)  # after a killed run
     with ctx.ws.lock():
         sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in ctx.ws.owners()}
         new = plan_shards(ctx.ws, sizes, ctx.params.train.min_shard_samples, load_plan(ctx.ws))

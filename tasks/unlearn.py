@@ -65,7 +65,7 @@ def remove_schedule(owner_key: str) -> list[str]:
 
 @task(cache_policy=NO_CACHE, task_run_name="retrain")
 def retrain(ctx: Context, request_id: str, plan: Plan, live: Live, progress: bool = False) -> Retrained:
-    cleanup.sweep_dead_runs(ctx.client, ctx.tracking_uri, ctx.experiment_id)  # after a killed run
+    cleanup.sweep_dead_runs(ctx.client, ctx.backend, ctx.experiment_id)  # after a killed run
     return _step(ctx, request_id, "retrain", lambda rev: unlearn.retrain(ctx, rev, plan, live, progress))
 
 

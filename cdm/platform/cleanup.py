@@ -10,11 +10,20 @@ import os
 import socket
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 from cdm.platform.registry import model_id_of
 
 
-def sweep_dead_runs(c, tracking_uri: str, exp_id: str) -> list[str]:
+@dataclass(frozen=True)
+class Backend:
+    """Where `mlflow gc` deletes rows: the backend store's URI (no secret in it) and the environment it needs
+    (a PostgreSQL password; the tracking server that resolves proxied artifact URIs)."""
+    uri: str
+    env: dict[str, str] = field(default_factory=dict)
+
+
+def sweep_dead_runs(c, backend: Backend, exp_id: str) -> list[str]:
     """Clean up after a cdm process killed while logging (kill -9, OOM, power loss).
 
     A run still RUNNING whose process (tags `cdm.host`, `cdm.pid`) is gone on this host is ended as KILLED. If it
@@ -37,7 +46,7 @@ def sweep_dead_runs(c, tracking_uri: str, exp_id: str) -> list[str]:
         for mid in models:
             c.delete_logged_model(mid)
         c.delete_run(rid)
-        gc(tracking_uri, [rid], models)
+        gc(backend, [rid], models)
         swept.append(rid)
     return swept
 
@@ -52,7 +61,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str]) -> dict:
+def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str]) -> dict:
     """Hard-delete model versions: their runs and logged models are deleted and garbage-collected (`mlflow gc`,
     which also empties their artifact folders), then the versions (and whole registered models) are deleted.
 
@@ -83,7 +92,7 @@ def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], regis
         except MlflowException:
             pass
     if runs or models:
-        gc(tracking_uri, sorted(runs), sorted(models))
+        gc(backend, sorted(runs), sorted(models))
     # Deleting a version is soft in MLflow: its row and tags stay. Remove tags and aliases first.
     for name, version in versions_to_delete:
         try:
@@ -106,13 +115,13 @@ def purge(c, tracking_uri: str, versions_to_delete: list[tuple[str, str]], regis
             "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
 
 
-def gc(tracking_uri: str, run_ids: list[str], model_ids: list[str]) -> None:
+def gc(backend: Backend, run_ids: list[str], model_ids: list[str]) -> None:
     """`mlflow gc` for the given deleted runs and logged models (deletes their rows and artifacts)."""
-    args = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", tracking_uri]
+    args = [sys.executable, "-m", "mlflow", "gc", "--backend-store-uri", backend.uri]
     if run_ids:
         args += ["--run-ids", ",".join(run_ids)]
     if model_ids:
         args += ["--logged-model-ids", ",".join(model_ids)]
-    proc = subprocess.run(args, capture_output=True, text=True)
+    proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **backend.env})
     if proc.returncode != 0:
         raise RuntimeError(f"mlflow gc failed: {proc.stderr.strip()[-2000:]}")

@@ -11,6 +11,7 @@ from functools import cached_property
 from pathlib import Path
 
 from cdm.config import Params
+from cdm.platform.stack import Stack
 from cdm.platform.workspace import Workspace
 
 
@@ -19,23 +20,42 @@ class Context:
     ws: Workspace
     params: Params
     config: dict = field(default_factory=dict)  # workspace.yaml: MLflow store and S3 endpoint
+    stack: Stack | None = None  # the workspace's production stack when it is up (`cdm stack up`): it wins
 
     @classmethod
     def load(cls, root: str | Path) -> "Context":
+        from cdm.platform.stack import active
+
         ws = Workspace(Path(root)).require()
-        return cls(ws, Params.load(ws.params_path), ws.config())
+        return cls(ws, Params.load(ws.params_path), ws.config(), active(ws))
 
     def __getstate__(self) -> dict:
         """Pickled (a task on a Dask worker process) without its clients: the worker makes its own."""
-        return {k: v for k, v in self.__dict__.items() if k in ("ws", "params", "config")}
+        return {k: v for k, v in self.__dict__.items() if k in ("ws", "params", "config", "stack")}
 
     @property
     def tracking_uri(self) -> str:
-        return self.ws.tracking_uri(self.config)
+        return self.stack.mlflow_tracking_uri if self.stack else self.ws.tracking_uri(self.config)
 
     @property
     def artifact_root(self) -> str:
-        return self.ws.artifact_root(self.config)
+        """Where MLflow's artifacts lie (the stack's server proxies them to its S3 bucket)."""
+        return self.stack.artifacts_destination if self.stack else self.ws.artifact_root(self.config)
+
+    @property
+    def backend(self):
+        """The MLflow backend store for `mlflow gc`: the SQLite file, or the stack's PostgreSQL database (the
+        password in the environment, not in the URI)."""
+        from cdm.platform.cleanup import Backend
+
+        if not self.stack:
+            return Backend(self.tracking_uri)
+        from cdm.platform.stack import credentials, database_url
+
+        url = database_url(self.ws, self.stack, "mlflow")
+        secret = credentials(self.ws)["postgres_password"]
+        return Backend(url.replace(f":{secret}@", "@"), {"PGPASSWORD": secret,
+                                                          "MLFLOW_TRACKING_URI": self.tracking_uri})
 
     @cached_property
     def client(self):
@@ -49,15 +69,23 @@ class Context:
     def experiment_id(self) -> str:
         from cdm.platform import registry
 
-        return registry.experiment_id(self.client, self.artifact_root)
+        # A tracking server keeps artifacts where it proxies them (no location from the client).
+        return registry.experiment_id(self.client, None if self.stack else self.artifact_root)
 
     def s3(self):
         """A boto3 S3 client for the workspace's endpoint (standard retry mode)."""
         import boto3
         from botocore.config import Config
 
-        return boto3.client("s3", endpoint_url=self.ws.s3_endpoint_url(self.config),
-                            config=Config(retries={"max_attempts": 5, "mode": "standard"}))
+        retries = Config(retries={"max_attempts": 5, "mode": "standard"})
+        if self.stack:
+            from cdm.platform.stack import s3_env
+
+            env = s3_env(self.ws, self.stack)
+            return boto3.client("s3", endpoint_url=self.stack.s3_endpoint_url, config=retries,
+                                aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                                aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
+        return boto3.client("s3", endpoint_url=self.ws.s3_endpoint_url(self.config), config=retries)
 
     def dvc_s3(self):
         """The S3 client when the DVC remote is on S3, else None (a local remote needs none)."""

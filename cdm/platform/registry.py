@@ -41,11 +41,13 @@ def client(tracking_uri: str):
     return MlflowClient(tracking_uri, tracking_uri)
 
 
-def experiment_id(c, artifact_root: str, name: str = EXPERIMENT) -> str:
+def experiment_id(c, artifact_root: str | None, name: str = EXPERIMENT) -> str:
+    """The experiment's id, created on first use under `artifact_root` (None: where the tracking server puts
+    artifacts)."""
     exp = c.get_experiment_by_name(name)
     if exp is not None:
         return exp.experiment_id
-    return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}")
+    return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None)
 
 
 def signature():

@@ -86,6 +86,7 @@ class Store:
 
     name: str
     allow_raw_id: bool = False  # the owner record: the one documented place for a revoked owner's raw id
+    database: bool = False  # database pages or dumps: columns abut, so the raw id needs a left boundary only
 
     def items(self) -> Iterator[tuple[str, bytes | None]]:  # None: too large to read
         raise NotImplementedError
@@ -96,6 +97,7 @@ class FolderStore(Store):
     name: str
     root: Path
     skip: tuple[Path, ...] = ()  # files or folders not scanned by this store (scanned by another, or documented)
+    database: bool = False
 
     def items(self) -> Iterator[tuple[str, bytes | None]]:
         if not self.root.exists():
@@ -146,6 +148,25 @@ class S3Store(Store):
                 yield f"s3://{self.bucket}/{key}", data
 
 
+@dataclass
+class CommandStore(Store):
+    """One item: what a command prints (e.g. `pg_dump` of a database: every live row, decompressed)."""
+
+    name: str
+    args: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    database: bool = True
+
+    def items(self) -> Iterator[tuple[str, bytes | None]]:
+        import os
+
+        proc = subprocess.run(self.args, capture_output=True, env={**os.environ, **self.env})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{self.name}: {Path(self.args[0]).name} failed: "
+                               f"{proc.stderr.decode(errors='replace').strip()[-500:]}")
+        yield " ".join(Path(a).name if a.startswith("/") else a for a in self.args[:1] + self.args[-1:]), proc.stdout
+
+
 def is_binary(where: str, data: bytes) -> bool:
     """Compressed or numeric content (by name or by signature: DVC cache objects have no suffix)."""
     return where.lower().endswith(BINARY_SUFFIXES) or data.startswith(b"\x89PNG") or (
@@ -170,7 +191,8 @@ def scan(stores: Iterable[Store], needles: Needles) -> ScanReport:
                 report.unscanned.append(f"{store.name}: {where}")
                 continue
             binary = is_binary(where, data)
-            for what in needles.find(data, binary, not store.allow_raw_id, is_database(where, data)):
+            database = store.database or is_database(where, data)
+            for what in needles.find(data, binary, not store.allow_raw_id, database):
                 report.findings.append(Finding(store.name, where, what))
         report.scanned[store.name] = report.scanned.get(store.name, 0) + count
     return report

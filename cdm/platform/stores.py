@@ -7,6 +7,11 @@
     Prefect database  the SQLite file of the Prefect API in use (this workspace's home, .cdm/prefect, by default),
                       found by the flow layer (cdm does not import Prefect) and passed in
 
+With the workspace's stack up (`cdm stack up`), the registry and Prefect live in PostgreSQL and the artifacts in
+S3: the MLflow server is asked through its API for every run, logged model, registered model and version; each
+database is read whole with `pg_dump` (live rows, decompressed) and the cluster's files are scanned as they lie on
+disk (rows deleted but not yet vacuumed); the artifacts bucket is listed and read object by object.
+
 The owner record (`.cdm/owners.json`, the one documented place that keeps a revoked owner's raw id) is scanned
 for everything but the raw id. An MLflow tracking server or Prefect server is not a file here: it is reported
 as unscanned until a store type asks it through its API.
@@ -14,11 +19,12 @@ as unscanned until a store type asks it through its API.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
 
 from cdm.platform.context import Context
-from cdm.platform.scan import FolderStore, GitStore, S3Store, Store
+from cdm.platform.scan import CommandStore, FolderStore, GitStore, S3Store, Store
 
 # What cdm writes at a workspace's top level (a workspace may also be a project's repository: .venv, sources and
 # the like are not ours to scan).
@@ -39,7 +45,8 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
     ws = ctx.ws
     owner_record = ws.state_dir / "owners.json"
     prefect_home = ws.prefect_home
-    internal = [owner_record, ws.state_dir / "secret", prefect_home, *skip]
+    # The stack's PostgreSQL files and its credentials are scanned as their own store (below) or hold no data.
+    internal = [owner_record, ws.state_dir / "secret", prefect_home, ws.state_dir / "stack" / "pg", *skip]
     stores: list[Store] = []
     for name in WORKSPACE_FILES:
         path = ws.root / name
@@ -56,7 +63,9 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
     elif remote:
         stores.append(FolderStore("DVC remote", Path(remote)))
     uri = ctx.tracking_uri
-    if uri.startswith("sqlite:///"):
+    if ctx.stack:
+        stores += stack_stores(ctx)
+    elif uri.startswith("sqlite:///"):
         db = Path(uri.removeprefix("sqlite:///"))
         stores.append(FolderStore("MLflow backend", db.parent, tuple(
             p for p in db.parent.iterdir() if not p.name.startswith(db.name)) if db.parent.exists() else ()))
@@ -67,14 +76,77 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
         stores.append(_s3(ctx, "MLflow artifacts", artifacts))
     else:
         stores.append(FolderStore("MLflow artifacts", Path(urlparse(artifacts).path)))
-    if prefect_db is not None:
+    if prefect_db is not None and not ctx.stack:
         stores.append(FolderStore("Prefect database", prefect_db.parent,
                                   tuple(p for p in prefect_db.parent.iterdir() if not p.name.startswith(prefect_db.name))))
     if prefect_home.exists() and (prefect_db is None or prefect_db.parent != prefect_home):
         stores.append(FolderStore("Prefect home", prefect_home))
-    if prefect_server is not None:
+    if prefect_server is not None and not ctx.stack:
         stores.append(_Unscanned("Prefect database", f"server {prefect_server} (not a file here)"))
     return stores
+
+
+def stack_stores(ctx: Context) -> list[Store]:
+    """The stack's registry and Prefect database: asked through MLflow's API, dumped, and read as files."""
+    from cdm.platform.stack import HOST, credentials, pg_bin, stack_dir
+
+    c = credentials(ctx.ws)
+    dump = [pg_bin("pg_dump"), "-h", HOST, "-p", str(ctx.stack.postgres_port), "-U", c["postgres_user"]]
+    env = {"PGPASSWORD": c["postgres_password"]}
+    return [MlflowServerStore("MLflow server", ctx.client),
+            CommandStore("MLflow backend (pg_dump)", [*dump, "mlflow"], env),
+            CommandStore("Prefect database (pg_dump)", [*dump, "prefect"], env),
+            FolderStore("PostgreSQL files", stack_dir(ctx.ws) / "pg", database=True)]
+
+
+@dataclass
+class MlflowServerStore(Store):
+    """Every run (active or deleted), logged model, registered model and model version the tracking server
+    returns, as JSON: what its API still tells anyone."""
+
+    name: str
+    client: object  # an MlflowClient of the server
+
+    def items(self):
+        from mlflow.entities import ViewType
+
+        c = self.client
+        experiments = c.search_experiments(view_type=ViewType.ALL)
+        ids = [e.experiment_id for e in experiments]
+        for e in experiments:
+            yield f"experiment {e.experiment_id}", _json(e)
+        for run in _pages(lambda token: c.search_runs(ids, run_view_type=ViewType.ALL, page_token=token)):
+            yield f"run {run.info.run_id}", _json({"info": run.info, "data": run.data, "inputs": run.inputs})
+        for model in _pages(lambda token: c.search_logged_models(ids, page_token=token)):
+            yield f"logged model {model.model_id}", _json(model)
+        for rm in _pages(lambda token: c.search_registered_models(page_token=token)):
+            yield f"registered model {rm.name}", _json(rm)
+        for mv in _pages(lambda token: c.search_model_versions(page_token=token)):
+            yield f"model version {mv.name}/{mv.version}", _json(mv)
+
+
+def _pages(search):
+    """Every item of a paginated MLflow search."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = getattr(page, "token", None)
+        if not token:
+            return
+
+
+def _json(entity) -> bytes:
+    import json
+
+    def plain(o):
+        if hasattr(o, "to_dictionary"):
+            return o.to_dictionary()
+        if hasattr(o, "__dict__"):
+            return {k: v for k, v in vars(o).items()}
+        return str(o)
+
+    return json.dumps(entity, default=plain, sort_keys=True).encode()
 
 
 class _File(Store):

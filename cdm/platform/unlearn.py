@@ -180,7 +180,7 @@ def purge(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retr
         saw = any((registry.SHARD_PREFIX + s, str(v)) in tainted for s, v in components.items())
         if (saw or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))) and str(mv.version) not in keep:
             versions.append((registry.COMPOSITE, str(mv.version)))
-    mlflow_result = cleanup.purge(c, ctx.tracking_uri, sorted(set(versions)), whole)
+    mlflow_result = cleanup.purge(c, ctx.backend, sorted(set(versions)), whole)
     # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key.
     removed = []
     for sid in plan.exclusive_shards:

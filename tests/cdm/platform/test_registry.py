@@ -24,7 +24,7 @@ def test_versions_are_tagged_found_by_owner_key_anchored_and_purged(tmp_path):
     assert registry.ledger_anchor(c) is None
     registry.anchor_ledger(c, "0:abc")
     assert registry.ledger_anchor(c) == "0:abc"
-    result = cleanup.purge(c, uri, [("cdm-shard-s1", logged.version)], ["cdm-shard-s1"])
+    result = cleanup.purge(c, cleanup.Backend(uri), [("cdm-shard-s1", logged.version)], ["cdm-shard-s1"])
     assert result["runs"] == [logged.run_id] and result["logged_models"] == [logged.model_id]
     assert not registry.run_exists(c, logged.run_id) and registry.versions_tagged(c, "ok-1") == []
     assert not registry.version_exists(c, "cdm-shard-s1", logged.version)

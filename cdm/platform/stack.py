@@ -1,0 +1,349 @@
+"""The production stack of a workspace, started on this machine: PostgreSQL, an S3 API, an MLflow tracking server,
+a Prefect server and a Prefect worker on a process work pool (docs/design.md §8).
+
+    <root>/.cdm/stack/stack.json        what runs where: URLs, ports, pids (no secrets)      -> read by Context.load
+    <root>/.cdm/stack/credentials.json  generated passwords and S3 keys (0600, never printed)
+    <root>/.cdm/stack/pg/               the PostgreSQL cluster (databases `mlflow` and `prefect`)
+    <root>/.cdm/stack/logs/             one log per process
+
+`up` runs these steps in order and stops what it started if one fails; `down` stops everything (the PostgreSQL
+cluster and the logs stay, so a later `up` finds the same registry and flow runs). Every port is on loopback.
+
+PostgreSQL is Debian's `postgresql` package (initdb + pg_ctl of the newest version installed): a real server,
+the one a platform team runs, rather than an embedded copy from PyPI that lags it. It refuses to run as root;
+as root the cluster belongs to the `postgres` user, which must be able to reach the workspace.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from cdm.platform.errors import WorkspaceError
+from cdm.platform.workspace import Workspace
+
+HOST = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class StackConfig:
+    work_pool: str = "cdm"  # the Prefect work pool the worker polls
+    bucket: str = "cdm-mlflow"  # MLflow's artifacts: s3://<bucket>/artifacts
+    s3_endpoint: str | None = None  # an existing S3 API (keys in AWS_* variables); None: moto on loopback
+    startup_timeout: float = 180.0  # seconds for each service to answer (Prefect's first migration is the slowest)
+
+
+@dataclass
+class Stack:
+    """What `up` started (`.cdm/stack/stack.json`). Secrets are not here."""
+    mlflow_tracking_uri: str
+    prefect_api_url: str
+    s3_endpoint_url: str
+    artifacts_destination: str
+    work_pool: str
+    postgres_port: int
+    pids: dict[str, int] = field(default_factory=dict)
+    started: bool = True
+
+    @classmethod
+    def read(cls, ws: Workspace) -> "Stack | None":
+        path = stack_dir(ws) / "stack.json"
+        return cls(**json.loads(path.read_text())) if path.is_file() else None
+
+    def write(self, ws: Workspace) -> None:
+        path = stack_dir(ws) / "stack.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(asdict(self), indent=2))
+        tmp.replace(path)
+
+    def public(self) -> dict:
+        """What `cdm stack up` prints: where each service is."""
+        return {"mlflow_tracking_uri": self.mlflow_tracking_uri, "prefect_api_url": self.prefect_api_url,
+                "s3_endpoint_url": self.s3_endpoint_url, "artifacts_destination": self.artifacts_destination,
+                "work_pool": self.work_pool}
+
+
+def stack_dir(ws: Workspace) -> Path:
+    return ws.state_dir / "stack"
+
+
+def credentials(ws: Workspace) -> dict:
+    """The stack's generated secrets, made on first use (0600): PostgreSQL's password, S3 keys for moto."""
+    path = stack_dir(ws) / "credentials.json"
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch(mode=0o600)
+        path.write_text(json.dumps({"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
+                                    "aws_access_key_id": "cdm" + secrets.token_hex(8),
+                                    "aws_secret_access_key": secrets.token_hex(20)}))
+    return json.loads(path.read_text())
+
+
+def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "postgresql+psycopg2") -> str:
+    c = credentials(ws)
+    return f"{driver}://{c['postgres_user']}:{c['postgres_password']}@{HOST}:{stack.postgres_port}/{database}"
+
+
+def s3_env(ws: Workspace, stack: Stack) -> dict[str, str]:
+    """The S3 endpoint and keys for a process that talks to the stack's S3."""
+    c = credentials(ws)
+    env = {"AWS_ENDPOINT_URL": stack.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint_url}
+    if stack.pids.get("s3"):  # moto: the generated keys; an existing S3 keeps the caller's
+        env |= {"AWS_ACCESS_KEY_ID": c["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": c["aws_secret_access_key"],
+                "AWS_DEFAULT_REGION": "us-east-1"}
+    return env
+
+
+# -- processes -------------------------------------------------------------------------------------------------
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def _spawn(ws: Workspace, name: str, args: list[str], env: dict[str, str] | None = None) -> int:
+    """Start a service in its own session (it outlives this command), output to its log; returns its pid."""
+    log = stack_dir(ws) / "logs" / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, **(env or {})}, start_new_session=True, cwd=ws.root)
+    return proc.pid
+
+
+def _wait_http(url: str, name: str, pid: int | None, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        except OSError:
+            pass
+        if pid is not None and not _alive(pid):
+            raise WorkspaceError(f"stack: {name} exited at start-up (see its log in .cdm/stack/logs/)")
+        time.sleep(0.5)
+    raise WorkspaceError(f"stack: {name} did not answer on {url} within {timeout:.0f} s")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
+        if waited == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+def _stop(pid: int, timeout: float = 20.0) -> None:
+    """SIGTERM to the service's process group, then SIGKILL after `timeout`."""
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return
+        deadline = time.time() + wait
+        while time.time() < deadline and _alive(pid):
+            time.sleep(0.2)
+        if not _alive(pid):
+            return
+
+
+# -- PostgreSQL ------------------------------------------------------------------------------------------------
+
+def pg_bin(tool: str) -> str:
+    for folder in sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name), reverse=True):
+        if (folder / tool).is_file():
+            return str(folder / tool)
+    found = shutil.which(tool)
+    if not found:
+        raise WorkspaceError(f"stack: PostgreSQL's {tool} not found: install the `postgresql` package "
+                             "(Debian: apt-get install postgresql)")
+    return found
+
+
+def _as_postgres(args: list[str]) -> list[str]:
+    """PostgreSQL refuses root: run its tools as the `postgres` user then."""
+    return ["runuser", "-u", "postgres", "--", *args] if os.geteuid() == 0 else args
+
+
+def _pg_run(args: list[str], what: str, env: dict | None = None) -> None:
+    proc = subprocess.run(_as_postgres(args), capture_output=True, text=True, env={**os.environ, **(env or {})})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WorkspaceError(f"stack: {what} failed: {tail[-1] if tail else proc.returncode}")
+
+
+def start_postgres(ws: Workspace, port: int) -> None:
+    """initdb (first time) into .cdm/stack/pg, start on loopback, create the role and both databases."""
+    data = stack_dir(ws) / "pg"
+    c = credentials(ws)
+    if os.geteuid() == 0:
+        probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(stack_dir(ws))])
+        if probe.returncode != 0:
+            raise WorkspaceError(f"stack: PostgreSQL runs as the `postgres` user (not root), which cannot reach "
+                                 f"{stack_dir(ws)}: make its parent folders traversable (chmod o+x)")
+    fresh = not (data / "PG_VERSION").is_file()
+    if fresh:
+        data.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(data, "postgres", "postgres")
+        data.chmod(0o700)
+        pwfile = stack_dir(ws) / "pg.pw"
+        pwfile.write_text(c["postgres_password"])
+        if os.geteuid() == 0:
+            shutil.chown(pwfile, "postgres", "postgres")
+        pwfile.chmod(0o600)
+        try:
+            _pg_run([pg_bin("initdb"), "-D", str(data), "-U", c["postgres_user"], "--pwfile", str(pwfile),
+                     "-A", "scram-sha-256", "-E", "UTF8", "--no-instructions"], "initdb")
+        finally:
+            pwfile.unlink(missing_ok=True)
+    log = stack_dir(ws) / "logs" / "postgres.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.touch()
+    if os.geteuid() == 0:
+        shutil.chown(log, "postgres", "postgres")
+    opts = f"-c listen_addresses={HOST} -p {port} -c unix_socket_directories={data}"
+    _pg_run([pg_bin("pg_ctl"), "-D", str(data), "-l", str(log), "-o", opts, "-w", "-t", "60", "start"],
+            "PostgreSQL start")
+    if fresh:
+        for db in ("mlflow", "prefect"):
+            _pg_run([pg_bin("createdb"), "-h", HOST, "-p", str(port), "-U", c["postgres_user"], db],
+                    f"createdb {db}", env={"PGPASSWORD": c["postgres_password"]})
+
+
+def stop_postgres(ws: Workspace) -> None:
+    data = stack_dir(ws) / "pg"
+    if (data / "postmaster.pid").is_file():
+        _pg_run([pg_bin("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], "PostgreSQL stop")
+
+
+# -- the stack -------------------------------------------------------------------------------------------------
+
+def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
+    """Start PostgreSQL, S3 (moto unless `cfg.s3_endpoint`), the MLflow tracking server (backend PostgreSQL,
+    artifacts proxied to S3), the Prefect server (on PostgreSQL) and a worker on `cfg.work_pool`. Returns the
+    running stack, also written to `.cdm/stack/stack.json`; a stack already up is returned as it is."""
+    running = Stack.read(ws)
+    if running is not None and running.started and all(_alive(p) for p in running.pids.values()):
+        return running
+    if running is not None:
+        down(ws)
+    stack_dir(ws).mkdir(parents=True, exist_ok=True)
+    c = credentials(ws)
+    stack = Stack(mlflow_tracking_uri="", prefect_api_url="", s3_endpoint_url=cfg.s3_endpoint or "",
+                  artifacts_destination=f"s3://{cfg.bucket}/artifacts", work_pool=cfg.work_pool,
+                  postgres_port=free_port())
+    try:
+        # 1. PostgreSQL: the registry's and Prefect's database.
+        start_postgres(ws, stack.postgres_port)
+        stack.pids["postgres"] = int((stack_dir(ws) / "pg" / "postmaster.pid").read_text().split()[0])
+        stack.write(ws)
+        # 2. S3: moto on loopback unless an endpoint was given; the artifacts bucket.
+        if not cfg.s3_endpoint:
+            port = free_port()
+            stack.s3_endpoint_url = f"http://{HOST}:{port}"
+            stack.pids["s3"] = _spawn(ws, "s3", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)])
+            stack.write(ws)
+            _wait_http(stack.s3_endpoint_url, "S3 (moto)", stack.pids["s3"], cfg.startup_timeout)
+        _ensure_bucket(ws, stack, cfg.bucket)
+        # 3. MLflow tracking server: runs, logged models and the registry in PostgreSQL, artifacts proxied to S3.
+        port = free_port()
+        stack.mlflow_tracking_uri = f"http://{HOST}:{port}"
+        stack.pids["mlflow"] = _spawn(ws, "mlflow", [
+            sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
+            "--artifacts-destination", stack.artifacts_destination], env={
+            **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow")})
+        stack.write(ws)
+        _wait_http(f"{stack.mlflow_tracking_uri}/health", "MLflow server", stack.pids["mlflow"], cfg.startup_timeout)
+        # 4. Prefect server on PostgreSQL, its own home in the stack folder.
+        port = free_port()
+        stack.prefect_api_url = f"http://{HOST}:{port}/api"
+        stack.pids["prefect"] = _spawn(ws, "prefect-server", [
+            sys.executable, "-m", "prefect", "server", "start", "--host", HOST, "--port", str(port)],
+            env=prefect_env(ws, stack) | {
+                "PREFECT_API_DATABASE_CONNECTION_URL": database_url(ws, stack, "prefect", "postgresql+asyncpg"),
+                "PREFECT_UI_ENABLED": "false"})
+        stack.write(ws)
+        _wait_http(f"{stack.prefect_api_url}/health", "Prefect server", stack.pids["prefect"], cfg.startup_timeout)
+        # 5. The work pool and its worker (flow runs as subprocesses of the worker, in the workspace).
+        _prefect_cli(ws, stack, ["work-pool", "create", cfg.work_pool, "--type", "process", "--overwrite"])
+        stack.pids["worker"] = _spawn(ws, "worker", [
+            sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.work_pool, "--type", "process"],
+            env=prefect_env(ws, stack) | {"PREFECT_WORKER_QUERY_SECONDS": "2"})
+        stack.write(ws)
+    except BaseException:
+        down(ws)
+        raise
+    return stack
+
+
+def prefect_env(ws: Workspace, stack: Stack) -> dict[str, str]:
+    """Environment of a process that uses the stack's Prefect API (and its S3)."""
+    home = stack_dir(ws) / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(home),
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **s3_env(ws, stack)}
+
+
+def _prefect_cli(ws: Workspace, stack: Stack, args: list[str]) -> None:
+    proc = subprocess.run([sys.executable, "-m", "prefect", *args], capture_output=True, text=True,
+                          env={**os.environ, **prefect_env(ws, stack)})
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()
+        raise WorkspaceError(f"stack: prefect {' '.join(args[:2])} failed: {tail[-1] if tail else proc.returncode}")
+
+
+def _ensure_bucket(ws: Workspace, stack: Stack, bucket: str) -> None:
+    import boto3
+    from botocore.exceptions import ClientError
+
+    env = s3_env(ws, stack)
+    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint_url, aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                      aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"), region_name="us-east-1")
+    try:
+        s3.head_bucket(Bucket=bucket)
+    except ClientError:
+        s3.create_bucket(Bucket=bucket)
+
+
+def down(ws: Workspace) -> dict:
+    """Stop every process of the stack (worker first, PostgreSQL last). Returns what was stopped."""
+    stack = Stack.read(ws)
+    stopped = []
+    if stack is not None:
+        for name in ("worker", "prefect", "mlflow", "s3"):
+            pid = stack.pids.get(name)
+            if pid and _alive(pid):
+                _stop(pid)
+                stopped.append(name)
+    if (stack_dir(ws) / "pg" / "postmaster.pid").is_file():
+        stop_postgres(ws)
+        stopped.append("postgres")
+    if stack is not None:
+        stack.started, stack.pids = False, {}
+        stack.write(ws)
+    return {"stopped": stopped}
+
+
+def active(ws: Workspace) -> Stack | None:
+    """The stack commands use: `.cdm/stack/stack.json` of a stack that is up, else None."""
+    stack = Stack.read(ws)
+    return stack if stack is not None and stack.started else None
