@@ -79,12 +79,9 @@ class Context:
 
         retries = Config(retries={"max_attempts": 5, "mode": "standard"})
         if self.stack:
-            from cdm.platform.stack import s3_env
+            from cdm.platform.stack import s3_client
 
-            env = s3_env(self.ws, self.stack)
-            return boto3.client("s3", endpoint_url=self.stack.s3_endpoint_url, config=retries,
-                                aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
-                                aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"))
+            return s3_client(self.ws, self.stack, retries)
         return boto3.client("s3", endpoint_url=self.ws.s3_endpoint_url(self.config), config=retries)
 
     def dvc_s3(self):

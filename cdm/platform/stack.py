@@ -5,6 +5,7 @@ a Prefect server and a Prefect worker on a process work pool (docs/design.md §8
     <root>/.cdm/stack/credentials.json  generated passwords and S3 keys (0600, never printed)
     <root>/.cdm/stack/pg/               the PostgreSQL cluster (databases `mlflow` and `prefect`)
     <root>/.cdm/stack/logs/             one log per process
+    <root>/.cdm/stack/s3-snapshot/      moto's objects while the stack is down (moto keeps them in memory)
 
 `up` runs these steps in order and stops what it started if one fails; `down` stops everything (the PostgreSQL
 cluster and the logs stay, so a later `up` finds the same registry and flow runs). Every port is on loopback.
@@ -264,13 +265,16 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
             stack.write(ws)
             _wait_http(stack.s3_endpoint_url, "S3 (moto)", stack.pids["s3"], cfg.startup_timeout)
         _ensure_bucket(ws, stack, cfg.bucket)
+        if not cfg.s3_endpoint:
+            _restore_snapshot(ws, stack)
         # 3. MLflow tracking server: runs, logged models and the registry in PostgreSQL, artifacts proxied to S3.
         port = free_port()
         stack.mlflow_tracking_uri = f"http://{HOST}:{port}"
         stack.pids["mlflow"] = _spawn(ws, "mlflow", [
             sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
             "--artifacts-destination", stack.artifacts_destination], env={
-            **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow")})
+            **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow"),
+            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
         stack.write(ws)
         _wait_http(f"{stack.mlflow_tracking_uri}/health", "MLflow server", stack.pids["mlflow"], cfg.startup_timeout)
         # 4. Prefect server on PostgreSQL, its own home in the stack folder.
@@ -312,22 +316,56 @@ def _prefect_cli(ws: Workspace, stack: Stack, args: list[str]) -> None:
 
 
 def _ensure_bucket(ws: Workspace, stack: Stack, bucket: str) -> None:
-    import boto3
     from botocore.exceptions import ClientError
 
-    env = s3_env(ws, stack)
-    s3 = boto3.client("s3", endpoint_url=stack.s3_endpoint_url, aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
-                      aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"), region_name="us-east-1")
+    s3 = s3_client(ws, stack)
     try:
         s3.head_bucket(Bucket=bucket)
     except ClientError:
         s3.create_bucket(Bucket=bucket)
 
 
+def s3_client(ws: Workspace, stack: Stack, config=None):
+    """A boto3 S3 client of the stack's S3 (its generated keys for moto)."""
+    import boto3
+
+    env = s3_env(ws, stack)
+    return boto3.client("s3", endpoint_url=stack.s3_endpoint_url, aws_access_key_id=env.get("AWS_ACCESS_KEY_ID"),
+                        aws_secret_access_key=env.get("AWS_SECRET_ACCESS_KEY"), region_name="us-east-1",
+                        config=config)
+
+
+def _take_snapshot(ws: Workspace, stack: Stack) -> None:
+    """moto's objects to `.cdm/stack/s3-snapshot/<bucket>/<key>` before it stops (it keeps them in memory)."""
+    s3, root = s3_client(ws, stack), stack_dir(ws) / "s3-snapshot"
+    for bucket in (b["Name"] for b in s3.list_buckets()["Buckets"]):
+        for page in s3.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+            for obj in page.get("Contents", []):
+                path = root / bucket / obj["Key"]
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(s3.get_object(Bucket=bucket, Key=obj["Key"])["Body"].read())
+        (root / bucket).mkdir(parents=True, exist_ok=True)
+
+
+def _restore_snapshot(ws: Workspace, stack: Stack) -> None:
+    """Put the snapshot back into a fresh moto, then delete it: the objects live in one place at a time."""
+    root = stack_dir(ws) / "s3-snapshot"
+    if not root.is_dir():
+        return
+    s3 = s3_client(ws, stack)
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        _ensure_bucket(ws, stack, folder.name)
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            s3.put_object(Bucket=folder.name, Key=path.relative_to(folder).as_posix(), Body=path.read_bytes())
+    shutil.rmtree(root)
+
+
 def down(ws: Workspace) -> dict:
     """Stop every process of the stack (worker first, PostgreSQL last). Returns what was stopped."""
     stack = Stack.read(ws)
     stopped = []
+    if stack is not None and stack.pids.get("s3") and _alive(stack.pids["s3"]):
+        _take_snapshot(ws, stack)
     if stack is not None:
         for name in ("worker", "prefect", "mlflow", "s3"):
             pid = stack.pids.get(name)

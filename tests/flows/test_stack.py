@@ -1,0 +1,184 @@
+"""The whole story against the production stack (`cdm stack up`): PostgreSQL, an S3 API server, the MLflow tracking
+server on PostgreSQL with artifacts in S3, a Prefect server on PostgreSQL, a worker on a process work pool.
+
+Every step is a real `cdm` command in its own process, as a user runs them: ingest (one owner from the stack's S3)
+→ train on a Dask cluster of worker processes → compose → sample → the owner revokes by event → the worker (not
+`serve`) runs the unlearning flow → purge → verification that asks the MLflow server, dumps both PostgreSQL
+databases, reads the cluster's files and the bucket → re-evaluation → `cdm stack down`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from cdm.platform.create import init_workspace
+
+CDM = [sys.executable, "-m", "flows.cli"]
+REPO = Path(__file__).resolve().parents[2]
+
+
+def env() -> dict[str, str]:
+    """This session's environment without the test S3 server's endpoint: the stack brings its own."""
+    return {k: v for k, v in os.environ.items() if k not in ("AWS_ENDPOINT_URL", "MLFLOW_S3_ENDPOINT_URL",
+                                                              "PREFECT_API_URL", "PREFECT_HOME")}
+
+
+def cdm(*args: str, timeout: float = 600) -> dict:
+    proc = subprocess.run([*CDM, *args, "--json"], capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                          env=env())
+    assert proc.returncode == 0, f"cdm {' '.join(args)}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    return json.loads(proc.stdout)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def story(small_params, digit_owners):
+    from cdm.platform.stack import Stack, s3_client
+    from tests.flows.test_pipeline import upload
+
+    # PostgreSQL runs as the `postgres` user when we are root: the workspace must be reachable by it.
+    tmp = Path(tempfile.mkdtemp(prefix="cdm-stack-"))
+    tmp.chmod(0o755)
+    p = small_params()
+    p.train.task_runner, p.train.max_workers, p.train.min_shard_samples = "dask", 2, 0
+    ws = init_workspace(tmp / "ws", params=p)
+    sources = digit_owners(tmp / "sources", None)
+    out: dict = {"ws": ws, "tmp": tmp}
+    up = cdm("stack", "up", "--workspace", str(ws.root))
+    out["up"] = up
+    try:
+        stack = Stack.read(ws)
+        out["stack"] = stack
+        s3 = s3_client(ws, stack)
+        s3.create_bucket(Bucket="owners")
+        upload(s3, sources["alice"], "owners", "alice")
+        out["ingest"] = {"alice": cdm("ingest", "alice", "s3://owners/alice", "--workspace", str(ws.root)),
+                         "bob": cdm("ingest", "bob", str(sources["bob"]), "--workspace", str(ws.root))}
+        out["train"] = cdm("train", "--workspace", str(ws.root))
+        out["compose"] = cdm("compose", "--workspace", str(ws.root))
+        out["sample"] = cdm("sample", "--n", "16", "--out", str(tmp / "grid.png"), "--workspace", str(ws.root))
+        # bob revokes by event: the stack's automation creates a flow run of `on-revocation` on the work pool.
+        bob = out["ingest"]["bob"]
+        emit = ("from prefect.events import emit_event; import sys; "
+                "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
+                "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
+        subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
+                       check=True, env={**env(), "PREFECT_API_URL": stack.prefect_api_url}, timeout=120)
+        out["revocation"] = wait_for_revocation(ws.root, timeout=600)
+        out["flow_runs"] = flow_runs(stack.prefect_api_url)
+        out["versions"] = registry_versions(stack.mlflow_tracking_uri)
+        out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
+                          for o in page.get("Contents", [])]
+        out["probe"] = probe_stack_stores(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
+    finally:
+        out["down"] = cdm("stack", "down", "--workspace", str(ws.root))
+    return out
+
+
+def wait_for_revocation(root: Path, timeout: float) -> dict:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        records = [json.loads(p.read_text()) for p in (root / ".cdm" / "revocations").glob("rev-*.json")]
+        if records and records[0].get("completed"):
+            return records[0]
+        time.sleep(2)
+    worker_log = (root / ".cdm" / "stack" / "logs" / "worker.log").read_text()[-3000:]
+    raise AssertionError(f"the revocation did not complete within {timeout} s; worker log:\n{worker_log}")
+
+
+def flow_runs(api_url: str) -> list[dict]:
+    """Flow runs of the stack's Prefect server: name of the deployment, work pool, state."""
+    from prefect.client.orchestration import get_client
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: api_url}):
+        with get_client(sync_client=True) as client:
+            runs = client.read_flow_runs()
+            names = {d.id: d.name for d in client.read_deployments()}
+            return [{"deployment": names.get(r.deployment_id), "work_pool": r.work_pool_name,
+                     "state": r.state.name if r.state else None} for r in runs]
+
+
+def registry_versions(tracking_uri: str) -> list[str]:
+    from mlflow import MlflowClient
+
+    return [f"{v.name}/{v.version}" for v in MlflowClient(tracking_uri).search_model_versions()]
+
+
+def probe_stack_stores(root: Path, alice_key: str) -> dict:
+    """Positive control of the stack's stores: a remaining owner's key, which the registry holds in tags, is found
+    in each of them (so that finding nothing of bob means something). Run in a process of its own, as cdm does."""
+    code = ("import json, sys, collections; from flows.cli import env_defaults; env_defaults(); "
+            "from cdm.platform.context import Context; from cdm.platform.stores import workspace_stores; "
+            "from cdm.platform.scan import scan, Needles; ctx = Context.load(sys.argv[1]); "
+            "r = scan(workspace_stores(ctx), Needles(None, {sys.argv[2]: 'key'}, {})); "
+            "print(json.dumps(collections.Counter(f.store for f in r.findings)))")
+    return json.loads(subprocess.run([sys.executable, "-c", code, str(root), alice_key], capture_output=True,
+                                     text=True, check=True, env=env(), cwd=REPO).stdout)
+
+
+def test_stack_up_prints_where_each_service_is_and_no_secret(story):
+    up = story["up"]
+    assert up["mlflow_tracking_uri"].startswith("http://127.0.0.1:")
+    assert up["prefect_api_url"].startswith("http://127.0.0.1:") and up["work_pool"] == "cdm"
+    assert up["s3_endpoint_url"].startswith("http://127.0.0.1:") and "on-revocation" in up["deployments"]
+    secrets = json.loads((story["ws"].root / ".cdm" / "stack" / "credentials.json").read_text())
+    assert not any(v in json.dumps(up) for v in secrets.values())
+    assert oct((story["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
+
+
+def test_shards_train_on_dask_workers_against_the_tracking_server(story):
+    shards = story["train"]["shards"]
+    assert len(shards) == 2 and all(not s["skipped"] for s in shards.values())
+    assert len({s["worker"] for s in shards.values()}) == 2
+    assert (story["tmp"] / "grid.png").is_file() and story["sample"]["n"] == 16
+    assert len(story["sample"]["samples"]) == 16
+
+
+def test_the_revocation_event_runs_on_the_work_pool_worker(story):
+    rev = story["revocation"]
+    assert rev["requested_via"] == "event" and rev["completed"]
+    runs = [r for r in story["flow_runs"] if r["deployment"] == "on-revocation"]
+    assert runs and all(r["work_pool"] == "cdm" and r["state"] == "Completed" for r in runs), story["flow_runs"]
+
+
+def test_the_purge_check_asks_the_server_and_the_bucket_and_finds_nothing(story):
+    rev = story["revocation"]
+    verify = rev["verify"]
+    assert verify["ok"], verify
+    scanned = verify["scan"]["scanned"]
+    for store in ("MLflow server", "MLflow backend (pg_dump)", "Prefect database (pg_dump)", "PostgreSQL files",
+                  "MLflow artifacts"):
+        assert scanned.get(store, 0) > 0, (store, scanned)
+    assert not any(name.startswith("MLflow backend") and "sqlite" in name for name in scanned)
+    assert verify["scan"]["unscanned"] == []
+    purged = rev["purge"]
+    assert purged["versions"] and not set(purged["versions"]) & set(story["versions"])
+    assert not any(run in key for run in purged["runs"] for key in story["objects"])
+    # The stores have power: alice's key, which her shard's tags carry, is found in each of them.
+    for store in ("MLflow server", "MLflow backend (pg_dump)", "PostgreSQL files", "MLflow artifacts"):
+        assert story["probe"].get(store, 0) > 0, (store, story["probe"])
+    assert rev["reevaluate"]["fid"] > 0 and rev["reevaluate"]["composite_version"]
+
+
+def test_stack_down_stops_every_process(story):
+    stack = story["stack"]
+    assert set(story["down"]["stopped"]) >= {"worker", "prefect", "mlflow", "s3", "postgres"}
+    assert not any(alive(pid) for pid in stack.pids.values())
+    assert not (story["ws"].root / ".cdm" / "stack" / "pg" / "postmaster.pid").exists()
