@@ -19,9 +19,35 @@ from mlflow.pyfunc import PythonModel
 
 from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
 
+class LazyShard:
+    """A shard denoiser whose UNet is loaded (fetched from the registry, hash-checked) on its first call, then
+    kept: a served composite loads only the shards its requests use — a consumer's subset, or the shards `prior`
+    draws — and loads each once."""
+
+    guidance_scale = 0.0  # the composite checks it on every member: answering it must not load the weights
+
+    def __init__(self, load, null_label: int):
+        self._load, self.null_label, self._denoiser = load, null_label, None
+
+    @property
+    def loaded(self) -> bool:
+        return self._denoiser is not None
+
+    def denoiser(self):
+        from cdm.model import UNetDenoiser
+
+        if self._denoiser is None:
+            self._denoiser = UNetDenoiser(self._load(), self.null_label)
+        return self._denoiser
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.denoiser()(x_t, t, labels)
+
+
 def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: list[str] | None = None,
                     estimator: str | None = None, seed: int = 0, batched: bool = False):
-    """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its loaded shard UNets."""
+    """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its shard UNets (or
+    `LazyShard`s, loaded when first used; `batched` loads them all)."""
     from cdm.compose import CompositeDenoiser, ShardStack, class_priors
     from cdm.model import ModelConfig, UNetDenoiser
     from cdm.schedulers import NoiseSchedule, sampling_scheduler
@@ -40,7 +66,10 @@ def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: li
     estimator = estimator or spec["estimator"]
     if estimator == "router" and router is None:
         raise ValueError("this composite has no router; choose another estimator")
-    members = ShardStack(unets) if batched else [UNetDenoiser(u, cfg.null_label) for u in unets]
+    if batched:
+        members = ShardStack([u.denoiser().unet if isinstance(u, LazyShard) else u for u in unets])
+    else:
+        members = [u if isinstance(u, LazyShard) else UNetDenoiser(u, cfg.null_label) for u in unets]
     comp = CompositeDenoiser(members, class_priors(counts), estimator, scheduler=sampler, eta=spec["eta"],
                              subset=subset, threshold=spec.get("threshold", 0.0),
                              evaluation="batched" if batched else "loop", router=router,
@@ -94,6 +123,14 @@ def _first(model_input: Any, key: str, default=None):
 
 
 
+def _fetch_shard(shard: dict):
+    """A component shard's UNet from the registry, its weights checked against the composite's record."""
+    import mlflow
+
+    local = mlflow.artifacts.download_artifacts(f"models:/{shard['model']}/{shard['version']}")
+    return load_verified_unet(Path(local) / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
+
+
 class ShardModel(PythonModel):
     """One shard served alone: `predict({"n", "label", "seed"})` -> images."""
 
@@ -119,20 +156,19 @@ class CompositeModel(PythonModel):
     """The composite: `predict({"n", "label", "allowed_owners", "estimator", "seed"})`.
 
     Returns {"images": [n, C, H, W] in [-1, 1], "attribution": [{owner_key: weight}], "shards": [ids used]}.
-    Component shards are fetched from the registry (the caller's MLflow tracking URI) and hash-checked.
+    Component shards are fetched from the registry (the caller's MLflow tracking URI) and hash-checked when a
+    request first uses them (`LazyShard`), then kept for the next requests.
     """
 
     def load_context(self, context):
-        import mlflow
+        from functools import partial
 
         from cdm.compose import Router
         from cdm.safetensors_io import load_tree
 
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
-        self.unets = []
-        for shard in self.spec["shards"]:
-            local = mlflow.artifacts.download_artifacts(f"models:/{shard['model']}/{shard['version']}")
-            self.unets.append(load_verified_unet(Path(local) / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"]))
+        null_label = self.spec["model_config"]["num_classes"]
+        self.shards = [LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]]
         self.router = None
         if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
             state = load_tree(context.artifacts["router"])
@@ -145,9 +181,14 @@ class CompositeModel(PythonModel):
         labels = _labels(n, _first(model_input, "label"), self.spec["model_config"]["num_classes"])
         allowed = _first(model_input, "allowed_owners")
         seed = int(_first(model_input, "seed", 0))
-        comp, sampler, subset = build_composite(self.spec, self.unets, self.router,
+        comp, sampler, subset = build_composite(self.spec, self.shards, self.router,
                                                 list(allowed) if allowed is not None else None,
                                                 _first(model_input, "estimator"), seed)
         out = sample_composite(comp, sampler, self.spec, labels, seed)
         return {"images": out["images"].numpy(), "attribution": out["attribution"],
                 "shards": [self.spec["shards"][i]["id"] for i in subset]}
+
+    @property
+    def unets(self) -> list:
+        """Every component UNet (loads those not loaded yet): for evaluation, which uses them all."""
+        return [s.denoiser().unet for s in self.shards]
