@@ -132,23 +132,23 @@ def _wait_http(url: str, name: str, pid: int | None, timeout: float) -> None:
                     return
         except OSError:
             pass
-        if pid is not None and not _alive(pid):
+        if pid is not None and not alive(pid):
             raise WorkspaceError(f"stack: {name} exited at start-up (see its log in .cdm/stack/logs/)")
         time.sleep(0.5)
     raise WorkspaceError(f"stack: {name} did not answer on {url} within {timeout:.0f} s")
 
 
-def _alive(pid: int) -> bool:
+def alive(pid: int) -> bool:
+    """Running (a zombie left unreaped by its new parent is not)."""
+    import psutil
+
     try:
-        waited, _ = os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
-        if waited == pid:
-            return False
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our child and has exited
     except ChildProcessError:
         pass
     try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
         return False
 
 
@@ -160,9 +160,9 @@ def _stop(pid: int, timeout: float = 20.0) -> None:
         except ProcessLookupError:
             return
         deadline = time.time() + wait
-        while time.time() < deadline and _alive(pid):
+        while time.time() < deadline and alive(pid):
             time.sleep(0.2)
-        if not _alive(pid):
+        if not alive(pid):
             return
 
 
@@ -243,7 +243,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
     artifacts proxied to S3), the Prefect server (on PostgreSQL) and a worker on `cfg.work_pool`. Returns the
     running stack, also written to `.cdm/stack/stack.json`; a stack already up is returned as it is."""
     running = Stack.read(ws)
-    if running is not None and running.started and all(_alive(p) for p in running.pids.values()):
+    if running is not None and running.started and all(alive(p) for p in running.pids.values()):
         return running
     if running is not None:
         down(ws)
@@ -267,7 +267,8 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
         _ensure_bucket(ws, stack, cfg.bucket)
         if not cfg.s3_endpoint:
             _restore_snapshot(ws, stack)
-        # 3. MLflow tracking server: runs, logged models and the registry in PostgreSQL, artifacts proxied to S3.
+        # 3. MLflow tracking server (runs, logged models and the registry in PostgreSQL, artifacts proxied to S3)
+        #    and 4. the Prefect server on PostgreSQL: started together, then waited for.
         port = free_port()
         stack.mlflow_tracking_uri = f"http://{HOST}:{port}"
         stack.pids["mlflow"] = _spawn(ws, "mlflow", [
@@ -275,9 +276,6 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
             "--artifacts-destination", stack.artifacts_destination], env={
             **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow"),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
-        stack.write(ws)
-        _wait_http(f"{stack.mlflow_tracking_uri}/health", "MLflow server", stack.pids["mlflow"], cfg.startup_timeout)
-        # 4. Prefect server on PostgreSQL, its own home in the stack folder.
         port = free_port()
         stack.prefect_api_url = f"http://{HOST}:{port}/api"
         stack.pids["prefect"] = _spawn(ws, "prefect-server", [
@@ -286,6 +284,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
                 "PREFECT_API_DATABASE_CONNECTION_URL": database_url(ws, stack, "prefect", "postgresql+asyncpg"),
                 "PREFECT_UI_ENABLED": "false"})
         stack.write(ws)
+        _wait_http(f"{stack.mlflow_tracking_uri}/health", "MLflow server", stack.pids["mlflow"], cfg.startup_timeout)
         _wait_http(f"{stack.prefect_api_url}/health", "Prefect server", stack.pids["prefect"], cfg.startup_timeout)
         # 5. The work pool and its worker (flow runs as subprocesses of the worker, in the workspace).
         _prefect_cli(ws, stack, ["work-pool", "create", cfg.work_pool, "--type", "process", "--overwrite"])
@@ -364,12 +363,12 @@ def down(ws: Workspace) -> dict:
     """Stop every process of the stack (worker first, PostgreSQL last). Returns what was stopped."""
     stack = Stack.read(ws)
     stopped = []
-    if stack is not None and stack.pids.get("s3") and _alive(stack.pids["s3"]):
+    if stack is not None and stack.pids.get("s3") and alive(stack.pids["s3"]):
         _take_snapshot(ws, stack)
     if stack is not None:
         for name in ("worker", "prefect", "mlflow", "s3"):
             pid = stack.pids.get(name)
-            if pid and _alive(pid):
+            if pid and alive(pid):
                 _stop(pid)
                 stopped.append(name)
     if (stack_dir(ws) / "pg" / "postmaster.pid").is_file():

@@ -1,5 +1,6 @@
 """Shard training on a real Dask cluster: a local cluster of worker processes (prefect-dask's DaskTaskRunner).
 
+Slow (`make test-slow`); `make test` trains on a Dask cluster in the stack's story (tests/flows/test_stack.py).
 Three single-owner shards train on two worker processes: two at once, each in its own process, with weights
 bit-identical to the same training run one after another in this process; then a worker is killed (kill -9) in the
 middle of a shard, and the shard is rescheduled and resumes from its last slice checkpoint.
@@ -67,6 +68,7 @@ def worker_processes() -> list[psutil.Process]:
             if "spawn_main" in " ".join(p.cmdline()) and "resource_tracker" not in " ".join(p.cmdline())]
 
 
+@pytest.mark.slow  # ~90 s: `make test-slow` (make test trains on Dask in tests/flows/test_stack.py)
 def test_shards_train_in_parallel_worker_processes_with_the_sequential_weights(ingested, tmp_path):
     on_dask = copy_with(ingested, tmp_path / "dask", task_runner="dask", max_workers=2)
     one_by_one = copy_with(ingested, tmp_path / "seq", task_runner="sequential")
@@ -90,6 +92,7 @@ def test_shards_train_in_parallel_worker_processes_with_the_sequential_weights(i
     assert weights(on_dask, result) == weights(one_by_one, sequential)
 
 
+@pytest.mark.slow  # ~70 s: `make test-slow`
 def test_a_killed_worker_process_is_survived_and_the_shard_resumes_from_its_checkpoint(ingested, tmp_path):
     ctx = copy_with(ingested, tmp_path / "killed", task_runner="dask", max_workers=2)
     reference = copy_with(ingested, tmp_path / "ref", task_runner="sequential")

@@ -32,19 +32,16 @@ def env() -> dict[str, str]:
                                                               "PREFECT_API_URL", "PREFECT_HOME")}
 
 
+TIMINGS: dict[str, float] = {}  # seconds per command, printed by the story (where the test's time goes)
+
+
 def cdm(*args: str, timeout: float = 600) -> dict:
+    started = time.perf_counter()
     proc = subprocess.run([*CDM, *args, "--json"], capture_output=True, text=True, timeout=timeout, cwd=REPO,
                           env=env())
     assert proc.returncode == 0, f"cdm {' '.join(args)}: {proc.stdout[-2000:]} {proc.stderr[-2000:]}"
+    TIMINGS[" ".join(a for a in args[:2] if not a.startswith(("/", "s3:")))] = round(time.perf_counter() - started, 1)
     return json.loads(proc.stdout)
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +77,9 @@ def story(small_params, digit_owners):
                 "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
         subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
                        check=True, env={**env(), "PREFECT_API_URL": stack.prefect_api_url}, timeout=120)
+        started = time.perf_counter()
         out["revocation"] = wait_for_revocation(ws.root, timeout=600)
+        TIMINGS["revocation by event"] = round(time.perf_counter() - started, 1)
         out["flow_runs"] = flow_runs(stack.prefect_api_url)
         out["versions"] = registry_versions(stack.mlflow_tracking_uri)
         out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
@@ -88,6 +87,7 @@ def story(small_params, digit_owners):
         out["probe"] = probe_stack_stores(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
     finally:
         out["down"] = cdm("stack", "down", "--workspace", str(ws.root))
+        print("stack story, seconds:", TIMINGS)
     return out
 
 
@@ -139,14 +139,17 @@ def test_stack_up_prints_where_each_service_is_and_no_secret(story):
     assert up["prefect_api_url"].startswith("http://127.0.0.1:") and up["work_pool"] == "cdm"
     assert up["s3_endpoint_url"].startswith("http://127.0.0.1:") and "on-revocation" in up["deployments"]
     secrets = json.loads((story["ws"].root / ".cdm" / "stack" / "credentials.json").read_text())
-    assert not any(v in json.dumps(up) for v in secrets.values())
+    assert not any(secrets[k] in json.dumps(up) for k in ("postgres_password", "aws_access_key_id",
+                                                          "aws_secret_access_key"))
     assert oct((story["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
 
 
 def test_shards_train_on_dask_workers_against_the_tracking_server(story):
     shards = story["train"]["shards"]
     assert len(shards) == 2 and all(not s["skipped"] for s in shards.values())
-    assert len({s["worker"] for s in shards.values()}) == 2
+    assert len({s["worker"] for s in shards.values()}) == 2  # two worker processes…
+    (a0, a1), (b0, b1) = sorted((s["started_at"], s["finished_at"]) for s in shards.values())
+    assert b0 < a1  # …training at the same time
     assert (story["tmp"] / "grid.png").is_file() and story["sample"]["n"] == 16
     assert len(story["sample"]["samples"]) == 16
 
@@ -180,5 +183,7 @@ def test_the_purge_check_asks_the_server_and_the_bucket_and_finds_nothing(story)
 def test_stack_down_stops_every_process(story):
     stack = story["stack"]
     assert set(story["down"]["stopped"]) >= {"worker", "prefect", "mlflow", "s3", "postgres"}
-    assert not any(alive(pid) for pid in stack.pids.values())
+    from cdm.platform.stack import alive
+
+    assert not [name for name, pid in stack.pids.items() if alive(pid)]
     assert not (story["ws"].root / ".cdm" / "stack" / "pg" / "postmaster.pid").exists()
