@@ -248,7 +248,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
     if running is not None:
         down(ws)
     stack_dir(ws).mkdir(parents=True, exist_ok=True)
-    c = credentials(ws)
+    credentials(ws)  # generated before anything starts
     stack = Stack(mlflow_tracking_uri="", prefect_api_url="", s3_endpoint_url=cfg.s3_endpoint or "",
                   artifacts_destination=f"s3://{cfg.bucket}/artifacts", work_pool=cfg.work_pool,
                   postgres_port=free_port())

@@ -17,7 +17,6 @@ import psutil
 import pytest
 import torch
 
-from cdm.platform import registry
 from cdm.platform.context import Context
 from cdm.platform.create import init_workspace
 from flows.ingestion import ingest
