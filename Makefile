@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install test test-slow demo bench bench-v1 clean
+.PHONY: install postgres test test-slow demo bench bench-v1 clean
 
 install: $(STAMP)
 
@@ -19,10 +19,15 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install
+test: install postgres
 	$(PY) -m pytest -q
 
-test-slow: install
+# The stack's tests (`cdm stack up`) need Debian's PostgreSQL server; these machines have it, others get it here.
+postgres:
+	@ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || \
+		{ apt-get update -qq && apt-get install -y -qq postgresql >/dev/null; }
+
+test-slow: install postgres
 	$(PY) -m pytest -q -m slow
 
 demo: install

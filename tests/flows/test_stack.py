@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -88,7 +89,8 @@ def story(small_params, digit_owners):
     finally:
         out["down"] = cdm("stack", "down", "--workspace", str(ws.root))
         print("stack story, seconds:", TIMINGS)
-    return out
+    yield out
+    shutil.rmtree(tmp, ignore_errors=True)
 
 
 def wait_for_revocation(root: Path, timeout: float) -> dict:
