@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from prefect import flow
 
 from cdm.config import TrainParams
-
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
 from tasks.ingest import validate_batch
