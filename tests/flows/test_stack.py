@@ -94,11 +94,14 @@ def story(small_params, digit_owners):
 
 
 def wait_for_revocation(root: Path, timeout: float) -> dict:
+    from cdm.platform.revocations import all_revocations
+    from cdm.platform.workspace import Workspace
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        records = [json.loads(p.read_text()) for p in (root / ".cdm" / "revocations").glob("rev-*.json")]
-        if records and records[0].get("completed"):
-            return records[0]
+        records = all_revocations(Workspace(root))
+        if records and records[0].completed:
+            return json.loads(records[0].model_dump_json())
         time.sleep(2)
     worker_log = (root / ".cdm" / "stack" / "logs" / "worker.log").read_text()[-3000:]
     raise AssertionError(f"the revocation did not complete within {timeout} s; worker log:\n{worker_log}")
