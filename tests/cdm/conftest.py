@@ -5,7 +5,7 @@ import pytest
 from cdm.model import ModelConfig
 
 CFG = ModelConfig.preset("tiny")
-STEPS = 400  # per model: enough for digit-like samples on 2 CPU cores (~30 s each)
+STEPS = 300  # per model: enough for digit-like samples on 2 CPU cores (~25 s each)
 
 
 @pytest.fixture(scope="session")

@@ -375,6 +375,7 @@ def test_status_lists_state_and_detects_a_tampered_ledger(story, capsys):
         ws.ledger_path.write_text(original)
 
 
+@pytest.mark.slow  # ~25 s: `make test-slow` (the gate itself is in make test: tests/cdm/platform/test_evaluate.py)
 def test_dvc_repro_runs_the_evaluation_stage(story):
     ws = story["ws"]
     from prefect.settings import PREFECT_API_URL
