@@ -52,10 +52,8 @@ class Context:
             return Backend(self.tracking_uri)
         from cdm.platform.stack import credentials, database_url
 
-        url = database_url(self.ws, self.stack, "mlflow")
-        secret = credentials(self.ws)["postgres_password"]
-        return Backend(url.replace(f":{secret}@", "@"), {"PGPASSWORD": secret,
-                                                          "MLFLOW_TRACKING_URI": self.tracking_uri})
+        return Backend(database_url(self.ws, self.stack, "mlflow", password=False),
+                       {"PGPASSWORD": credentials(self.ws)["postgres_password"], "MLFLOW_TRACKING_URI": self.tracking_uri})
 
     @cached_property
     def client(self):

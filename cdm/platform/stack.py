@@ -90,9 +90,12 @@ def credentials(ws: Workspace) -> dict:
     return json.loads(path.read_text())
 
 
-def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "postgresql+psycopg2") -> str:
+def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "postgresql+psycopg2",
+                 password: bool = True) -> str:
+    """The database's URL; `password=False` leaves the secret out (the client takes it from PGPASSWORD)."""
     c = credentials(ws)
-    return f"{driver}://{c['postgres_user']}:{c['postgres_password']}@{HOST}:{stack.postgres_port}/{database}"
+    secret = f":{c['postgres_password']}" if password else ""
+    return f"{driver}://{c['postgres_user']}{secret}@{HOST}:{stack.postgres_port}/{database}"
 
 
 def s3_env(ws: Workspace, stack: Stack) -> dict[str, str]:
