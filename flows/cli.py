@@ -34,8 +34,8 @@ def env_defaults() -> None:
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("MLFLOW_ENABLE_TELEMETRY", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # artifact downloads are tiny here
-    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at …" after each run  # "creating tables" and the like: not for people
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "creating tables" and the like: not for people
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at …" after each run
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 
@@ -90,13 +90,14 @@ def workspace_env(root: Path, verbose: bool):
 
 def _stack_env(root: Path) -> dict[str, str]:
     """PREFECT_API_URL and PREFECT_HOME of the workspace's stack when it is up (`cdm stack up`), else {}."""
-    stack_file = root / ".cdm" / "stack" / "stack.json"
-    if not stack_file.is_file():
+    from cdm.platform.stack import active, stack_dir
+    from cdm.platform.workspace import Workspace
+
+    ws = Workspace(root)
+    stack = active(ws)
+    if stack is None:
         return {}
-    stack = json.loads(stack_file.read_text())
-    if not stack.get("started"):
-        return {}
-    return {"PREFECT_API_URL": stack["prefect_api_url"], "PREFECT_HOME": str(root / ".cdm" / "stack" / "prefect-home")}
+    return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(stack_dir(ws) / "prefect-home")}
 
 
 def classify(e: BaseException) -> tuple[int, str]:

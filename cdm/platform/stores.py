@@ -143,7 +143,7 @@ def _json(entity) -> bytes:
         if hasattr(o, "to_dictionary"):
             return o.to_dictionary()
         if hasattr(o, "__dict__"):
-            return {k: v for k, v in vars(o).items()}
+            return vars(o)
         return str(o)
 
     return json.dumps(entity, default=plain, sort_keys=True).encode()
