@@ -54,6 +54,20 @@ class TrainConfig:
 
 
 @dataclass
+class PlateauConfig:
+    """Stop a model when its held-out denoising loss stops falling (docs/design.md §6): training on past that point
+    buys no quality and is where a small shard starts to memorize. `TrainConfig.steps` stays the cap."""
+
+    every: int = 100  # optimizer steps between two evaluations of the held-out loss
+    patience: int = 3  # evaluations in a row without a relative improvement of `min_delta` before stopping
+    min_delta: float = 0.01  # relative improvement over the best loss so far that counts as progress
+    # (t, noise) draws per held-out image. They are drawn once, so every evaluation scores the same noisy images
+    # and two evaluations differ only by the weights.
+    draws: int = 8
+    seed: int = 1234
+
+
+@dataclass
 class TrainResult:
     unet: torch.nn.Module  # EMA weights when EMA is on
     losses: list[float]  # one per optimizer step, including steps restored from checkpoints
@@ -61,6 +75,10 @@ class TrainResult:
     resumed_from_slice: int  # index of the last slice restored from a checkpoint, -1 when trained from scratch
     seconds: float
     steps_run: int  # optimizer steps actually run in this call
+    # With a plateau rule: (step, held-out loss) at each evaluation, and the step whose weights were returned (the
+    # best held-out loss); None without one.
+    heldout_losses: list[tuple[int, float]] | None = None
+    best_step: int | None = None
 
     def smoothed_losses(self, alpha: float = 0.05) -> list[float]:
         """The training loss as logged: the per-step batch MSE, exponentially smoothed (weight `alpha` on the new
@@ -119,6 +137,8 @@ def train_shard(
     desc: str = "shard",
     slice_of: torch.Tensor | None = None,
     init_state: dict[str, torch.Tensor] | None = None,
+    validation: Dataset | None = None,
+    plateau: PlateauConfig | None = None,
 ) -> TrainResult:
     """Train one shard's UNet on `data`.
 
@@ -134,6 +154,9 @@ def train_shard(
             content hash.
         init_state: the shared initialization (a UNet state dict); its `state_sha256` must equal
             `cfg.init_sha256`, which the checkpoint keys and the config hash cover.
+        validation: held-out samples from the shard's own distribution (never trained on), for `plateau`.
+        plateau: stop once the held-out denoising loss has not improved for `plateau.patience` evaluations and
+            return the weights of the best evaluation; `cfg.steps` is the cap. One slice, no checkpoints.
     Returns:
         The trained UNet (on CPU, EMA weights if enabled), the loss history and the slice keys.
     """
@@ -146,6 +169,10 @@ def train_shard(
         raise ValueError("init_state and cfg.init_sha256 go together: give both or neither")
     if init_state is not None and state_sha256(init_state) != cfg.init_sha256:
         raise ValueError(f"init_state hash {state_sha256(init_state)[:12]} != cfg.init_sha256 {cfg.init_sha256[:12]}")
+    if plateau is not None and (validation is None or len(validation) == 0):
+        raise ValueError("plateau stopping needs held-out validation samples")
+    if plateau is not None and (cfg.num_slices != 1 or checkpoint_dir is not None):
+        raise ValueError("plateau stopping trains one slice without checkpoints (its stopping step is not in the keys)")
     schedule = schedule or NoiseSchedule()
     noise = train_scheduler(schedule)
     ckpt_dir = Path(checkpoint_dir) if checkpoint_dir else None
@@ -195,6 +222,7 @@ def train_shard(
         ema.to(device)
     x_all, y_all = data.x.to(device), data.y.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
+    judge = _HeldoutJudge(validation, plateau, schedule, model_cfg, device) if plateau is not None else None
     started, steps_run = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=sum(steps_per_slice[: resumed + 1]), desc=desc, disable=not progress,
                leave=False)
@@ -229,7 +257,10 @@ def train_shard(
             steps_run += 1
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
-        # 5. Checkpoint after the slice.
+            # 5. With a plateau rule: score the held-out loss every `plateau.every` steps; stop when it has stalled.
+            if judge is not None and steps_run % plateau.every == 0 and judge.stalled(accelerator.unwrap_model(unet), ema, steps_run):
+                break
+        # 6. Checkpoint after the slice.
         if ckpt_dir is not None and accelerator.is_main_process:
             ckpt_dir.mkdir(parents=True, exist_ok=True)
             state = {"model": accelerator.unwrap_model(unet).state_dict(), "optimizer": optimizer.state_dict(),
@@ -242,5 +273,56 @@ def train_shard(
     final = accelerator.unwrap_model(unet).to("cpu").float()
     if ema is not None:
         ema.copy_to(final.parameters())
+    if judge is not None:
+        judge.stalled(accelerator.unwrap_model(unet), ema, steps_run)  # the last steps count too
+        final.load_state_dict(judge.best_state)
     final.eval()
-    return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run)
+    return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run,
+                       judge.history if judge else None, judge.best_step if judge else None)
+
+
+class _HeldoutJudge:
+    """The plateau rule's bookkeeping: fixed (t, noise) draws on the held-out images, the loss history and the
+    best weights seen (EMA weights when EMA is on: those are the ones a shard ships)."""
+
+    def __init__(self, validation: Dataset, rule: PlateauConfig, schedule: NoiseSchedule, model_cfg: ModelConfig,
+                 device: torch.device):
+        g = torch.Generator().manual_seed(rule.seed)
+        n = len(validation) * rule.draws
+        self.x0 = validation.x.repeat(rule.draws, 1, 1, 1).to(device)  # [n, C, H, W]
+        self.y = validation.y.repeat(rule.draws).to(device)  # [n]
+        self.t = torch.randint(0, schedule.num_train_timesteps, (n,), generator=g).to(device)
+        self.eps = torch.randn(self.x0.shape, generator=g).to(device)
+        self.noise, self.rule = train_scheduler(schedule), rule
+        self.history: list[tuple[int, float]] = []
+        self.best, self.best_step, self.best_state = float("inf"), 0, None  # the weights returned
+        self.mark, self.waited = float("inf"), 0  # the loss at the last real progress, evaluations since
+
+    def loss(self, unet: torch.nn.Module) -> float:
+        x_t = self.noise.add_noise(self.x0, self.eps, self.t)
+        unet.eval()
+        with torch.no_grad():
+            pred = torch.cat([unet(x_t[i:i + 1024], self.t[i:i + 1024], class_labels=self.y[i:i + 1024]).sample
+                              for i in range(0, len(x_t), 1024)])
+        unet.train()
+        return float(F.mse_loss(pred.float(), self.eps))
+
+    def stalled(self, unet: torch.nn.Module, ema, step: int) -> bool:
+        if self.history and self.history[-1][0] == step:
+            return True
+        params = list(unet.parameters())
+        if ema is not None:
+            ema.store(params)
+            ema.copy_to(params)
+        value = self.loss(unet)
+        self.history.append((step, value))
+        if value < self.best:
+            self.best, self.best_step = value, step
+            self.best_state = {k: v.detach().to("cpu", copy=True).float() for k, v in unet.state_dict().items()}
+        if value < self.mark * (1 - self.rule.min_delta):
+            self.mark, self.waited = value, 0
+        else:
+            self.waited += 1
+        if ema is not None:
+            ema.restore(params)
+        return self.waited >= self.rule.patience

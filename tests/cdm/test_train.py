@@ -2,7 +2,10 @@ import torch
 
 from cdm.data import digits_dataset
 from cdm.model import ModelConfig
-from cdm.train import TrainConfig, assign_slices, train_shard
+from cdm.schedulers import NoiseSchedule
+import pytest
+
+from cdm.train import PlateauConfig, TrainConfig, _HeldoutJudge, assign_slices, train_shard
 
 CFG = ModelConfig.preset("tiny")
 
@@ -98,3 +101,31 @@ def test_shards_trained_on_threads_get_the_weights_their_seed_says():
         stop.set()
         noisy.join()
     assert all(same_weights(sequential[i], results[i]) for i in range(2))
+
+
+def test_plateau_rule_stops_at_the_held_out_plateau_and_returns_the_best_weights():
+    data = digits_dataset().subset(range(200))
+    train, held = data.subset(range(32)), data.subset(range(160, 200))
+    rule = PlateauConfig(every=10, patience=2, min_delta=0.1, draws=2)
+    cap = 3000
+    r = train_shard(train, CFG, TrainConfig(steps=cap, batch_size=16, seed=1), progress=False, validation=held,
+                    plateau=rule)
+    # Stopped long before the cap, after `patience` evaluations without 10% progress.
+    assert r.steps_run < cap and r.steps_run % rule.every == 0
+    steps, values = zip(*r.heldout_losses)
+    assert list(steps) == list(range(rule.every, r.steps_run + 1, rule.every))
+    assert r.best_step == steps[values.index(min(values))]
+    # The returned weights are those of the best evaluation: re-scoring them gives the best loss.
+    judge = _HeldoutJudge(held, rule, NoiseSchedule(), CFG, torch.device("cpu"))
+    assert judge.loss(r.unet) == pytest.approx(min(values), rel=1e-5)
+    # ...and training went somewhere: the best held-out loss is below the first evaluation's.
+    assert min(values) < values[0]
+
+
+def test_plateau_rule_needs_held_out_data_and_one_slice(tmp_path):
+    data = small_data()
+    with pytest.raises(ValueError, match="held-out"):
+        train_shard(data, CFG, TrainConfig(steps=10), progress=False, plateau=PlateauConfig())
+    with pytest.raises(ValueError, match="one slice"):
+        train_shard(data, CFG, TrainConfig(steps=10, num_slices=2), progress=False, validation=data,
+                    plateau=PlateauConfig())
