@@ -1,4 +1,4 @@
-"""Render bench/results.json as bench/RESULTS.md."""
+"""Render bench/results_v1.json as bench/RESULTS.md."""
 
 from __future__ import annotations
 
@@ -179,5 +179,5 @@ def targets(r: dict) -> list[tuple[str, str, str, bool]]:
 
 
 if __name__ == "__main__":
-    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results.json")
+    path = Path(sys.argv[1] if len(sys.argv) > 1 else Path(__file__).parent / "results_v1.json")
     (path.parent / "RESULTS.md").write_text(render(json.loads(path.read_text())))

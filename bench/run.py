@@ -1,6 +1,6 @@
 """cdm benchmark: quality against the paragon, speed of forgetting, cost of sampling, protection, orchestration.
 
-Writes bench/results.json and bench/RESULTS.md. Every figure is measured in this run next to its baseline.
+Writes bench/results_v1.json and bench/RESULTS.md. Every figure is measured in this run next to its baseline.
 
     python bench/run.py [--total-steps 1000] [--seeds 0 1 2] [--samples 300] [--out bench]   (= make bench)
 """
@@ -345,7 +345,7 @@ def main() -> None:
         orchestration(args, results)
     results["seconds"] = time.perf_counter() - started
     out = Path(args.out)
-    (out / "results.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "results_v1.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "RESULTS.md").write_text(render(results))
     log("done in", round(results["seconds"]), "s")
 

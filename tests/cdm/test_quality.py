@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from cdm.quality import (Interval, fid_interval, frechet_distance, paired_interval, ratio_interval, real_floor,
+from cdm.quality import (Interval, fid_interval, frechet_distance, paired_interval, ratio_interval, ratio_until, real_floor,
+                         relative_half_width,
                          seed_floor, stratified_halves, stratified_labels, t_interval)
 
 
@@ -69,3 +70,23 @@ def test_fid_stays_finite_with_fewer_samples_than_features():
     rng = np.random.default_rng(3)
     value = frechet_distance(rng.normal(size=(40, 64)), rng.normal(size=(30, 64)))
     assert np.isfinite(value) and value > 0
+
+
+def test_ratio_until_draws_sets_until_the_stated_precision():
+    rng = np.random.default_rng(4)
+    ref = rng.normal(size=(400, 4))
+    draws = {"a": [], "b": []}
+
+    def draw(which, shift):
+        def f(seed):
+            draws[which].append(seed)
+            return np.random.default_rng([seed, int(shift * 10)]).normal(shift, 1.0, size=(100, 4))
+        return f
+    loose, fa, fb = ratio_until(ref, draw("a", 1.0), draw("b", 0.5), target=2.0, min_sets=3, max_sets=40)
+    assert relative_half_width(loose) <= 2.0 and len(fa) == len(fb) == loose.n == 3
+    tight, fa, fb = ratio_until(ref, draw("a", 1.0), draw("b", 0.5), target=0.05, min_sets=3, max_sets=40)
+    # More sets were needed; the pairs share seeds and the interval reached the target (or the cap).
+    assert tight.n > loose.n and draws["a"] == draws["b"]
+    assert relative_half_width(tight) <= 0.05 or tight.n == 40
+    capped, _, _ = ratio_until(ref, draw("a", 1.0), draw("b", 0.5), target=1e-6, min_sets=3, max_sets=9, step=4)
+    assert capped.n == 9 and relative_half_width(capped) > 1e-6
