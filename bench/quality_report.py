@@ -151,7 +151,9 @@ def write_report(r: dict, path: str | Path) -> None:
                  f"{g['memorization']:.3f} |")
     L += ["", "## Router accuracy vs t", "",
           "By-class: on the unseen split (digits the router never saw), with the images' labels and with the null "
-          "label (unconditional sampling). iid shards are exchangeable, so chance (1/N) is the right answer there.",
+          "label (unconditional sampling). iid: on the router's own training images, since a held-out image belongs "
+          "to no iid shard; the shards are exchangeable, so chance (1/N) is the right answer, and accuracy above it "
+          "at low t means the router has learned which owner holds which training image.",
           "", "| regime | partition | labels | t=20 | t=100 | t=300 | t=600 | t=900 |", "|---|---|---|---|---|---|---|---|"]
     seen = set()
     for g in r["rows"]:
