@@ -177,7 +177,8 @@ def router_accuracy(router, data: Dataset, shard_of: torch.Tensor, labels: str) 
     return out
 
 
-def train_models(args, owners: Dataset, validation: Dataset, idx: list[torch.Tensor], seed: int, regime: str):
+def train_models(args, owners: Dataset, validation: Dataset, idx: list[torch.Tensor], seed: int, regime: str,
+                 rule: PlateauConfig):
     """One partition's shards under a regime: S / N steps each (equal compute) or each to its own plateau."""
     shards, results = [], []
     for i, ix in enumerate(idx):
@@ -186,25 +187,27 @@ def train_models(args, owners: Dataset, validation: Dataset, idx: list[torch.Ten
             unet, r = fit(data, args.steps // len(idx), seed * 100 + i)
         else:
             unet, r = fit(data, args.plateau_cap, seed * 100 + i, validation=classes_of(data, validation),
-                          rule=RULE)
+                          rule=rule)
         shards.append(unet)
         results.append(r)
     return shards, results
 
 
 def quality_rows(args, sc: Scorer, owners: Dataset, validation: Dataset, seed: int, part: str,
-                 idx: list[torch.Tensor], regime: str, results: dict, paragons: dict, para_elbo: torch.Tensor):
-    """Train one partition's shards, then score every estimator and label mode against the paragon."""
+                 idx: list[torch.Tensor], regime: str, results: dict, paragons: dict, para_elbo: torch.Tensor,
+                 rule: PlateauConfig, routers: dict):
+    """Train one partition's shards, then score every estimator and label mode against the paragon. `routers`
+    keeps one router per (seed, partition): it sees data, not shards, so both regimes share it."""
     n = len(idx)
     t0 = time.perf_counter()
-    shards, fits = train_models(args, owners, validation, idx, seed, regime)
+    shards, fits = train_models(args, owners, validation, idx, seed, regime, rule)
     train_s = time.perf_counter() - t0
     counts = torch.stack([owners.subset(ix).class_counts(10) for ix in idx]).float()
     shard_of = torch.cat([torch.full((len(ix),), i) for i, ix in enumerate(idx)])
     union = owners.subset(torch.cat(idx))
-    if (seed, part) not in ROUTERS:  # the router sees data, not shards: one per partition serves both regimes
-        ROUTERS[seed, part] = train_router(union, shard_of, n, 10, RouterConfig(steps=args.router_steps, seed=seed))[0]
-    router = ROUTERS[seed, part]
+    if (seed, part) not in routers:
+        routers[seed, part] = train_router(union, shard_of, n, 10, RouterConfig(steps=args.router_steps, seed=seed))[0]
+    router = routers[seed, part]
     unseen_shard = shard_of_class(idx, owners)[sc.unseen.y] if part == "by-class" else None
     # Likelihood: shards and the mixture on the unseen split (labels: the images' own).
     shard_elbos = torch.stack([sc.elbo(u) for u in shards])
@@ -323,12 +326,7 @@ def forgetting(args, sc_after: Scorer, owners: Dataset, seed: int, shards, idx, 
     return out
 
 
-RULE = PlateauConfig()  # set from the command line in main()
-ROUTERS: dict[tuple[int, str], object] = {}
-
-
 def main() -> None:
-    global RULE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=1200, help="paragon steps = total shard steps (equal compute)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0], help="training seeds (the plateau regime: the first)")
@@ -347,7 +345,7 @@ def main() -> None:
     ap.add_argument("--regimes", nargs="+", default=["equal compute", "plateau"])
     ap.add_argument("--out", default=str(Path(__file__).parent))
     args = ap.parse_args()
-    RULE = PlateauConfig(every=args.plateau_every)
+    rule, routers = PlateauConfig(every=args.plateau_every), {}
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     out = Path(args.out)
     _, labels = digits_uint8()
@@ -359,7 +357,7 @@ def main() -> None:
     public, unseen = held.subset(a), held.subset(b)
     net = train_feature_net(public, steps=800)
     sc = Scorer(owners, unseen, net, args.samples, args.sets, args.sampling_steps, args.nll_steps)
-    results = {"settings": vars(args), "plateau_rule": vars(RULE), "machine": {
+    results = {"settings": vars(args), "plateau_rule": vars(rule), "machine": {
                    "platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__},
                "feature_net_sha256": net.sha256(), "feature_net_accuracy_on_owners":
                    float((net.predict(owners.x) == owners.y).float().mean()),
@@ -375,7 +373,7 @@ def main() -> None:
             if regime == "equal compute":
                 paragon, r = fit(owners, args.steps, seed)
             else:
-                paragon, r = fit(owners, args.plateau_cap, seed, validation=public, rule=RULE)
+                paragon, r = fit(owners, args.plateau_cap, seed, validation=public, rule=rule)
             paragons = {m: Paragon(sc, paragon, lab) for m, lab in (("conditional", sc.cond),
                                                                     ("unconditional", sc.uncond))}
             para_elbo = sc.elbo(paragon)
@@ -392,7 +390,7 @@ def main() -> None:
             log(f"paragon {regime} seed {seed}:", {k: v for k, v in p.items() if k != "heldout_losses"})
             for part, idx in partitions(owners, seed).items():
                 shards, counts = quality_rows(args, sc, owners, public, seed, part, idx, regime, results, paragons,
-                                              para_elbo)
+                                              para_elbo, rule, routers)
                 if part == "iid" and regime == "equal compute" and seed == args.seeds[0]:
                     sc_after = Scorer(owners.subset(torch.cat(idx[1:])), unseen, net, args.samples, args.sets,
                                       args.sampling_steps, args.nll_steps)
