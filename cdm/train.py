@@ -60,7 +60,7 @@ class PlateauConfig:
 
     every: int = 100  # optimizer steps between two evaluations of the held-out loss
     patience: int = 3  # evaluations in a row without a relative improvement of `min_delta` before stopping
-    min_delta: float = 0.01  # relative improvement over the best loss so far that counts as progress
+    min_delta: float = 0.01  # relative improvement over the loss at the last progress that counts as progress
     # (t, noise) draws per held-out image. They are drawn once, so every evaluation scores the same noisy images
     # and two evaluations differ only by the weights.
     draws: int = 8
@@ -222,7 +222,7 @@ def train_shard(
         ema.to(device)
     x_all, y_all = data.x.to(device), data.y.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
-    judge = _HeldoutJudge(validation, plateau, schedule, model_cfg, device) if plateau is not None else None
+    judge = _HeldoutJudge(validation, plateau, schedule, device) if plateau is not None else None
     started, steps_run = time.perf_counter(), 0
     bar = tqdm(total=cfg.steps, initial=sum(steps_per_slice[: resumed + 1]), desc=desc, disable=not progress,
                leave=False)
@@ -258,7 +258,8 @@ def train_shard(
             bar.update(1)
             bar.set_postfix(loss=f"{losses[-1]:.4f}", refresh=False)
             # 5. With a plateau rule: score the held-out loss every `plateau.every` steps; stop when it has stalled.
-            if judge is not None and steps_run % plateau.every == 0 and judge.stalled(accelerator.unwrap_model(unet), ema, steps_run):
+            if (judge is not None and steps_run % plateau.every == 0
+                    and judge.stalled(accelerator.unwrap_model(unet), ema, steps_run)):
                 break
         # 6. Checkpoint after the slice.
         if ckpt_dir is not None and accelerator.is_main_process:
@@ -285,8 +286,7 @@ class _HeldoutJudge:
     """The plateau rule's bookkeeping: fixed (t, noise) draws on the held-out images, the loss history and the
     best weights seen (EMA weights when EMA is on: those are the ones a shard ships)."""
 
-    def __init__(self, validation: Dataset, rule: PlateauConfig, schedule: NoiseSchedule, model_cfg: ModelConfig,
-                 device: torch.device):
+    def __init__(self, validation: Dataset, rule: PlateauConfig, schedule: NoiseSchedule, device: torch.device):
         g = torch.Generator().manual_seed(rule.seed)
         n = len(validation) * rule.draws
         self.x0 = validation.x.repeat(rule.draws, 1, 1, 1).to(device)  # [n, C, H, W]

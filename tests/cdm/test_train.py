@@ -116,7 +116,7 @@ def test_plateau_rule_stops_at_the_held_out_plateau_and_returns_the_best_weights
     assert list(steps) == list(range(rule.every, r.steps_run + 1, rule.every))
     assert r.best_step == steps[values.index(min(values))]
     # The returned weights are those of the best evaluation: re-scoring them gives the best loss.
-    judge = _HeldoutJudge(held, rule, NoiseSchedule(), CFG, torch.device("cpu"))
+    judge = _HeldoutJudge(held, rule, NoiseSchedule(), torch.device("cpu"))
     assert judge.loss(r.unet) == pytest.approx(min(values), rel=1e-5)
     # ...and training went somewhere: the best held-out loss is below the first evaluation's.
     assert min(values) < values[0]
