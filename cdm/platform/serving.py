@@ -10,6 +10,7 @@ each shard (pseudonymous keys with sample counts), class counts, the estimator a
 from __future__ import annotations
 
 import json
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from mlflow.pyfunc import PythonModel
 
 from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
+
 
 class LazyShard:
     """A shard denoiser whose UNet is loaded (fetched from the registry, hash-checked) on its first call, then
@@ -44,11 +46,44 @@ class LazyShard:
         return self.denoiser()(x_t, t, labels)
 
 
-def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: list[str] | None = None,
-                    estimator: str | None = None, seed: int = 0, batched: bool = False):
-    """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its shard UNets (or
-    `LazyShard`s, loaded when first used; `batched` loads them all)."""
-    from cdm.compose import CompositeDenoiser, ShardStack, class_priors
+class ShardSet:
+    """A served composite's members, each loaded on first use (`LazyShard`), usable both ways the composite
+    evaluates them: one by one (`members[i]`, the loop) and several in one call (`members(x_t, t, labels, index)`,
+    grouped). The grouped network of a selection of shards is built from those shards only — the others stay
+    unloaded — and the last `keep` selections are kept, so a trajectory (whose selection rarely changes) and the
+    next requests reuse it."""
+
+    def __init__(self, shards: list[LazyShard], keep: int = 4):
+        self.shards, self.keep = shards, keep
+        self._grouped: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.shards)
+
+    def __getitem__(self, i: int) -> LazyShard:
+        return self.shards[i]
+
+    def __iter__(self):
+        return iter(self.shards)
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                 index: torch.Tensor) -> torch.Tensor:
+        from cdm.grouped_unet import GroupedUNet
+
+        key = tuple(index.tolist())
+        if key not in self._grouped:
+            self._grouped[key] = GroupedUNet([self.shards[i].denoiser().unet for i in key])
+            while len(self._grouped) > self.keep:
+                self._grouped.popitem(last=False)
+        self._grouped.move_to_end(key)
+        return self._grouped[key](x_t, t, labels)
+
+
+def build_composite(spec: dict, unets: list | ShardSet, router=None, allowed_owner_keys: list[str] | None = None,
+                    estimator: str | None = None, seed: int = 0, evaluation: str = "loop"):
+    """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its shard UNets, their
+    `LazyShard`s, or a `ShardSet` (needed by `grouped` and `auto` evaluation; see `CompositeDenoiser`)."""
+    from cdm.compose import CompositeDenoiser, class_priors
     from cdm.model import ModelConfig, UNetDenoiser
     from cdm.schedulers import NoiseSchedule, sampling_scheduler
 
@@ -66,14 +101,13 @@ def build_composite(spec: dict, unets: list, router=None, allowed_owner_keys: li
     estimator = estimator or spec["estimator"]
     if estimator == "router" and router is None:
         raise ValueError("this composite has no router; choose another estimator")
-    if batched:
-        members = ShardStack([u.denoiser().unet if isinstance(u, LazyShard) else u for u in unets])
+    if isinstance(unets, ShardSet):
+        members = unets
     else:
         members = [u if isinstance(u, LazyShard) else UNetDenoiser(u, cfg.null_label) for u in unets]
     comp = CompositeDenoiser(members, class_priors(counts), estimator, scheduler=sampler, eta=spec["eta"],
-                             subset=subset, threshold=spec.get("threshold", 0.0),
-                             evaluation="batched" if batched else "loop", router=router,
-                             generator=torch.Generator().manual_seed(seed))
+                             subset=subset, threshold=spec.get("threshold", 0.0), evaluation=evaluation,
+                             router=router, generator=torch.Generator().manual_seed(seed))
     return comp, sampler, subset
 
 
@@ -120,9 +154,6 @@ def _first(model_input: Any, key: str, default=None):
     return value
 
 
-
-
-
 def _fetch_shard(shard: dict):
     """A component shard's UNet from the registry, its weights checked against the composite's record."""
     import mlflow
@@ -157,7 +188,8 @@ class CompositeModel(PythonModel):
 
     Returns {"images": [n, C, H, W] in [-1, 1], "attribution": [{owner_key: weight}], "shards": [ids used]}.
     Component shards are fetched from the registry (the caller's MLflow tracking URI) and hash-checked when a
-    request first uses them (`LazyShard`), then kept for the next requests.
+    request first uses them (`LazyShard`), then kept for the next requests. Each step evaluates the shards it needs
+    in one grouped call when their groups are small, one call per shard otherwise (`auto`; see `CompositeDenoiser`).
     """
 
     def load_context(self, context):
@@ -168,7 +200,7 @@ class CompositeModel(PythonModel):
 
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
         null_label = self.spec["model_config"]["num_classes"]
-        self.shards = [LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]]
+        self.shards = ShardSet([LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]])
         self.router = None
         if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
             state = load_tree(context.artifacts["router"])
@@ -183,7 +215,7 @@ class CompositeModel(PythonModel):
         seed = int(_first(model_input, "seed", 0))
         comp, sampler, subset = build_composite(self.spec, self.shards, self.router,
                                                 list(allowed) if allowed is not None else None,
-                                                _first(model_input, "estimator"), seed)
+                                                _first(model_input, "estimator"), seed, evaluation="auto")
         out = sample_composite(comp, sampler, self.spec, labels, seed)
         return {"images": out["images"].numpy(), "attribution": out["attribution"],
                 "shards": [self.spec["shards"][i]["id"] for i in subset]}

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from cdm.compose import CompositeDenoiser, RouterConfig, ShardStack, class_priors, train_router
+from cdm.grouped_unet import GroupedUNet
 from cdm.data import Dataset
 from cdm.model import ModelConfig, UNetDenoiser, build_unet
 from cdm.pipeline import CDMPipeline
@@ -236,10 +237,45 @@ def test_grouped_evaluation_reproduces_the_plain_loop(estimator, threshold):
     labels = torch.tensor([0, 3, 7, 10, 10, 2, 5, 10])
     outs, evaluations = [], []
     for shards, evaluation in (([UNetDenoiser(u, cfg.null_label) for u in unets], "loop"),
-                               (ShardStack(unets), "grouped")):
+                               (ShardStack(unets), "grouped"), (GroupedUNet(unets), "grouped"),
+                               (GroupedUNet(unets), "batched")):
         comp = CompositeDenoiser(shards, priors, estimator, scheduler=sched, evaluation=evaluation,
                                  threshold=threshold, generator=torch.Generator().manual_seed(1))
         outs.append(CDMPipeline(comp, sched, (1, 8, 8))(labels, 20, generator=torch.Generator().manual_seed(0)))
         evaluations.append(comp.evaluations)
-    assert torch.allclose(outs[0], outs[1], atol=1e-4)
-    assert evaluations[0] == evaluations[1]  # the same (shard, sample) pairs, padding not counted
+    for out in outs[1:]:
+        assert torch.allclose(outs[0], out, atol=1e-4)
+    assert evaluations[0] == evaluations[1] == evaluations[2]  # the same (shard, sample) pairs, padding not counted
+
+
+def test_auto_evaluation_groups_small_steps_and_loops_large_ones():
+    cfg, unets = tiny_unets(3)
+    priors = class_priors(torch.tensor([[10.0] * 10, [5.0] * 10, [1.0] * 10]))
+    calls = {"grouped": 0, "single": 0}
+
+    class Both:  # the shards one by one and as one grouped network, counting which is used
+        def __init__(self):
+            self.grouped = GroupedUNet(unets)
+            self.single = [UNetDenoiser(u, cfg.null_label) for u in unets]
+
+        def __len__(self):
+            return len(unets)
+
+        def __getitem__(self, i):
+            calls["single"] += 1
+            return self.single[i]
+
+        def __call__(self, x_t, t, labels, index):
+            calls["grouped"] += 1
+            return self.grouped(x_t, t, labels, index=index)
+
+    x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 500)
+    labels = torch.full((6,), 10)
+    CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=6)(x, t, labels)
+    assert calls == {"grouped": 1, "single": 0}
+    CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=5)(x, t, labels)
+    assert calls == {"grouped": 1, "single": 3}
+    with pytest.raises(ValueError, match="one by one"):
+        CompositeDenoiser(GroupedUNet(unets), priors, "average", evaluation="auto")
+    with pytest.raises(ValueError, match="needs a stack"):
+        CompositeDenoiser(Both().single, priors, "average", evaluation="grouped")

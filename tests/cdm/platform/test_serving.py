@@ -35,10 +35,11 @@ def test_consumer_subset_only_keeps_shards_made_solely_of_allowed_owners():
         build_composite(spec, unets, allowed_owner_keys=["b"])
 
 
-def test_a_served_composite_loads_only_the_shards_a_request_uses():
+@pytest.mark.parametrize("evaluation", ["loop", "auto"])
+def test_a_served_composite_loads_only_the_shards_a_request_uses(evaluation):
     """A composite of many shards serves a consumer's subset, or `prior` draws, without loading the others;
     a shard is loaded once and kept for the next requests."""
-    from cdm.platform.serving import LazyShard, sample_composite
+    from cdm.platform.serving import LazyShard, ShardSet, sample_composite
 
     cfg = ModelConfig.preset("tiny")
     torch.manual_seed(0)
@@ -49,16 +50,19 @@ def test_a_served_composite_loads_only_the_shards_a_request_uses():
         return lambda: (loads.append(i), unets[i])[1]
 
     shards = [LazyShard(loader(i), cfg.null_label) for i in range(4)]
+    if evaluation == "auto":  # as the pyfunc serves: small steps in one grouped call over the needed shards
+        shards = ShardSet(shards)
     spec = {"shards": [{"owners": {k: 5}, "class_counts": [1] * 10} for k in "abcd"],
             "model_config": json.loads(cfg.to_json()), "sampler": "ddpm", "estimator": "prior", "eta": 1.0,
             "num_inference_steps": 3}
-    comp, sampler, subset = build_composite(spec, shards, allowed_owner_keys=["c"])
+    comp, sampler, subset = build_composite(spec, shards, allowed_owner_keys=["c"], evaluation=evaluation)
     assert loads == [] and subset == [2]  # building the composite loads nothing
     sample_composite(comp, sampler, spec, torch.full((3,), 10), seed=0)
     assert loads == [2]
-    comp, sampler, _ = build_composite(spec, shards, seed=1)
+    comp, sampler, _ = build_composite(spec, shards, seed=1, evaluation=evaluation)
     sample_composite(comp, sampler, spec, torch.full((1,), 10), seed=1)  # one sample: one shard drawn
     assert len(loads) <= 2 and len(set(loads)) == len(loads)  # at most the drawn one more, none twice
     before = list(loads)
-    sample_composite(*build_composite(spec, shards, allowed_owner_keys=["c"])[:2], spec, torch.full((2,), 10), 0)
+    again = build_composite(spec, shards, allowed_owner_keys=["c"], evaluation=evaluation)
+    sample_composite(*again[:2], spec, torch.full((2,), 10), 0)
     assert loads == before  # kept, not loaded again
