@@ -11,8 +11,9 @@ Writes bench/serving_cost.json.
 Each mode is timed --repeats times, the modes interleaved round by round; ratios to the paragon are paired by
 round (median, quartiles).
 
-The shards are 8 iid fine-tunes of one base UNet (similar models, as trained shards are), so the path estimator's
-weights stay spread as they do in production rather than collapsing on random networks.
+The shards are 8 fine-tunes of one base UNet (similar models, as trained shards are, so the path estimator's weights
+behave as in production rather than collapsing on random networks), on an iid split of the digits by default, or
+by class (`--partition by-class`), where the shards differ and the path posterior concentrates.
 """
 
 from __future__ import annotations
@@ -63,14 +64,24 @@ def matmul_rate(size: int = 1024, reps: int = 20) -> float:
     return 2 * size**3 * reps / (time.perf_counter() - t0)
 
 
-def shards(n: int, base_steps: int, steps: int) -> list:
+def shards(n: int, base_steps: int, steps: int, partition: str = "iid") -> tuple[list, torch.Tensor]:
+    """n fine-tunes of one base UNet on a partition of the digits: `iid` (random, similar shards: the path
+    weights stay spread) or `by-class` (digit c to shard c mod n: distinct shards, the weights concentrate).
+    -> (UNets, class counts [n, 10])."""
     data = digits_dataset()
     base = train_shard(data, CFG, TrainConfig(steps=base_steps, seed=0), progress=False).unet
     init = {k: v.clone() for k, v in base.state_dict().items()}
     sha = state_sha256(init)
-    parts = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).chunk(n)
-    return [train_shard(data.subset(p), CFG, TrainConfig(steps=steps, seed=i, init_sha256=sha), init_state=init,
-                        progress=False).unet.eval() for i, p in enumerate(parts)]
+    if partition == "iid":
+        parts = list(torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).chunk(n))
+    elif partition == "by-class":
+        parts = [torch.nonzero(data.y % n == i).flatten() for i in range(n)]
+    else:
+        raise ValueError(f"unknown partition {partition!r}")
+    counts = torch.stack([torch.bincount(data.y[p], minlength=10) for p in parts]).float()
+    unets = [train_shard(data.subset(p), CFG, TrainConfig(steps=steps, seed=i, init_sha256=sha), init_state=init,
+                         progress=False).unet.eval() for i, p in enumerate(parts)]
+    return unets, counts
 
 
 MODES = {  # name -> (estimator, threshold, evaluation, members); None: the paragon alone
@@ -93,12 +104,63 @@ def quartiles(xs: list[float]) -> dict:
     return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(xs)}
 
 
+def members_of(unets: list, device: str = "cpu") -> dict:
+    """The shards in each form a mode evaluates them through."""
+    unets = [u.to(device) for u in unets]
+    return {"loop": [UNetDenoiser(u, CFG.null_label) for u in unets], "vmap": ShardStack(unets).to(device),
+            "net": GroupedUNet(unets).to(device),
+            "served": ShardSet([LazyShard(lambda u=u: u, CFG.null_label) for u in unets])}
+
+
+def sample_seconds(name: str, members: dict, paragon, priors: torch.Tensor, labels: torch.Tensor, steps: int,
+                   device: str = "cpu", autocast: torch.dtype | None = None) -> tuple[float, float, torch.Tensor]:
+    """One sampling of the labels in mode `name`: (seconds per image, shard evaluations per image-step, images)."""
+    sched = sampling_scheduler(NoiseSchedule())
+    if MODES[name] is None:
+        den = paragon
+    else:
+        est, thr, ev, kind = MODES[name]
+        den = CompositeDenoiser(members[kind], priors, est, scheduler=sched, threshold=thr, evaluation=ev,
+                                generator=torch.Generator().manual_seed(0)).to(device)
+    pipe = CDMPipeline(den, sched, (1, 8, 8))
+    cuda = device.startswith("cuda")
+    with torch.autocast(device.split(":")[0], dtype=autocast, enabled=autocast is not None):
+        if cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        x = pipe(labels, steps, generator=torch.Generator().manual_seed(0), device=device)
+        if cuda:
+            torch.cuda.synchronize()
+        seconds = (time.perf_counter() - t0) / len(labels)
+    return seconds, getattr(den, "evaluations", len(labels) * steps) / (len(labels) * steps), x.float().cpu()
+
+
+def time_modes(names: list[str], members: dict, paragon, priors: torch.Tensor, labels: torch.Tensor, steps: int,
+               repeats: int, device: str = "cpu", autocast: torch.dtype | None = None, log=print) -> dict:
+    """Each mode timed `repeats` times, the modes interleaved round by round (machine load drifts); ratios to the
+    paragon paired by round. -> {name: {ms_per_image, x_paragon, shard_evals_per_image_step}}."""
+    for name in names:  # warm-up: allocator, kernels, the grouped networks' first call
+        sample_seconds(name, members, paragon, priors, labels[:8], 2, device, autocast)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    evals: dict[str, float] = {}
+    for r in range(repeats):
+        for name in names:
+            seconds, evals[name], _ = sample_seconds(name, members, paragon, priors, labels, steps, device, autocast)
+            times[name].append(seconds)
+            log(f"round {r + 1}: {name:24s} {seconds * 1000:8.3f} ms/image  {evals[name]:5.2f} evals/image-step")
+    return {name: {"ms_per_image": quartiles([1000 * s for s in times[name]]),
+                   "x_paragon": quartiles([a / b for a, b in zip(times[name], times["paragon"])]),
+                   "shard_evals_per_image_step": evals[name]} for name in names}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--batch", type=int, default=1000)
     ap.add_argument("--shards", type=int, default=8)
     ap.add_argument("--steps", type=int, default=50, help="sampling steps")
     ap.add_argument("--repeats", type=int, default=3, help="rounds over all modes, interleaved (machine load drifts)")
+    ap.add_argument("--partition", choices=("iid", "by-class"), default="iid",
+                    help="how the digits are split among the shards (by-class: sparse path evaluation can pay off)")
     ap.add_argument("--modes", default=DEFAULT_MODES, help=f"comma-separated, from: {', '.join(MODES)}")
     ap.add_argument("--out", default=str(Path(__file__).parent / "serving_cost.json"))
     args = ap.parse_args()
@@ -106,47 +168,17 @@ def main() -> None:
     if "paragon" not in names or not set(names) <= set(MODES):
         ap.error(f"--modes must include paragon and name only: {', '.join(MODES)}")
     torch.set_num_threads(min(2, os.cpu_count() or 1))
-    unets = shards(args.shards, 200, 40)
-    paragon = unets[0]
-    priors = class_priors(torch.ones(args.shards, 10))
+    unets, counts = shards(args.shards, 200, 40, args.partition)
+    priors = class_priors(counts)
     labels = torch.full((args.batch,), CFG.null_label)
-    members = {"loop": [UNetDenoiser(u, CFG.null_label) for u in unets], "vmap": ShardStack(unets),
-               "net": GroupedUNet(unets), "served": ShardSet([LazyShard(lambda u=u: u, CFG.null_label) for u in unets])}
-    flops, rate = flops_per_image_step(paragon), matmul_rate()
+    flops, rate = flops_per_image_step(unets[0]), matmul_rate()
     out = {"machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                        "threads": torch.get_num_threads()},
-           "settings": vars(args), "flops_per_image_step": flops, "matmul_flops_per_second": rate, "modes": {}}
-
-    def run(name: str, n: int, steps: int) -> tuple[float, float]:
-        """One sampling of n images: seconds per image, shard evaluations per image-step."""
-        sched = sampling_scheduler(NoiseSchedule())
-        if MODES[name] is None:
-            den = UNetDenoiser(paragon, CFG.null_label)
-        else:
-            est, thr, ev, kind = MODES[name]
-            den = CompositeDenoiser(members[kind], priors, est, scheduler=sched, threshold=thr, evaluation=ev,
-                                    generator=torch.Generator().manual_seed(0))
-        pipe = CDMPipeline(den, sched, (1, 8, 8))
-        t0 = time.perf_counter()
-        pipe(labels[:n], steps, generator=torch.Generator().manual_seed(0))
-        seconds = (time.perf_counter() - t0) / n
-        return seconds, getattr(den, "evaluations", n * steps) / (n * steps)
-
-    for name in names:  # warm-up: allocator, the grouped networks' first call
-        run(name, 8, 2)
-    times: dict[str, list[float]] = {n: [] for n in names}
-    evals: dict[str, float] = {}
-    for r in range(args.repeats):
-        for name in names:
-            seconds, evals[name] = run(name, args.batch, args.steps)
-            times[name].append(seconds)
-            print(f"round {r + 1}: {name:24s} {seconds * 1000:8.2f} ms/image  {evals[name]:5.2f} evals/image-step",
-                  flush=True)
-    for name in names:
-        ratios = [a / b for a, b in zip(times[name], times["paragon"])]  # paired by round
-        out["modes"][name] = {"ms_per_image": quartiles([1000 * s for s in times[name]]),
-                              "x_paragon": quartiles(ratios), "shard_evals_per_image_step": evals[name],
-                              "flops_limit_ms_per_image": 1000 * flops * evals[name] * args.steps / rate}
+           "settings": vars(args), "flops_per_image_step": flops, "matmul_flops_per_second": rate,
+           "modes": time_modes(names, members_of(unets), UNetDenoiser(unets[0], CFG.null_label), priors, labels,
+                               args.steps, args.repeats, log=lambda line: print(line, flush=True))}
+    for v in out["modes"].values():
+        v["flops_limit_ms_per_image"] = 1000 * flops * v["shard_evals_per_image_step"] * args.steps / rate
     Path(args.out).write_text(json.dumps(out, indent=2))
     for name, v in out["modes"].items():
         print(f"{name:24s} {v['ms_per_image']['median']:8.2f} ms/image  x{v['x_paragon']['median']:.2f} "

@@ -120,8 +120,9 @@ class CompositeDenoiser(torch.nn.Module):
             shards x batch). `batched` and `grouped` require a stack. `auto` groups a step whose largest group has
             at most `grouped_rows` rows and loops otherwise; it needs shards that are both (indexable and a stack).
         grouped_rows: the `auto` crossover; None groups every step (a GPU, where launches dominate). Measured on
-            the 2-core CPU with the tiny UNet, the grouped network matches one UNet call up to ~100 rows a shard and loses to the loop
-            beyond (grouped convolutions with large batches are slower there than one convolution per shard).
+            the 2-core CPU with the tiny UNet, the grouped network costs what one UNet call on all the rows costs up
+            to ~100 rows a shard and loses to the loop beyond (grouped convolutions over large batches are slower
+            there than one convolution per shard).
         router: the trained router (estimator `router`).
         generator: randomness of the `prior` draw.
     """

@@ -97,7 +97,12 @@ class GroupedUNet(torch.nn.Module):
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None = None) -> torch.Tensor:
         """-> eps of each (selected) shard, [n, B, C, H, W] (shared batch) or [n, G, C, H, W]."""
-        w = self._weights(index)
+        return self.network(self._weights(index), x_t, t, labels)
+
+    def network(self, w: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
+                labels: torch.Tensor) -> torch.Tensor:
+        """The grouped forward pass with weights `w` ({name: [n, *shape]}); tensors in, tensors out, no Python state,
+        so it can be compiled (on a GPU, `torch.compile(..., mode="reduce-overhead")` replays it as a CUDA graph)."""
         n = w[self.names[0]].shape[0]
         base = self.base
         shared = x_t.dim() == 4

@@ -178,7 +178,8 @@ class ShardModel(PythonModel):
         cfg = model_config_of(self.unet)
         labels = _labels(int(_first(model_input, "n", 1)), _first(model_input, "label"), cfg.null_label)
         sched = sampling_scheduler(NoiseSchedule(), "ddpm")
-        pipe = CDMPipeline(UNetDenoiser(self.unet, cfg.null_label), sched, (cfg.channels, cfg.image_size, cfg.image_size))
+        shape = (cfg.channels, cfg.image_size, cfg.image_size)
+        pipe = CDMPipeline(UNetDenoiser(self.unet, cfg.null_label), sched, shape)
         seed = int(_first(model_input, "seed", 0))
         return {"images": pipe(labels, 100, generator=torch.Generator().manual_seed(seed)).numpy()}
 
