@@ -10,7 +10,7 @@ each shard (pseudonymous keys with sample counts), class counts, the estimator a
 from __future__ import annotations
 
 import json
-from collections import OrderedDict
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,8 @@ class ShardSet:
     next requests reuse it."""
 
     def __init__(self, shards: list[LazyShard], keep: int = 4):
-        self.shards, self.keep = shards, keep
-        self._grouped: OrderedDict[tuple[int, ...], Any] = OrderedDict()
+        self.shards = shards
+        self._grouped = lru_cache(maxsize=keep)(self._build)  # selection (shard indices) -> its grouped network
 
     def __len__(self) -> int:
         return len(self.shards)
@@ -66,17 +66,14 @@ class ShardSet:
     def __iter__(self):
         return iter(self.shards)
 
-    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
-                 index: torch.Tensor) -> torch.Tensor:
+    def _build(self, selection: tuple[int, ...]):
         from cdm.grouped_unet import GroupedUNet
 
-        key = tuple(index.tolist())
-        if key not in self._grouped:
-            self._grouped[key] = GroupedUNet([self.shards[i].denoiser().unet for i in key])
-            while len(self._grouped) > self.keep:
-                self._grouped.popitem(last=False)
-        self._grouped.move_to_end(key)
-        return self._grouped[key](x_t, t, labels)
+        return GroupedUNet([self.shards[i].denoiser().unet for i in selection])
+
+    def __call__(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
+                 index: torch.Tensor) -> torch.Tensor:
+        return self._grouped(tuple(index.tolist()))(x_t, t, labels)
 
 
 def build_composite(spec: dict, unets: list | ShardSet, router=None, allowed_owner_keys: list[str] | None = None,
