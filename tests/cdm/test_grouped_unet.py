@@ -50,3 +50,13 @@ def test_an_architecture_the_grouped_network_does_not_reproduce_is_refused():
                        resnet_time_scale_shift="scale_shift", add_attention=False)
     with pytest.raises(ValueError, match="resnet_time_scale_shift"):
         GroupedUNet([unet])
+
+
+def test_the_grouped_network_compiles_as_one_graph():
+    """`network` is what a GPU captures as a CUDA graph: it must trace whole (no graph break) and compute the same."""
+    unets = distinct_unets(ModelConfig.preset("tiny"), 2)
+    grouped = GroupedUNet(unets)
+    x, t, y = torch.randn(2, 3, 1, 8, 8), torch.full((2, 3), 400), torch.full((2, 3), 10)
+    eager = grouped(x, t, y)
+    grouped.network = torch.compile(grouped.network, backend="aot_eager", fullgraph=True)
+    assert torch.allclose(grouped(x, t, y), eager, atol=1e-6)
