@@ -59,8 +59,8 @@ class GroupedUNet(torch.nn.Module):
 
     Same interface as `cdm.compose.ShardStack`: `forward(x_t, t, labels, index=None)` where `x_t` is one batch for
     every shard ([B, C, H, W]) or a batch per shard ([n, G, C, H, W], `t` and `labels` [n, G]); returns each
-    selected shard's eps, [n, B or G, C, H, W]. `index` selects shards (their weights are gathered once per
-    distinct selection and kept).
+    selected shard's eps, [n, B or G, C, H, W]. `index` selects shards; the weights of the last selection are
+    kept, so the steps of a trajectory (whose selection rarely changes) gather them once.
     """
 
     def __init__(self, unets: Sequence[torch.nn.Module]):
