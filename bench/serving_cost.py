@@ -22,7 +22,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench import quartiles  # noqa: E402
 from cdm.compose import CompositeDenoiser, ShardStack, class_priors  # noqa: E402
 from cdm.grouped_unet import GroupedUNet  # noqa: E402
 from cdm.data import digits_dataset  # noqa: E402
@@ -96,12 +96,6 @@ MODES = {  # name -> (estimator, threshold, evaluation, members); None: the para
 # The vmapped forms lost to the loop by 1.7-2.7x in every earlier run; they stay available through --modes.
 DEFAULT_MODES = ("paragon,prior loop,prior grouped net,prior auto,path sparse loop,path sparse grouped net,"
                  "path dense loop,path dense batched net")
-
-
-def quartiles(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=4, method="inclusive") if len(xs) > 1 else [xs[0]] * 3
-    return {"median": q[1], "q1": q[0], "q3": q[2], "n": len(xs)}
 
 
 def members_of(unets: list, device: str = "cpu") -> dict:

@@ -12,17 +12,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-def quartiles(xs: list[float]) -> dict:
-    xs = sorted(xs)
-    q = statistics.quantiles(xs, n=4) if len(xs) > 1 else [xs[0]] * 3
-    return {"median": round(q[1], 4), "q1": round(q[0], 4), "q3": round(q[2], 4), "n": len(xs)}
+from bench import quartiles  # noqa: E402
 
 
 def main() -> None:

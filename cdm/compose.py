@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal, Sequence, get_args
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,9 @@ from cdm.model import Denoiser
 from cdm.schedulers import NoiseSchedule, check_linear, train_scheduler, transition
 
 EstimatorName = Literal["path", "router", "prior", "average"]
-ESTIMATORS: tuple[str, ...] = ("path", "router", "prior", "average")
+ESTIMATORS: tuple[str, ...] = get_args(EstimatorName)
 EvaluationName = Literal["loop", "batched", "grouped", "auto"]
-EVALUATIONS: tuple[str, ...] = ("loop", "batched", "grouped", "auto")
+EVALUATIONS: tuple[str, ...] = get_args(EvaluationName)
 
 
 def class_priors(counts: torch.Tensor) -> torch.Tensor:
@@ -71,7 +71,7 @@ class ShardStack(torch.nn.Module):
     def __init__(self, unets: Sequence[torch.nn.Module]):
         super().__init__()
         if not unets:
-            raise ValueError("ShardStack needs at least one UNet")
+            raise ValueError(f"{type(self).__name__} needs at least one UNet")
         params, buffers = torch.func.stack_module_state(list(unets))
         self.names_p, self.names_b = list(params), list(buffers)
         for i, (k, v) in enumerate(params.items()):
@@ -81,19 +81,29 @@ class ShardStack(torch.nn.Module):
         # The architecture without weights; kept out of the module tree so that .to(device) skips it.
         self.__dict__["base"] = copy.deepcopy(unets[0]).to("meta")
         self.n = len(unets)
+        self._selected: tuple[tuple, tuple[dict, dict]] | None = None
 
     def __len__(self) -> int:
         return self.n
 
+    def stacked(self, index: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """(parameters, buffers) of the selected shards, each {name: [n, *shape]}. The last selection's are kept,
+        so the steps of a trajectory (whose selection rarely changes) slice them once."""
+        key = (None if index is None else tuple(index.tolist()), self.p0.device)
+        if self._selected is None or self._selected[0] != key:
+            params = {k: getattr(self, f"p{i}") for i, k in enumerate(self.names_p)}
+            buffers = {k: getattr(self, f"b{i}") for i, k in enumerate(self.names_b)}
+            if index is not None:
+                index = index.to(self.p0.device)
+                params = {k: v[index] for k, v in params.items()}
+                buffers = {k: v[index] for k, v in buffers.items()}
+            self._selected = (key, (params, buffers))
+        return self._selected[1]
+
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None = None) -> torch.Tensor:
         """-> eps of each (selected) shard, [n, B, C, H, W]."""
-        params = {k: getattr(self, f"p{i}") for i, k in enumerate(self.names_p)}
-        buffers = {k: getattr(self, f"b{i}") for i, k in enumerate(self.names_b)}
-        if index is not None:
-            params = {k: v[index] for k, v in params.items()}
-            buffers = {k: v[index] for k, v in buffers.items()}
-
+        params, buffers = self.stacked(index)
         shared = x_t.dim() == 4  # one batch for every shard, or a batch per shard [n, G, C, H, W]
         dims = (0, 0, None, None, None) if shared else (0, 0, 0, 0, 0)
         return torch.vmap(self._one, in_dims=dims)(params, buffers, x_t, t, labels)

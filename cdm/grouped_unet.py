@@ -23,6 +23,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
+from cdm.compose import ShardStack
+
 # What the written-out forward below reproduces; anything else is refused rather than silently computed wrong.
 _SUPPORTED = {
     "down_block_types": {"DownBlock2D", "AttnDownBlock2D"},
@@ -54,56 +56,31 @@ def check_groupable(unet) -> None:
                 raise ValueError(f"grouped evaluation needs the default attention scale at {name}")
 
 
-class GroupedUNet(torch.nn.Module):
+class GroupedUNet(ShardStack):
     """N UNets with one architecture evaluated in one call with grouped layers.
 
-    Same interface as `cdm.compose.ShardStack`: `forward(x_t, t, labels, index=None)` where `x_t` is one batch for
-    every shard ([B, C, H, W]) or a batch per shard ([n, G, C, H, W], `t` and `labels` [n, G]); returns each
-    selected shard's eps, [n, B or G, C, H, W]. `index` selects shards; the weights of the last selection are
-    kept, so the steps of a trajectory (whose selection rarely changes) gather them once.
+    Same interface and stacked weights as `cdm.compose.ShardStack`: `forward(x_t, t, labels, index=None)` where
+    `x_t` is one batch for every shard ([B, C, H, W]) or a batch per shard ([n, G, C, H, W], `t` and `labels`
+    [n, G]); returns each selected shard's eps, [n, B or G, C, H, W].
     """
 
     def __init__(self, unets: Sequence[torch.nn.Module]):
-        super().__init__()
-        if not unets:
-            raise ValueError("GroupedUNet needs at least one UNet")
         for unet in unets:
             check_groupable(unet)
-        params, _ = torch.func.stack_module_state(list(unets))
-        self.names = list(params)
-        for i, value in enumerate(params.values()):
-            self.register_buffer(f"p{i}", value.detach())  # [N, *shape of the parameter]
-        # The architecture without weights (strides, paddings, groups, eps are read from it); kept out of the
-        # module tree so that .to(device) skips it.
-        self.__dict__["base"] = copy.deepcopy(unets[0]).to("meta")
+        super().__init__(unets)  # stacked weights; `base`, the architecture on the meta device
         self.__dict__["time_proj"] = copy.deepcopy(unets[0].time_proj)  # sinusoidal features, no weights
-        self.n = len(unets)
-        self._selected: tuple[tuple[int, ...] | None, dict[str, torch.Tensor]] | None = None
-
-    def __len__(self) -> int:
-        return self.n
-
-    def _weights(self, index: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        key = None if index is None else tuple(index.tolist())
-        device = self.p0.device
-        if self._selected is None or self._selected[0] != key or self._selected[1][self.names[0]].device != device:
-            stacked = {name: getattr(self, f"p{i}") for i, name in enumerate(self.names)}
-            if index is not None:
-                stacked = {name: v[index.to(device)] for name, v in stacked.items()}
-            self._selected = (key, stacked)
-        return self._selected[1]
 
     @torch.no_grad()
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, labels: torch.Tensor,
                 index: torch.Tensor | None = None) -> torch.Tensor:
         """-> eps of each (selected) shard, [n, B, C, H, W] (shared batch) or [n, G, C, H, W]."""
-        return self.network(self._weights(index), x_t, t, labels)
+        return self.network(self.stacked(index)[0], x_t, t, labels)
 
     def network(self, w: dict[str, torch.Tensor], x_t: torch.Tensor, t: torch.Tensor,
                 labels: torch.Tensor) -> torch.Tensor:
         """The grouped forward pass with weights `w` ({name: [n, *shape]}); tensors in, tensors out, no Python state,
         so it can be compiled (on a GPU, `torch.compile(..., mode="reduce-overhead")` replays it as a CUDA graph)."""
-        n = w[self.names[0]].shape[0]
+        n = w[self.names_p[0]].shape[0]
         base = self.base
         shared = x_t.dim() == 4
         rows = x_t.shape[0] if shared else x_t.shape[1]
