@@ -40,9 +40,10 @@ def env_defaults() -> None:
 
 
 @contextlib.contextmanager
-def workspace_env(root: Path, verbose: bool):
+def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
     """The workspace's Prefect home (unless PREFECT_API_URL is set) and logging: library log records and warnings
-    go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too)."""
+    go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw
+    owner ids — the records' and `owners` named on the command line — replaced by their keys."""
     saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
     stack = _stack_env(root)
     if stack:
@@ -58,6 +59,11 @@ def workspace_env(root: Path, verbose: bool):
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if log_file.parent == root / ".cdm" / "logs" and (root / ".cdm" / "secret").exists():
+        from cdm.platform.owner_records import RedactOwnerIds
+        from cdm.platform.workspace import Workspace
+
+        handler.addFilter(RedactOwnerIds(Workspace(root), also=owners))
     import prefect  # noqa: F401 - configures its loggers on import; we route them below
 
     moved: list[tuple[logging.Logger, logging.Handler]] = []
@@ -127,7 +133,8 @@ def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args) ->
     root = Path(workspace).expanduser().resolve()
     code, result, text, message = 0, None, "", None
     try:
-        with workspace_env(root, verbose) as log_file:
+        owners = (args[1],) if name in ("revoke", "ingest", "consent") and len(args) > 1 else ()
+        with workspace_env(root, verbose, tuple(o for o in owners if isinstance(o, str))) as log_file:
             # With --json, stdout carries only the JSON document; everything else goes to stderr.
             with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
                 try:
@@ -272,17 +279,20 @@ def sample(n, label, consumer, seed, out, workspace, want_json, verbose):
 @cli.command()
 @click.argument("owner")
 @click.option("--reason", help="recorded in the certificate")
-@click.option("--token", help="the owner's token (issued at first ingestion); without it: an operator request")
+@click.option("--token-stdin", is_flag=True, help="read the owner's token (issued at first ingestion) from the first "
+              "line of stdin; or set CDM_OWNER_TOKEN. Without a token: an operator request")
+@click.option("--token", help="the owner's token on the command line (other users see it in `ps`: prefer "
+              "--token-stdin or CDM_OWNER_TOKEN)")
 @click.option("--wait", is_flag=True, help="wait for the purge and the certificate instead of returning once "
               "the owner is out of serving")
 @common
-def revoke(owner, reason, token, wait, workspace, want_json, verbose):
-    """Revoke OWNER: out of serving in seconds (their schedule removed), then in the background: retrain shared
-    shards, purge, scan every store, certify."""
+def revoke(owner, reason, token_stdin, token, wait, workspace, want_json, verbose):
+    """Revoke OWNER: out of serving in seconds (their schedule removed, every served composite drops their shards
+    at its next request), then in the background: retrain shared shards, purge, scan every store, certify."""
     from flows import commands
 
     run("revoke", workspace, want_json, verbose, commands.revoke, workspace, owner, reason, token, wait,
-        not want_json)
+        not want_json, token_stdin)
 
 
 @cli.command("finish-revocation", hidden=True)

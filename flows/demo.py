@@ -93,7 +93,8 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     t = time.perf_counter()
     compose(str(root))
     times["compose"] = time.perf_counter() - t
-    sample = load_production(ctx).predict({"n": 40, "seed": 1})
+    with load_production(ctx) as model:
+        sample = model.predict({"n": 40, "seed": 1})
     grid = save_grid(torch.from_numpy(sample["images"]), root / "outputs" / "samples-before.png", nrow=10)
     names = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
 
@@ -117,7 +118,8 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     run_training(ctx, paragon=True, progress=progress)
     times["paragon_retrain"] = time.perf_counter() - t
     after = evaluate(str(root), str(root / "outputs" / "metrics-after.json"))
-    sample_after = load_production(ctx).predict({"n": 40, "seed": 1})
+    with load_production(ctx) as model:
+        sample_after = model.predict({"n": 40, "seed": 1})
     save_grid(torch.from_numpy(sample_after["images"]), root / "outputs" / "samples-after.png", nrow=10)
     times["total"] = time.perf_counter() - t0
 

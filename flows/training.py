@@ -11,6 +11,7 @@ from prefect import flow
 from cdm.config import TrainParams
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
+from cdm.platform.gate import active_owners
 from tasks.ingest import validate_batch
 from tasks.train import plan, train_init, train_paragon, train_shard
 
@@ -69,7 +70,8 @@ def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = F
     shard_plan = plan(ctx)
     if not shard_plan:
         raise WorkspaceError("no owners in the workspace; ingest data first")
-    by_key = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
+    owners = active_owners(ctx.ws)
+    by_key = {ctx.ws.owner_key(o): o for o in owners}
     unknown = sorted(set(owner_keys or []) - set(by_key))
     if unknown:
         raise WorkspaceError(f"unknown owner(s): {', '.join(unknown)}")
@@ -77,7 +79,7 @@ def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = F
     selected = {s: o for s, o in shard_plan.items() if not owner_keys or set(o) & chosen}
     where = placement(ctx.params.train)
     futures = {s: where.submit(train_shard, ctx, s, o, progress, where.threads) for s, o in selected.items()}
-    para_future = (where.submit(train_paragon, ctx, ctx.ws.owners(), len(shard_plan), progress, where.threads)
+    para_future = (where.submit(train_paragon, ctx, owners, len(shard_plan), progress, where.threads)
                    if paragon else None)
     results = {s: f.result() for s, f in futures.items()}
     para = para_future.result() if para_future is not None else None

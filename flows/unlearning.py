@@ -18,6 +18,7 @@ from prefect import flow
 
 from cdm.platform import unlearn
 from cdm.platform.context import Context
+from cdm.platform.revocations import load
 from cdm.platform.verification import needles
 from tasks import unlearn as steps
 
@@ -34,16 +35,19 @@ def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = Non
     from their data is purged, every store is scanned, and a certificate is appended to the ledger."""
     ctx = Context.load(workspace)
     rev = unlearn.begin(ctx, owner_key, token_sha256, reason, via="event" if token_sha256 else "command")
-    plan = steps.plan(ctx, rev.request_id)
-    live = steps.go_live(ctx, rev.request_id, plan)
-    steps.remove_schedule(owner_key)
-    if until == "go_live":
-        return {"request_id": rev.request_id, "owner_key": owner_key, "live": live.model_dump(), "completed": False}
-    found = needles(ctx, rev, known_token.get())  # in memory: pixels and the token are never written anywhere
-    retrained = steps.retrain(ctx, rev.request_id, plan, live, progress)
-    steps.forgetting_check(ctx, rev.request_id, plan, retrained)
-    purged = steps.purge(ctx, rev.request_id, plan, live, retrained)
-    verification = steps.verify(ctx, rev.request_id, purged, found)
-    evaluation = steps.reevaluate(ctx, rev.request_id, retrained)
-    cert = steps.certify(ctx, rev.request_id, verification, evaluation)
+    with unlearn.runner(ctx.ws, rev.request_id):  # one process at a time on a request
+        plan = steps.plan(ctx, rev.request_id)
+        live = steps.go_live(ctx, rev.request_id, plan)
+        steps.remove_schedule(owner_key)
+        if until == "go_live":
+            return {"request_id": rev.request_id, "owner_key": owner_key, "live": live.model_dump(),
+                    "completed": False}
+        # In memory: pixels and the token are never written anywhere. Not needed once verified.
+        found = needles(ctx, rev, known_token.get()) if load(ctx.ws, rev.request_id).verify is None else None
+        retrained = steps.retrain(ctx, rev.request_id, plan, live, progress)
+        steps.forgetting_check(ctx, rev.request_id, plan, retrained)
+        purged = steps.purge(ctx, rev.request_id, plan, live, retrained)
+        verification = steps.verify(ctx, rev.request_id, purged, found)
+        evaluation = steps.reevaluate(ctx, rev.request_id, retrained)
+        cert = steps.certify(ctx, rev.request_id, verification, evaluation)
     return {**cert, "completed": True}

@@ -12,17 +12,18 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cdm.data import Dataset
-from cdm.platform import cleanup, registry
+from cdm.platform import cleanup, gate, registry
 from cdm.platform.context import Context
 from cdm.platform.shards import load_plan, plan_shards, save_plan, train_and_register
 
 
 @task(cache_policy=NO_CACHE)
 def plan(ctx: Context) -> dict[str, list[str]]:
-    """Shard id -> owners. Existing shards keep their owners; new owners are placed."""
+    """Shard id -> owners. Existing shards keep their owners; new owners are placed; owners under revocation are
+    left out (their data stays until the purge, but no plan names them again)."""
     cleanup.sweep_dead_runs(ctx.client, ctx.backend, ctx.experiment_id)  # after a killed run
     with ctx.ws.lock():
-        sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in ctx.ws.owners()}
+        sizes = {o: len(ctx.ws.manifest(o)["samples"]) for o in gate.active_owners(ctx.ws)}
         new = plan_shards(ctx.ws, sizes, ctx.params.train.min_shard_samples, load_plan(ctx.ws))
         save_plan(ctx.ws, new)
     return new

@@ -11,6 +11,7 @@ tasks still pass their typed outputs to each other, so the Prefect UI shows the 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from prefect import task
@@ -19,18 +20,12 @@ from prefect.cache_policies import NO_CACHE
 from cdm.platform import cleanup, unlearn
 from cdm.platform.context import Context
 from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
-                                      record_step)
+                                      record_step, run_step, save)
 from tasks import retry_on_io
 
 
 def _step(ctx: Context, request_id: str, name: str, run):
-    rev = load(ctx.ws, request_id)
-    done = getattr(rev, name)
-    if done is not None:
-        return done
-    output = run(rev)
-    record_step(ctx.ws, rev, name, output)
-    return output
+    return run_step(ctx.ws, request_id, name, run)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan")
@@ -77,15 +72,36 @@ def forgetting_check(ctx: Context, request_id: str, plan: Plan, retrained: Retra
 @task(cache_policy=NO_CACHE, task_run_name="purge", retries=2, retry_delay_seconds=[2, 8],
       retry_condition_fn=retry_on_io)
 def purge(ctx: Context, request_id: str, plan: Plan, live: Live, retrained: Retrained) -> Purged:
-    return _step(ctx, request_id, "purge", lambda rev: unlearn.purge(ctx, rev, plan, live, retrained))
+    """The intent (every version, object and file to delete) is recorded before anything is deleted."""
+    def run(rev: Revocation) -> Purged:
+        intent = unlearn.purge_intent(ctx, rev, plan, live, retrained)
+        rev = record_step(ctx.ws, rev, "purge_intent", intent)
+        unlearn.fault_point("purge:after-intent")
+        return unlearn.purge(ctx, rev, intent, plan)
+
+    return _step(ctx, request_id, "purge", run)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="verify", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io)
 def verify(ctx: Context, request_id: str, purged: Purged, needles) -> Verification:
+    """A verification that finds anything is kept with the request (`failed_verifications`), the purge is reopened
+    and the run fails (exit 1): the next run purges and verifies again; only an ok verification is recorded."""
     from cdm.platform.verification import verify as verify_step
 
+    rev = load(ctx.ws, request_id)
+    if rev.verify is not None:
+        return rev.verify
     db, server = prefect_database()
-    return _step(ctx, request_id, "verify", lambda rev: verify_step(ctx, rev, purged, needles, db, server))
+    result = verify_step(ctx, rev, purged, needles, db, server)
+    if not result.ok:
+        rev.failed_verifications.append(result.model_dump())
+        rev.purge = None
+        save(ctx.ws, rev)
+        findings = result.scan.get("findings", [])[:3] or [result.mlflow, result.dvc]
+        raise unlearn.VerificationFailed(f"verification found traces of {rev.owner_key}; the request stays open "
+                                         f"and the next run purges again: {json.dumps(findings)}", code=1)
+    record_step(ctx.ws, rev, "verify", result)
+    return result
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reevaluate")
@@ -95,15 +111,10 @@ def reevaluate(ctx: Context, request_id: str, retrained: Retrained) -> dict:
 
 @task(cache_policy=NO_CACHE, task_run_name="certify")
 def certify(ctx: Context, request_id: str, verification: Verification, evaluation: dict) -> dict:
-    def run(rev: Revocation) -> dict:
-        return unlearn.certify(ctx, rev)
-
-    cert = _step(ctx, request_id, "certify", run)
     rev = load(ctx.ws, request_id)
-    if not rev.completed:
-        rev.completed = True
-        record_step(ctx.ws, rev, "certify", cert)
-    return cert
+    if rev.completed:
+        return rev.certify
+    return unlearn.complete(ctx, rev, unlearn.certify(ctx, rev)).certify
 
 
 def prefect_database() -> tuple[Path | None, str | None]:

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cdm.platform.registry import model_id_of
+from cdm.platform.registry import model_id_of, pages
 
 
 @dataclass(frozen=True)
@@ -34,7 +34,9 @@ def sweep_dead_runs(c, backend: Backend, exp_id: str) -> list[str]:
     from mlflow.entities import RunStatus
 
     host, swept = socket.gethostname(), []
-    for run in c.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'"):
+    running = pages(lambda token: c.search_runs([exp_id], filter_string="attributes.status = 'RUNNING'",
+                                                page_token=token))
+    for run in list(running):
         tags = run.data.tags
         if tags.get("cdm.host") != host or not tags.get("cdm.pid") or _process_alive(int(tags["cdm.pid"])):
             continue
@@ -42,13 +44,20 @@ def sweep_dead_runs(c, backend: Backend, exp_id: str) -> list[str]:
         c.set_terminated(rid, RunStatus.to_string(RunStatus.KILLED))
         if c.search_model_versions(f"run_id = '{rid}'"):
             continue
-        models = [m.model_id for m in c.search_logged_models([exp_id], filter_string=f"source_run_id = '{rid}'")]
-        for mid in models:
-            c.delete_logged_model(mid)
-        c.delete_run(rid)
-        gc(backend, [rid], models)
+        discard_run(c, backend, exp_id, rid)
         swept.append(rid)
     return swept
+
+
+def discard_run(c, backend: Backend, exp_id: str, run_id: str) -> None:
+    """Delete a run that registered nothing (killed, or refused by the gate) with its logged models, rows and
+    artifacts."""
+    models = [m.model_id for m in pages(lambda token: c.search_logged_models(
+        [exp_id], filter_string=f"source_run_id = '{run_id}'", page_token=token))]
+    for mid in models:
+        c.delete_logged_model(mid)
+    c.delete_run(run_id)
+    gc(backend, [run_id], models)
 
 
 def _process_alive(pid: int) -> bool:

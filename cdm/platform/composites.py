@@ -8,8 +8,8 @@ as a pyfunc model, move the `production` alias; load the production composite.
 
 from __future__ import annotations
 
+import contextlib
 import json
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 
@@ -44,14 +44,23 @@ def _spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[st
 
 
 def build_spec(ctx: Context, estimator: str, revocations: list[str] | None = None) -> dict:
-    """The spec of the latest version of every planned shard. Refuses when a planned shard has no version."""
-    shards = []
+    """The spec of the newest servable version of every planned shard (`gate.servable`: never one that saw an
+    owner under revocation). Refuses when a planned shard was never trained; a shard whose every version saw a
+    revoked owner (it is being retrained without them) is left out and listed under `"left_out"`."""
+    from cdm.platform import gate
+
+    shards, left_out = [], []
     for sid in sorted(load_plan(ctx.ws)):
-        mv = registry.latest(ctx.client, registry.SHARD_PREFIX + sid)
-        if mv is None:
+        name = registry.SHARD_PREFIX + sid
+        if registry.latest(ctx.client, name) is None:
             raise WorkspaceError(f"shard {sid} has no trained version; run `cdm train` first")
-        shards.append(_shard_entry(sid, mv))
-    return _spec(ctx, shards, estimator, revocations or [])
+        mv = gate.servable(ctx, name)
+        if mv is None:
+            left_out.append(sid)
+        else:
+            shards.append(_shard_entry(sid, mv))
+    spec = _spec(ctx, shards, estimator, revocations or [])
+    return {**spec, "left_out": left_out} if left_out else spec
 
 
 def spec_without(spec: dict, drop: set[str], estimator: str, revocations: list[str]) -> dict:
@@ -64,9 +73,13 @@ def spec_without(spec: dict, drop: set[str], estimator: str, revocations: list[s
 
 
 def spec_with_shards(ctx: Context, spec: dict, updated: list[str], estimator: str, revocations: list[str]) -> dict:
-    """`spec` with the latest versions of the shards in `updated` (retrained after a revocation)."""
-    shards = [_shard_entry(s["id"], registry.latest(ctx.client, registry.SHARD_PREFIX + s["id"]))
-              if s["id"] in updated else s for s in spec["shards"]]
+    """`spec` with the newest servable versions of the shards in `updated` (retrained after a revocation), added
+    when `spec` does not hold them (going live dropped them)."""
+    from cdm.platform import gate
+
+    fresh = {sid: _shard_entry(sid, mv) for sid in updated
+             if (mv := gate.servable(ctx, registry.SHARD_PREFIX + sid)) is not None}
+    shards = [fresh.pop(s["id"], s) for s in spec["shards"]] + [fresh[sid] for sid in sorted(fresh)]
     return {**_spec(ctx, shards, estimator, spec.get("revocations", []) + revocations)}
 
 
@@ -89,48 +102,64 @@ def train_spec_router(ctx: Context, spec: dict, path: Path, progress: bool = Fal
     return path
 
 
-def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True) -> dict:
-    """Log and register a composite version for `spec` and make it `production`; log a sample grid (`grid`)."""
+def version_tags(spec: dict) -> dict[str, str]:
+    """A composite version's provenance tags: its components, their owners (keys), the revocations applied."""
+    return {
+        "cdm.components": json.dumps({s["id"]: s["version"] for s in spec["shards"]}, sort_keys=True),
+        "cdm.estimator": spec["estimator"],
+        "cdm.owner_keys": json.dumps(sorted({k for s in spec["shards"] for k in s["owners"]})),
+        "cdm.revocations": json.dumps(spec["revocations"]),
+        "cdm.router": "trained on the listed shards" if spec["estimator"] == "router" else "none",
+    }
+
+
+def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected=None) -> dict:
+    """Log and register a composite version for `spec` and make it `production` through `gate.promote` (a
+    compare-and-set against `expected` when given; see there); log a sample grid (`grid`). A version the gate
+    refuses is deleted with its run before the refusal is raised: nothing unservable is left registered."""
     import mlflow
+
+    from cdm.platform import cleanup, gate
 
     c = ctx.client
     with registry.start_run(ctx.experiment_id, "compose", {"cdm.kind": "composite"}) as run, \
-            tempfile.TemporaryDirectory() as tmp:
+            ctx.ws.tempdir() as tmp:
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
         artifacts = {"spec": str(spec_path)}
         if spec["estimator"] == "router":
             artifacts["router"] = str(train_spec_router(ctx, spec, Path(tmp) / "router.safetensors", progress))
-        tags = {
-            "cdm.components": json.dumps({s["id"]: s["version"] for s in spec["shards"]}, sort_keys=True),
-            "cdm.estimator": spec["estimator"],
-            "cdm.owner_keys": json.dumps(sorted({k for s in spec["shards"] for k in s["owners"]})),
-            "cdm.revocations": json.dumps(spec["revocations"]),
-            "cdm.router": "trained on the listed shards" if spec["estimator"] == "router" else "none",
-        }
+        tags = version_tags(spec)
         logged = registry.log_model(
             c, run, registry.COMPOSITE, model_code="composite.py", artifacts=artifacts,
             params={"estimator": spec["estimator"], "shards": len(spec["shards"]), "sampler": spec["sampler"],
                     "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
             metrics=None, files=[], version_tags=tags)
-        c.set_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION, logged.version)
+        try:
+            gate.promote(ctx, logged.version, gate.ANY if expected is None else expected)
+        except (gate.Refused, gate.ProductionMoved):
+            mlflow.end_run("KILLED")
+            cleanup.purge(c, ctx.backend, [(registry.COMPOSITE, logged.version)], [])
+            raise
         if grid:
             # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
             from cdm.data import save_grid
 
-            out = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}").predict({"n": 20, "seed": 0})
+            (Path(tmp) / "loaded").mkdir()
+            model = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}",
+                                             dst_path=str(Path(tmp) / "loaded"))
+            out = model.predict({"n": 20, "seed": 0})
             png = save_grid(torch.from_numpy(out["images"]), Path(tmp) / "samples.png", nrow=10)
             mlflow.log_artifact(str(png))
     return {"name": registry.COMPOSITE, "version": logged.version, "run_id": logged.run_id,
-            "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"]}
+            "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"],
+            "left_out": spec.get("left_out", [])}
 
 
 def spec_of(ctx: Context, version: str) -> dict:
     """The spec of a registered composite version."""
-    import mlflow
-
-    path = mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{version}", tracking_uri=ctx.tracking_uri)
-    return json.loads((Path(path) / "artifacts" / "spec.json").read_text())
+    with registry.model_files(ctx.client, registry.COMPOSITE, version, ctx.ws.tmp_dir) as files:
+        return json.loads((files / "spec.json").read_text())
 
 
 def production(ctx: Context) -> tuple[str, dict] | None:
@@ -139,9 +168,13 @@ def production(ctx: Context) -> tuple[str, dict] | None:
     return None if mv is None else (str(mv.version), spec_of(ctx, str(mv.version)))
 
 
+@contextlib.contextmanager
 def load_production(ctx: Context):
+    """The production composite as an MLflow pyfunc, its files in the workspace's temporary folder while it is in
+    use (removed on exit)."""
     import mlflow
 
     if registry.alias_version(ctx.client, registry.COMPOSITE) is None:
         raise WorkspaceError("no production composite; run `cdm compose` first")
-    return mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{registry.PRODUCTION}")
+    with ctx.ws.tempdir() as tmp:
+        yield mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{registry.PRODUCTION}", dst_path=tmp)

@@ -60,7 +60,9 @@ class Context:
         """The MLflow client of this workspace's store. MLflow's fluent APIs (log_model, register_model,
         pyfunc.load_model, start_run) read only the process-wide URI: it is set here, once per command."""
         from cdm.platform import registry
+        from cdm.platform.stores import record_used
 
+        record_used(self)
         return registry.client(self.tracking_uri)
 
     @cached_property

@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from cdm.platform.fileio import s3_key, split_s3
+
 
 class DvcError(RuntimeError):
     pass
@@ -25,7 +27,8 @@ def run(workspace: str | Path, *args: str, check: bool = True, env: dict | None 
     """Run `dvc ARGS` in the workspace; returns stdout. Raises DvcError with DVC's message on failure."""
     import os
 
-    full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", **(env or {})}
+    full_env = {**os.environ, "DVC_NO_ANALYTICS": "1", "DVC_SITE_CACHE_DIR": str(site_cache_dir(workspace)),
+                **(env or {})}
     proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=workspace, capture_output=True, text=True,
                           env=full_env)
     if check and proc.returncode != 0:
@@ -35,8 +38,16 @@ def run(workspace: str | Path, *args: str, check: bool = True, env: dict | None 
     return proc.stdout
 
 
+def site_cache_dir(workspace: str | Path) -> Path:
+    """DVC's site cache (its index of paths and hashes, which names every owner's files) inside the workspace, not
+    in the machine-wide /var/tmp/dvc that no purge of this workspace would see (docs/design.md §5)."""
+    return Path(workspace).resolve() / ".cdm" / "dvc-site"
+
+
 def init(workspace: str | Path, remote_url: str, endpoint_url: str | None = None) -> None:
     run(workspace, "init", "-q")
+    # For `dvc` run by hand in the workspace too (cdm's own calls also set DVC_SITE_CACHE_DIR): machine-local config.
+    run(workspace, "config", "--local", "core.site_cache_dir", str(site_cache_dir(workspace)))
     run(workspace, "config", "core.autostage", "true")
     run(workspace, "remote", "add", "-d", "storage", remote_url)
     if endpoint_url:
@@ -142,19 +153,15 @@ def delete_objects(workspace: str | Path, object_ids: Iterable[str], s3_client=N
     """
     ids = sorted(set(object_ids))
     deleted = {"cache": [], "remote": []}
-    for oid in ids:
-        p = cache_dir(workspace) / _object_key(oid)
-        if p.exists():
-            p.unlink()
-            deleted["cache"].append(oid)
-    remote = remote_config(workspace)
-    url = remote["url"]
+    # The remote first: the ids come from the caller's recorded intent, but a crash after the cache and before the
+    # remote would otherwise leave remote copies whose ids no local state names any more.
+    url = remote_config(workspace)["url"]
     if not url:
-        return deleted
-    if url.startswith("s3://"):
-        bucket, _, prefix = url[5:].partition("/")
+        pass
+    elif url.startswith("s3://"):
+        bucket, prefix = split_s3(url)
         for oid in ids:
-            key = "/".join(x for x in (prefix.strip("/"), _object_key(oid)) if x)
+            key = s3_key(prefix, _object_key(oid))
             if _s3_exists(s3_client, bucket, key):
                 s3_client.delete_object(Bucket=bucket, Key=key)
                 deleted["remote"].append(oid)
@@ -164,17 +171,28 @@ def delete_objects(workspace: str | Path, object_ids: Iterable[str], s3_client=N
             if p.exists():
                 p.unlink()
                 deleted["remote"].append(oid)
+    for oid in ids:
+        p = cache_dir(workspace) / _object_key(oid)
+        if p.exists():
+            p.unlink()
+            deleted["cache"].append(oid)
     return deleted
 
 
 def _s3_exists(client, bucket: str, key: str) -> bool:
-    from botocore.exceptions import ClientError
+    """Whether the object exists. Only a 404 means absent: any other error (403, 5xx, no connection) is raised,
+    so that a purge never reports an object it could not see as deleted."""
+    from botocore.exceptions import BotoCoreError, ClientError
 
     try:
         client.head_object(Bucket=bucket, Key=key)
         return True
-    except ClientError:
-        return False
+    except ClientError as e:
+        if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+            return False
+        raise RemoteError(f"s3://{bucket}/{key}: {e}") from e
+    except BotoCoreError as e:
+        raise RemoteError(f"s3://{bucket}/{key}: {e}") from e
 
 
 def list_objects(workspace: str | Path, s3_client=None) -> dict[str, set[str]]:
@@ -192,8 +210,8 @@ def list_objects(workspace: str | Path, s3_client=None) -> dict[str, set[str]]:
     remote = set()
     url = remote_config(workspace)["url"]
     if url and url.startswith("s3://"):
-        bucket, _, prefix = url[5:].partition("/")
-        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix.strip("/"))
+        bucket, prefix = split_s3(url)
+        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
         remote = ids_under(o["Key"] for page in pages for o in page.get("Contents", []))
     elif url and Path(url).exists():
         root = Path(url) / "files" / "md5"

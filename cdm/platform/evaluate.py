@@ -67,8 +67,9 @@ def paragon_unet(ctx: Context):
     active_keys = sorted(ctx.ws.owner_key(o) for o in ctx.ws.owners())
     if mv is None or json.loads(mv.tags.get("cdm.owner_keys", "[]")) != active_keys:
         return None, None
-    model = mlflow.pyfunc.load_model(f"models:/{registry.PARAGON}/{mv.version}")
-    return model.unwrap_python_model().unet, str(mv.version)
+    with ctx.ws.tempdir() as tmp:
+        model = mlflow.pyfunc.load_model(f"models:/{registry.PARAGON}/{mv.version}", dst_path=tmp)
+        return model.unwrap_python_model().unet, str(mv.version)
 
 
 def unseen(ctx: Context) -> Dataset:
@@ -79,9 +80,10 @@ def unseen(ctx: Context) -> Dataset:
     mv = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
     if mv is None:
         return held
-    manifest = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="public_manifest.json",
-                                                        tracking_uri=ctx.tracking_uri))
-    seen = {row["sha256"] for row in json.loads(manifest.read_text())}
+    with ctx.ws.tempdir() as tmp:
+        manifest = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="public_manifest.json",
+                                                            tracking_uri=ctx.tracking_uri, dst_path=tmp))
+        seen = {row["sha256"] for row in json.loads(manifest.read_text())}
     return held.subset([i for i, h in enumerate(held.ids) if h not in seen])
 
 
@@ -204,12 +206,14 @@ def evaluate(ctx: Context) -> dict:
     if prod is None:
         raise WorkspaceError("no production composite; run `cdm compose` first")
     version, spec = prod
-    served = load_production(ctx).unwrap_python_model()
+    with load_production(ctx) as model:
+        served = model.unwrap_python_model()
+        unets = served.unets  # every shard, loaded while its files are here
     cfg, schedule = spec["model_config"], NoiseSchedule(**spec.get("schedule", {}))
     paragon, paragon_version = paragon_unet(ctx)
     models = Models(
-        composite_for=lambda seed: build_composite(spec, served.unets, served.router, seed=seed)[0],
-        shards=served.unets, priors=class_priors(torch.tensor([s["class_counts"] for s in spec["shards"]],
+        composite_for=lambda seed: build_composite(spec, unets, served.router, seed=seed)[0],
+        shards=unets, priors=class_priors(torch.tensor([s["class_counts"] for s in spec["shards"]],
                                                               dtype=torch.float32)),
         paragon=paragon, sampler=lambda: sampling_scheduler(schedule, spec["sampler"]),
         num_inference_steps=spec["num_inference_steps"], eta=spec["eta"],
@@ -292,18 +296,15 @@ def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Da
                              nonmembers: Dataset) -> dict[str, float]:
     """Membership-inference AUC per composite version; each distinct shard version is loaded and scored once.
     Score: the lowest `membership_loss` (low-t, 32 draws, the images' own labels) over the composite's shards."""
-    import mlflow
 
     from cdm.metrics import membership_auc, membership_loss
     from cdm.model import UNetDenoiser, model_config_of
     from cdm.schedulers import NoiseSchedule, train_scheduler
     from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
 
-    specs = {}
-    for tag, version in versions.items():
-        spec_dir = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.COMPOSITE}/{version}",
-                                                            tracking_uri=ctx.tracking_uri))
-        specs[tag] = json.loads((spec_dir / "artifacts" / "spec.json").read_text())
+    from cdm.platform.composites import spec_of
+
+    specs = {tag: spec_of(ctx, version) for tag, version in versions.items()}
     losses: dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor]] = {}
     for spec in specs.values():
         alphas_cumprod = train_scheduler(NoiseSchedule(**spec.get("schedule", {}))).alphas_cumprod
@@ -311,9 +312,8 @@ def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Da
             ref = (shard["model"], shard["version"])
             if ref in losses:
                 continue
-            local = Path(mlflow.artifacts.download_artifacts(f"models:/{ref[0]}/{ref[1]}",
-                                                             tracking_uri=ctx.tracking_uri))
-            unet = load_verified_unet(local / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
+            with registry.model_files(ctx.client, *ref, ctx.ws.tmp_dir) as files:
+                unet = load_verified_unet(files / UNET_ARTIFACT, shard["weights_sha256"])
             null_label = model_config_of(unet).null_label
             den = UNetDenoiser(unet, null_label)
             losses[ref] = tuple(membership_loss(den, d.x, d.y, alphas_cumprod) for d in (members, nonmembers))

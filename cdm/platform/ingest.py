@@ -21,6 +21,7 @@ from cdm.config import Params
 from cdm.platform import dvc, owner_records
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
+from cdm.platform.fileio import atomic_write
 from cdm.platform.gitrepo import commit as git_commit
 from cdm.platform.sources import SourceFile, list_folder, list_s3
 from cdm.platform.validation import Limits, ValidationReport, validate_batch
@@ -209,11 +210,9 @@ def _begin_journal(ws: Workspace, key: str, owner: str, target: Path, batch: lis
         shutil.copytree(target, backup)
     dvc_file = ws.root / "data.dvc"
     journal = ws.staging_dir / f"journal-{key}-{stamp}.json"
-    tmp = journal.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"owner_key": key, "owner": owner, "backup": str(backup) if target.exists() else None,
+    atomic_write(journal, json.dumps({"owner_key": key, "owner": owner, "backup": str(backup) if target.exists() else None,
                                "data_dvc": dvc_file.read_text() if dvc_file.exists() else None,
                                "objects": sorted({dvc.md5_bytes(d) for d in batch})}))
-    tmp.replace(journal)
     return journal
 
 

@@ -74,8 +74,9 @@ class Verification:
         return {"ok": self.ok, "entries": self.entries, "problem": self.problem, "head": self.head}
 
 
-def verify(path: str | Path, secret: bytes, anchor: str | None = None) -> Verification:
-    """Check the chain, each entry's keyed hash, and (when given) that the anchored head is in the ledger."""
+def verify(path: str | Path, secret: bytes, anchor: str | None = None, anchor_required: bool = False) -> Verification:
+    """Check the chain, each entry's keyed hash, and (when given) that the anchored head is in the ledger. With
+    `anchor_required`, a non-empty ledger without an anchor fails (a deleted anchor must not turn the check off)."""
     try:
         entries = read(path)
     except json.JSONDecodeError as e:
@@ -90,6 +91,9 @@ def verify(path: str | Path, secret: bytes, anchor: str | None = None) -> Verifi
         if not hmac.compare_digest(_digest(secret, prev, body), str(entry.get("hash"))):
             return Verification(False, len(entries), f"entry {i}: content edited (keyed hash mismatch)")
         prev = entry["hash"]
+    if anchor is None and anchor_required and entries:
+        return Verification(False, len(entries), "the ledger has entries but its anchor (registry tag "
+                                                 "cdm.ledger_head) is missing", head(entries))
     if anchor is not None:
         seq, _, anchored = anchor.partition(":")
         if not seq.isdigit() or int(seq) >= len(entries) or entries[int(seq)]["hash"] != anchored:

@@ -20,6 +20,7 @@ from filelock import FileLock
 from pydantic import BaseModel
 
 from cdm.platform.errors import OwnerRevoked, WorkspaceError
+from cdm.platform.fileio import atomic_write
 from cdm.platform.workspace import Workspace, check_owner_id, now
 
 State = Literal["pending", "active", "revoked"]
@@ -70,9 +71,7 @@ def update(ws: Workspace, key: str, drop: tuple[str, ...] = (), **fields) -> Own
         for name in drop:
             data[name] = OwnerRecord.model_fields[name].default
         all_records[key] = OwnerRecord.model_validate({**data, "updated": now()})
-        tmp = _path(ws).with_suffix(".json.tmp")
-        tmp.write_text(json.dumps({k: v.model_dump() for k, v in all_records.items()}, indent=2, sort_keys=True))
-        tmp.replace(_path(ws))
+        _write(ws, all_records)
         return all_records[key]
 
 
@@ -82,9 +81,53 @@ def remove(ws: Workspace, key: str) -> None:
         all_records = records(ws)
         if key in all_records and all_records[key].state == "pending":
             del all_records[key]
-            tmp = _path(ws).with_suffix(".json.tmp")
-            tmp.write_text(json.dumps({k: v.model_dump() for k, v in all_records.items()}, indent=2, sort_keys=True))
-            tmp.replace(_path(ws))
+            _write(ws, all_records)
+
+
+def _write(ws: Workspace, all_records: dict[str, OwnerRecord]) -> None:
+    atomic_write(_path(ws), json.dumps({k: v.model_dump() for k, v in all_records.items()}, indent=2, sort_keys=True))
+
+
+class RedactOwnerIds:
+    """A logging filter: every raw owner id the records know (and every id refused at the door, `also`) becomes
+    its key in log records, so no log file carries a raw id (docs/design.md §5). Tracebacks are formatted and
+    redacted too. Longer ids first, so `carolyn` is not half-replaced as `carol`."""
+
+    def __init__(self, ws: Workspace, also: tuple[str, ...] = ()):
+        self.ws, self.also, self._stamp, self._pattern, self._keys = ws, also, None, None, {}
+
+    def _refresh(self) -> None:
+        path = _path(self.ws)
+        stamp = path.stat().st_mtime_ns if path.exists() else None
+        if stamp == self._stamp and self._pattern is not None:
+            return
+        import re
+
+        self._stamp = stamp
+        try:
+            ids = {r.owner: k for k, r in records(self.ws).items()}
+            for o in self.also:
+                try:
+                    ids.setdefault(o, self.ws.owner_key(o))
+                except WorkspaceError:  # not a valid id: not a key either
+                    ids.setdefault(o, "<owner id>")
+        except (OSError, ValueError):
+            ids = {}
+        self._keys = ids
+        self._pattern = re.compile("|".join(re.escape(o) for o in sorted(ids, key=len, reverse=True))) if ids else None
+
+    def redact(self, text: str) -> str:
+        self._refresh()
+        return text if self._pattern is None else self._pattern.sub(lambda m: self._keys[m.group()], text)
+
+    def filter(self, record) -> bool:
+        import logging
+
+        record.msg, record.args = self.redact(record.getMessage()), None
+        if record.exc_info:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
 
 
 def require_consent(rec: OwnerRecord | None, key: str) -> None:

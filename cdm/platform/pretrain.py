@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import torch
@@ -63,7 +62,7 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
                              f"{overlap[0][:12]}…); the shared initialization must contain no owner's data")
     cfg, tcfg = model_config(params), train_config(params, steps or params.train.init_steps, 1)
     with registry.start_run(ctx.experiment_id, "pretrain", {"cdm.kind": "init"}) as run, \
-            tempfile.TemporaryDirectory() as tmp:
+            ctx.ws.tempdir() as tmp:
         result = train_shard(data, cfg, tcfg, NoiseSchedule(), progress=progress, desc="init")
         unet_dir = save_unet(result.unet, Path(tmp) / "unet")
         weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)

@@ -7,8 +7,10 @@ registry tags behind (docs/design.md §4).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,12 @@ INIT = "cdm-init"  # the shared initialization (public data only), see cdm.platf
 PRODUCTION = "production"  # alias of the served composite
 CURRENT = "current"  # alias of the shared initialization shards start from
 LEDGER_HEAD = "cdm.ledger_head"  # registered-model tag on cdm-composite: the audit ledger's anchor
+# Version tag: the request id of the revocation that made this version unservable (it saw a revoked owner's data,
+# or is a composite of such a version). Set when the revocation is accepted, before anything else moves.
+REVOKED = "cdm.revoked"
+# Registered-model tag on cdm-composite: changes whenever a revocation is accepted. A serving process compares it
+# before and after each request and re-reads its components' tags only when it changed (docs/design.md §5).
+REVOCATION_EPOCH = "cdm.revocation_epoch"
 EXPERIMENT = "cdm"
 PIP_REQUIREMENTS = ["torch", "diffusers", "safetensors", "cdm"]
 MODELS_DIR = Path(__file__).parent.parent / "mlflow_models"
@@ -76,9 +84,10 @@ def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
 
 def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], params: dict,
               metrics: dict[str, list[float]] | None, files: list[str | Path], version_tags: dict[str, str],
-              summary: dict[str, float] | None = None) -> Logged:
+              summary: dict[str, float] | None = None, admit=contextlib.nullcontext) -> Logged:
     """Into the active `run`: params, metric histories, files (e.g. sample grids), and a pyfunc model registered
-    as `name` with its provenance tags (created together: a crash never leaves an untagged version)."""
+    as `name` with its provenance tags (created together: a crash never leaves an untagged version). The version
+    is created inside `admit()`, a context manager that may refuse it (raise) or hold a lock while it is made."""
     import json
 
     import mlflow
@@ -100,10 +109,10 @@ def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], par
                                    signature=signature())
     # The client's create_model_version (not mlflow.register_model, which prints to stderr): the version and its
     # provenance tags are created together, so a crash never leaves an untagged version.
-    if not c.search_registered_models(filter_string=f"name = '{name}'"):
-        c.create_registered_model(name, tags={"cdm.kind": name.split("-")[1]})
-    mv = c.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
-                                tags={k: str(v) for k, v in version_tags.items()})
+    ensure_registered(c, name)
+    with admit():  # e.g. the workspace lock and a check that no owner of these data is under revocation
+        mv = c.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
+                                    tags={k: str(v) for k, v in version_tags.items()})
     c.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name,
                                                                                "version": mv.version}])})
     version = str(mv.version)
@@ -116,15 +125,43 @@ def log_model_run(c, exp_id: str, name: str, run_name: str, run_tags: dict[str, 
         return log_model(c, run, name, **kwargs)
 
 
-def versions(c, name: str) -> list:
-    """All versions of a registered model, oldest first ([] when it does not exist)."""
+def pages(search):
+    """Every item of a paginated MLflow search: `search(page_token)` returns one page (MLflow answers registered
+    models 100 at a time by default; nothing here may stop at the first page)."""
+    token = None
+    while True:
+        page = search(token)
+        yield from page
+        token = getattr(page, "token", None)
+        if not token:
+            return
+
+
+def ensure_registered(c, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
-        found = c.search_model_versions(f"name = '{name}'")
+        c.get_registered_model(name)
     except MlflowException:
-        return []
+        try:
+            c.create_registered_model(name, tags={"cdm.kind": name.split("-")[1]})
+        except MlflowException:  # created meanwhile by another process
+            c.get_registered_model(name)
+
+
+def versions(c, name: str) -> list:
+    """All versions of a registered model, oldest first ([] when it does not exist)."""
+    found = list(pages(lambda token: c.search_model_versions(f"name = '{name}'", page_token=token)))
     return sorted(found, key=lambda v: int(v.version))
+
+
+def all_versions(c) -> list:
+    """Every version of every registered model."""
+    return list(pages(lambda token: c.search_model_versions(page_token=token)))
+
+
+def registered_models(c) -> list:
+    return list(pages(lambda token: c.search_registered_models(page_token=token)))
 
 
 def latest(c, name: str):
@@ -156,18 +193,13 @@ def versions_tagged(c, owner_key: str) -> list[tuple[str, str]]:
     """(name, version) of every registered version whose `cdm.owner_keys` names the owner."""
     import json
 
-    return [(m.name, str(mv.version)) for m in c.search_registered_models() for mv in versions(c, m.name)
+    return [(mv.name, str(mv.version)) for mv in all_versions(c)
             if owner_key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))]
 
 
 def anchor_ledger(c, head: str) -> None:
     """Record the audit ledger's head outside the ledger file (docs/design.md §5)."""
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.get_registered_model(COMPOSITE)
-    except MlflowException:
-        c.create_registered_model(COMPOSITE)
+    ensure_registered(c, COMPOSITE)
     c.set_registered_model_tag(COMPOSITE, LEDGER_HEAD, head)
 
 
@@ -199,7 +231,51 @@ def alias_version(c, name: str, alias: str = PRODUCTION):
 
 
 def registered_names(c, prefix: str) -> list[str]:
-    return sorted(m.name for m in c.search_registered_models() if m.name.startswith(prefix))
+    return sorted(m.name for m in registered_models(c) if m.name.startswith(prefix))
+
+
+def revocation_epoch(c) -> str | None:
+    """The registry's revocation epoch (see REVOCATION_EPOCH); None when no revocation was ever accepted."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_registered_model(COMPOSITE).tags.get(REVOCATION_EPOCH)
+    except MlflowException:
+        return None
+
+
+def bump_revocation_epoch(c) -> str:
+    """Move the epoch on (callers hold the workspace lock, so the read-modify-write does not race)."""
+    ensure_registered(c, COMPOSITE)
+    epoch = str(int(revocation_epoch(c) or 0) + 1)
+    c.set_registered_model_tag(COMPOSITE, REVOCATION_EPOCH, epoch)
+    return epoch
+
+
+def revoked_by(c, name: str, version: str) -> str | None:
+    """Why a version may not be served: the revocation that marked it, 'deleted' when it no longer exists (a purge
+    removed it), else None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return c.get_model_version(name, version).tags.get(REVOKED)
+    except MlflowException:
+        return "deleted"
+
+
+@contextlib.contextmanager
+def model_files(c, name: str, version: str, tmp_root: Path | None):
+    """The `artifacts/` folder of a registered version's model, downloaded into a temporary folder under
+    `tmp_root` (a workspace's `.cdm/tmp`, where the purge and the scan see it; system temp when None) that is
+    removed on exit: no copy of a model outlives its use."""
+    import mlflow
+
+    if tmp_root is not None:
+        tmp_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=tmp_root) as tmp:
+        path = mlflow.artifacts.download_artifacts(f"models:/{name}/{version}", dst_path=tmp,
+                                                   tracking_uri=c.tracking_uri)
+        yield Path(path) / "artifacts"
 
 
 def model_id_of(c, name: str, version: str) -> str | None:

@@ -10,6 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel
 
+from cdm.platform.fileio import atomic_write
 from cdm.platform.workspace import Workspace
 
 STEPS = ("plan", "go_live", "retrain", "forgetting_check", "purge", "verify", "reevaluate", "certify")
@@ -40,6 +41,15 @@ class Forgetting(BaseModel):
     auc_after: float | None = None
     verdict: str = "not measured"  # `membership_verdict`: met only with the positive control (AUC before) firing
     skipped: str | None = None
+
+
+class PurgeIntent(BaseModel):
+    """What the purge will delete, recorded before it deletes anything: a rerun after a crash inside the purge
+    deletes at least this, even once the tags and local files it was derived from are gone."""
+    versions: list[tuple[str, str]]  # (registered model, version)
+    registered_models: list[str]  # deleted whole (the owner's exclusive shards)
+    dvc_objects: list[str]  # the owner's DVC object ids (cache and remote), from the needles and the data
+    paths: list[str]  # workspace-relative files and folders (checkpoints, reports)
 
 
 class Purged(BaseModel):
@@ -75,8 +85,11 @@ class Revocation(BaseModel):
     go_live: Live | None = None
     retrain: Retrained | None = None
     forgetting_check: Forgetting | None = None
+    purge_intent: PurgeIntent | None = None  # recorded first thing in `purge`
     purge: Purged | None = None
     verify: Verification | None = None
+    # Verifications that found something: each reopened the purge (the request stays open until one is ok).
+    failed_verifications: list[dict] = []
     reevaluate: dict | None = None
     certify: dict | None = None  # the certificate
     completed: bool = False
@@ -104,17 +117,46 @@ def load(ws: Workspace, request_id: str) -> Revocation:
 
 
 def save(ws: Workspace, rev: Revocation) -> Revocation:
-    ws.revocations_dir.mkdir(parents=True, exist_ok=True)
-    path = record_path(ws, rev.request_id)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(rev.model_dump_json(indent=2))
-    tmp.replace(path)
+    atomic_write(record_path(ws, rev.request_id), rev.model_dump_json(indent=2))
     return rev
 
 
 def record_step(ws: Workspace, rev: Revocation, step: str, output) -> Revocation:
     setattr(rev, step, output)
     return save(ws, rev)
+
+
+def runner_lock(ws: Workspace, request_id: str):
+    """One process at a time works on a request (its steps are not meant to run twice at once). A file lock the
+    kernel drops when its holder dies, kill -9 included."""
+    from filelock import FileLock
+
+    ws.revocations_dir.mkdir(parents=True, exist_ok=True)
+    return FileLock(ws.revocations_dir / f"{request_id}.lock", timeout=0, thread_local=False)
+
+
+def sweep_needles(ws: Workspace) -> list[str]:
+    """Delete the needles file of every completed request (a crash between completion and the deletion leaves
+    one; it holds the owner's sample hashes, which must not outlive the certificate)."""
+    swept = []
+    for rev in all_revocations(ws):
+        path = needles_path(ws, rev.request_id)
+        if rev.completed and path.exists():
+            path.unlink(missing_ok=True)
+            swept.append(rev.request_id)
+    return swept
+
+
+def run_step(ws: Workspace, request_id: str, name: str, run):
+    """The step's recorded output, or `run(revocation)`'s, recorded before it is returned (a rerun after a crash
+    skips what is done)."""
+    rev = load(ws, request_id)
+    done = getattr(rev, name)
+    if done is not None:
+        return done
+    output = run(rev)
+    record_step(ws, rev, name, output)
+    return output
 
 
 def all_revocations(ws: Workspace) -> list[Revocation]:

@@ -4,56 +4,165 @@
       -> ScanReport {store: items scanned} + findings [(store, where, what)]
 
 A store is anything that yields `(where, bytes)` items. Matching rules:
-- the raw id as a whole word (not inside a longer id such as `alice2`), in every item except files whose format is
-  compressed or numeric (PNG, safetensors): a three-letter id would otherwise match random weight bytes; in a
-  database file (SQLite and its WAL) column values sit next to each other with nothing between them, so there
-  the id only needs a boundary on its left;
+- the raw id as a substring (`carol` in `carol_photos`), in any case (`Carol`, `CAROL`), and through the common
+  encodings: UTF-16 (both byte orders), hex, base64 (each of the three alignments, where they fix at least six
+  characters), JSON `\\u` escapes; inside gzip members too. An occurrence that lies inside the id of another owner
+  who is still in the workspace (`carol` inside `carolyn`) is that owner's, not a trace. Ids shorter than four
+  characters would match common words: for them the match needs a boundary on both sides (not a letter or digit).
+- in database pages (SQLite and its WAL, dumps) and other binary items only the id's usual cases are matched
+  (`carol`, `CAROL`, `Carol`): any-case matching of a short id in random bytes would fire by chance;
+- compressed or numeric formats are searched for the raw id only where they keep text: PNG text chunks, the member
+  names and pickles of a zip (torch's `.pt`), a safetensors header; never their pixel or weight bytes;
 - hex strings (token sha256, sample sha256s, DVC md5s) and raw sample bytes (file contents and decoded pixels)
-  as plain substrings, everywhere;
+  as plain substrings, everywhere (hex strings in any case);
 - item names (paths, object keys) are searched for the raw id and the hex strings too.
 """
 
 from __future__ import annotations
 
+import base64
+import gzip
+import io
 import re
 import subprocess
+import zipfile
+import zlib
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-# Formats whose bytes are compressed or numeric: searched for sample bytes and hex strings, not for the raw id.
-BINARY_SUFFIXES = (".png", ".safetensors", ".pt", ".npy", ".jpg")
+# Formats whose bytes are compressed or numeric: searched for sample bytes and hex strings everywhere, for the raw
+# id only in the parts that keep text (`text_regions`).
+BINARY_SUFFIXES = (".png", ".safetensors", ".pt", ".pth", ".npy", ".jpg", ".zip")
 MAX_ITEM_BYTES = 256 << 20  # larger files are reported as unscanned, never silently skipped
+SHORT_ID = 4  # ids shorter than this need word boundaries (see above)
+MIN_BASE64_CHARS = 6  # base64 fragments shorter than this match random base64 text by chance
+
+
+def _base64_forms(raw: bytes) -> set[bytes]:
+    """The base64 characters fixed by `raw` alone, at each of the three byte alignments it can start at."""
+    forms = set()
+    for k in range(3):
+        encoded = base64.b64encode(b"\0" * k + raw)
+        first, last = -(-8 * k // 6), (8 * (k + len(raw))) // 6  # characters [first, last) hold only `raw`'s bits
+        if last - first >= MIN_BASE64_CHARS:
+            forms.add(encoded[first:last])
+    return forms
 
 
 @dataclass
 class Needles:
-    """What must not remain. `raw_id` may be None (e.g. a scan for hashes only)."""
+    """What must not remain. `raw_id` may be None (e.g. a scan for hashes only). `others`: ids of owners still in
+    the workspace (their occurrences are theirs)."""
 
     raw_id: str | None
     hex_strings: dict[str, str] = field(default_factory=dict)  # value -> what it is ("token sha256", ...)
     blobs: dict[bytes, str] = field(default_factory=dict)  # exact bytes (a sample file, its pixels) -> what
+    others: tuple[str, ...] = ()
 
     def __post_init__(self):
-        left = rb"(?<![A-Za-z0-9_-])" + re.escape(self.raw_id.encode()) if self.raw_id else None
-        self._word = None if left is None else re.compile(left + rb"(?![A-Za-z0-9_-])")
-        self._left = None if left is None else re.compile(left)
+        self._text = self._exact = self._others = None
+        self._hex_lower = {h.lower(): what for h, what in self.hex_strings.items()}
+        self._hex = re.compile(b"|".join(re.escape(h.lower().encode()) for h in self.hex_strings), re.I) \
+            if self.hex_strings else None
+        if not self.raw_id:
+            return
+        raw = self.raw_id.encode()
+        short = len(self.raw_id) < SHORT_ID
+        left, right = (rb"(?<![A-Za-z0-9])", rb"(?![A-Za-z0-9])") if short else (b"", b"")
+        plain = left + re.escape(raw) + right
+        encoded = [re.escape(raw.decode().encode("utf-16-le")), re.escape(raw.decode().encode("utf-16-be")),
+                   re.escape(raw.hex().encode()), re.escape("".join(f"\\u{ord(c):04x}" for c in self.raw_id).encode())]
+        encoded += [re.escape(f) for f in _base64_forms(raw)]
+        self._text = re.compile(b"|".join([plain, *encoded]), re.I)
+        cases = {raw, raw.upper(), raw.decode().title().encode()}
+        self._exact = re.compile(b"|".join([left + re.escape(c) + right for c in sorted(cases)] + encoded[:2]))
+        # Other owners' ids that contain this one, in the same cases: a match inside one of them is theirs.
+        self._others = re.compile(b"|".join(re.escape(o.encode()) for o in self.others
+                                            if self.raw_id.lower() in o.lower() and o != self.raw_id), re.I) \
+            if any(self.raw_id.lower() in o.lower() and o != self.raw_id for o in self.others) else None
 
-    def find(self, data: bytes, binary: bool, raw_id: bool = True, database: bool = False) -> list[str]:
+    def _id_found(self, data: bytes, pattern: re.Pattern) -> bool:
+        if self._others is None:
+            return pattern.search(data) is not None
+        theirs = [m.span() for m in self._others.finditer(data)]
+        return any(not any(a <= m.start() and m.end() <= b for a, b in theirs) for m in pattern.finditer(data))
+
+    def find(self, data: bytes, binary: bool, raw_id: bool = True, database: bool = False,
+             where: str = "") -> list[str]:
         found = []
-        pattern = self._left if database else self._word
-        if raw_id and pattern is not None and not binary and pattern.search(data):
-            found.append("raw owner id")
-        found += sorted({what for value, what in self.hex_strings.items() if value.encode() in data})
+        if raw_id and self._text is not None:
+            if binary:
+                hit = any(self._id_found(region, self._exact) for region in text_regions(where, data))
+            else:
+                hit = self._id_found(data, self._exact if database or not _is_text(data) else self._text)
+            if hit:
+                found.append("raw owner id")
+        if self._hex is not None:
+            found += sorted({self._hex_lower[m.group().decode().lower()] for m in self._hex.finditer(data)})
         found += sorted({what for blob, what in self.blobs.items() if blob in data})
         return found
 
     def find_in_name(self, name: str, raw_id: bool = True) -> list[str]:
         found = []
-        if raw_id and self._word is not None and self._word.search(name.encode()):
+        if raw_id and self._text is not None and self._id_found(name.encode(), self._text):
             found.append("raw owner id in name")
-        found += sorted({f"{what} in name" for value, what in self.hex_strings.items() if value in name})
+        found += sorted({f"{what} in name" for value, what in self.hex_strings.items() if value.lower() in name.lower()})
         return found
+
+
+def _is_text(data: bytes) -> bool:
+    """UTF-8 text (a sample of it): any-case matching is safe there."""
+    try:
+        data[:65536].decode("utf-8")
+    except UnicodeDecodeError as e:
+        return e.start > 65530  # a character cut at the sample's end
+    return True
+
+
+def text_regions(where: str, data: bytes) -> list[bytes]:
+    """The parts of a compressed or numeric file that keep text: PNG text chunks, a zip's member names and
+    non-tensor members (torch's pickles), a safetensors header."""
+    if data.startswith(b"\x89PNG"):
+        out, pos = [], 8
+        while pos + 8 <= len(data):
+            size, kind = int.from_bytes(data[pos:pos + 4], "big"), data[pos + 4:pos + 8]
+            body = data[pos + 8:pos + 8 + size]
+            if kind == b"zTXt":
+                key, _, rest = body.partition(b"\0")
+                out.append(key + b" " + _inflate(rest[1:]))
+            elif kind in (b"tEXt", b"iTXt"):
+                out.append(body)
+            pos += 12 + size
+        return out
+    if data.startswith(b"PK\x03\x04"):
+        try:
+            with zipfile.ZipFile(io.BytesIO(data)) as z:
+                return [n.encode() for n in z.namelist()] + [z.read(n) for n in z.namelist()
+                                                            if not n.split("/")[-2:-1] == ["data"]]
+        except (zipfile.BadZipFile, OSError):
+            return []
+    if len(data) > 9 and data[8:10] == b'{"':
+        size = int.from_bytes(data[:8], "little")
+        return [data[8:8 + size]] if size < len(data) else []
+    return []
+
+
+def _inflate(data: bytes) -> bytes:
+    try:
+        return zlib.decompress(data)
+    except zlib.error:
+        return b""
+
+
+def gunzip(data: bytes) -> bytes | None:
+    """A gzip member's content (None if `data` is not gzip)."""
+    if not data.startswith(b"\x1f\x8b"):
+        return None
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error):
+        return None
 
 
 @dataclass
@@ -190,9 +299,11 @@ def scan(stores: Iterable[Store], needles: Needles) -> ScanReport:
             if data is None:
                 report.unscanned.append(f"{store.name}: {where}")
                 continue
-            binary = is_binary(where, data)
-            database = store.database or is_database(where, data)
-            for what in needles.find(data, binary, not store.allow_raw_id, database):
-                report.findings.append(Finding(store.name, where, what))
+            inflated = gunzip(data)
+            for name, content in [(where, data)] + ([(f"{where} (gunzipped)", inflated)] if inflated else []):
+                binary = is_binary(name.removesuffix(" (gunzipped)").removesuffix(".gz"), content)
+                database = store.database or is_database(name, content)
+                for what in needles.find(content, binary, not store.allow_raw_id, database, name):
+                    report.findings.append(Finding(store.name, name, what))
         report.scanned[store.name] = report.scanned.get(store.name, 0) + count
     return report

@@ -75,11 +75,52 @@ class ShardSet:
                  index: torch.Tensor) -> torch.Tensor:
         return self._grouped(tuple(index.tolist()))(x_t, t, labels)
 
+    def drop(self, indices: set[int]) -> None:
+        """Forget the weights of these shards (revoked): they are never loaded again in this process."""
+        for i in indices:
+            self.shards[i] = RevokedShard(self.shards[i].null_label)
+        self._grouped.cache_clear()
+
+
+class RevokedShard(LazyShard):
+    """The place of a shard a revocation took out of a running server: refuses to load."""
+
+    def __init__(self, null_label: int):
+        super().__init__(None, null_label)
+
+    def denoiser(self):
+        raise PermissionError("this shard was revoked; it is not served")
+
+
+class RevocationWatch:
+    """What a serving process knows of revocations (docs/design.md §5). `check()` reads the registry's revocation
+    epoch (one registry call) and, only when it moved since the last look, the tags of this composite's component
+    versions; it returns the indices of the components that may not be served (marked `cdm.revoked`, or deleted).
+    Every request checks before it samples and again before it answers. With no registry to ask, nothing is
+    served (the error propagates)."""
+
+    def __init__(self, shards: list[dict]):
+        self.shards, self.epoch, self.revoked = shards, None, None
+
+    def check(self) -> set[int]:
+        from mlflow import MlflowClient
+
+        from cdm.platform import registry
+
+        c = MlflowClient()
+        epoch = registry.revocation_epoch(c)
+        if self.revoked is None or epoch != self.epoch:
+            self.revoked = {i for i, s in enumerate(self.shards) if registry.revoked_by(c, s["model"], s["version"])}
+            self.epoch = epoch
+        return set(self.revoked)
+
 
 def build_composite(spec: dict, unets: list | ShardSet, router=None, allowed_owner_keys: list[str] | None = None,
-                    estimator: str | None = None, seed: int = 0, evaluation: str = "loop"):
+                    estimator: str | None = None, seed: int = 0, evaluation: str = "loop",
+                    revoked: set[int] = frozenset()):
     """A `(CompositeDenoiser, scheduler, shard indices used)` from a composite spec and its shard UNets, their
-    `LazyShard`s, or a `ShardSet` (needed by `grouped` and `auto` evaluation; see `CompositeDenoiser`)."""
+    `LazyShard`s, or a `ShardSet` (needed by `grouped` and `auto` evaluation; see `CompositeDenoiser`). Shards in
+    `revoked` (indices) are never used."""
     from cdm.compose import CompositeDenoiser, class_priors
     from cdm.model import ModelConfig, UNetDenoiser
     from cdm.schedulers import NoiseSchedule, sampling_scheduler
@@ -93,6 +134,9 @@ def build_composite(spec: dict, unets: list | ShardSet, router=None, allowed_own
         subset = [i for i, s in enumerate(shards) if set(s["owners"]) <= allowed]
         if not subset:
             raise PermissionError("no shard is composed solely of allowed owners")
+    subset = [i for i in subset if i not in revoked]
+    if not subset:
+        raise PermissionError("every shard of this composite that the request may use was revoked")
     counts = torch.tensor([s["class_counts"] for s in shards], dtype=torch.float32)
     sampler = sampling_scheduler(NoiseSchedule(**spec.get("schedule", {})), spec["sampler"])
     estimator = estimator or spec["estimator"]
@@ -153,10 +197,13 @@ def _first(model_input: Any, key: str, default=None):
 
 def _fetch_shard(shard: dict):
     """A component shard's UNet from the registry, its weights checked against the composite's record."""
-    import mlflow
+    from mlflow import MlflowClient
 
-    local = mlflow.artifacts.download_artifacts(f"models:/{shard['model']}/{shard['version']}")
-    return load_verified_unet(Path(local) / "artifacts" / UNET_ARTIFACT, shard["weights_sha256"])
+    from cdm.platform.registry import model_files
+
+    # Into a temporary folder removed once the weights are in memory (no copy outlives the load).
+    with model_files(MlflowClient(), shard["model"], shard["version"], None) as files:
+        return load_verified_unet(files / UNET_ARTIFACT, shard["weights_sha256"])
 
 
 class ShardModel(PythonModel):
@@ -181,6 +228,9 @@ class ShardModel(PythonModel):
         return {"images": pipe(labels, 100, generator=torch.Generator().manual_seed(seed)).numpy()}
 
 
+REQUEST_ATTEMPTS = 3
+
+
 class CompositeModel(PythonModel):
     """The composite: `predict({"n", "label", "allowed_owners", "estimator", "seed"})`.
 
@@ -198,6 +248,7 @@ class CompositeModel(PythonModel):
 
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
         null_label = self.spec["model_config"]["num_classes"]
+        self.watch, self._dropped = RevocationWatch(self.spec["shards"]), set()
         self.shards = ShardSet([LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]])
         self.router = None
         if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
@@ -211,12 +262,32 @@ class CompositeModel(PythonModel):
         labels = _labels(n, _first(model_input, "label"), self.spec["model_config"]["num_classes"])
         allowed = _first(model_input, "allowed_owners")
         seed = int(_first(model_input, "seed", 0))
-        comp, sampler, subset = build_composite(self.spec, self.shards, self.router,
-                                                list(allowed) if allowed is not None else None,
-                                                _first(model_input, "estimator"), seed, evaluation="auto")
-        out = sample_composite(comp, sampler, self.spec, labels, seed)
-        return {"images": out["images"].numpy(), "attribution": out["attribution"],
-                "shards": [self.spec["shards"][i]["id"] for i in subset]}
+        # A revocation accepted while a request samples is honoured by that request too: it is sampled again
+        # without the shards it took out (REQUEST_ATTEMPTS times at most, then refused).
+        for _ in range(REQUEST_ATTEMPTS):
+            revoked = self._revoked()
+            estimator = _first(model_input, "estimator") or self.spec["estimator"]
+            if estimator == "router" and self.router is None and revoked:
+                estimator = "prior"  # the router saw the revoked shards' data: training-free until recomposed
+            comp, sampler, subset = build_composite(self.spec, self.shards, self.router,
+                                                    list(allowed) if allowed is not None else None,
+                                                    estimator, seed, evaluation="auto", revoked=revoked)
+            held = {y for i in subset for y, count in enumerate(self.spec["shards"][i]["class_counts"]) if count}
+            if labels[0] < self.spec["model_config"]["num_classes"] and int(labels[0]) not in held:
+                raise PermissionError(f"no shard this request may use holds label {int(labels[0])}")
+            out = sample_composite(comp, sampler, self.spec, labels, seed)
+            if not self._revoked() & set(subset):
+                return {"images": out["images"].numpy(), "attribution": out["attribution"],
+                        "shards": [self.spec["shards"][i]["id"] for i in subset]}
+        raise PermissionError("revocations kept arriving while this request sampled; ask again")
+
+    def _revoked(self) -> set[int]:
+        revoked = self.watch.check()
+        if revoked:
+            self.router = None  # trained on every component's data, the revoked ones' too
+        self.shards.drop(revoked - self._dropped)
+        self._dropped = revoked | self._dropped
+        return revoked
 
     @property
     def unets(self) -> list:

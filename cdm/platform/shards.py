@@ -8,10 +8,10 @@ revoked owner is removed from its shard, and a shard left with no owner is dropp
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import subprocess
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,7 @@ from cdm.data import Dataset
 from cdm.model import ModelConfig, save_unet
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
+from cdm.platform.fileio import atomic_write
 from cdm.platform.workspace import Workspace
 from cdm.schedulers import NoiseSchedule
 
@@ -43,7 +44,7 @@ def shared_init(ctx: Context) -> dict | None:
         return None
     from cdm.platform.weights import load_init
 
-    init = load_init(ctx.client)
+    init = load_init(ctx.client, ctx.ws.tmp_dir)
     if init is None:
         raise WorkspaceError("train.init is 'public' but no shared initialization is registered; "
                              "run `cdm pretrain SOURCE` first")
@@ -56,10 +57,7 @@ def load_plan(ws: Workspace) -> dict[str, list[str]]:
 
 
 def save_plan(ws: Workspace, plan: dict[str, list[str]]) -> None:
-    ws.state_dir.mkdir(parents=True, exist_ok=True)
-    tmp = ws.state_dir / "shards.json.tmp"
-    tmp.write_text(json.dumps(plan, indent=2, sort_keys=True))
-    tmp.replace(ws.state_dir / "shards.json")
+    atomic_write(ws.state_dir / "shards.json", json.dumps(plan, indent=2, sort_keys=True))
 
 
 def plan_shards(ws: Workspace, owner_sizes: dict[str, int], min_samples: int,
@@ -172,13 +170,14 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
     for the whole training, so its duration is the training's. Returns a summary: name, version, skipped, seconds,
     steps run, resumed slice, final loss.
     """
-    from cdm.platform import dvc, registry
-    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
-    from cdm.train import train_shard
+    from cdm.platform import cleanup, gate, registry
 
     if not owners:
         raise WorkspaceError(f"{name}: no owners to train on")
     ws, c = ctx.ws, ctx.client
+    keys = [ws.owner_key(o) for o in owners]
+    with gate.admit_owners(ctx, keys):  # refused now rather than after the training
+        pass
     shard = load_shard_data(ws, owners, ctx.params)
     init = shared_init(ctx)
     cfg = model_config(ctx.params)
@@ -190,13 +189,37 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
         return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     kind = "paragon" if name == registry.PARAGON else "shard"
+    try:
+        logged, result = _train_and_log(ctx, name, shard_id, kind, shard, owners, keys, cfg, tcfg, schedule, init,
+                                        chash, dhash, checkpoints, progress)
+    except gate.Refused as refused:
+        # An owner's revocation was accepted while this trained: the run with its model, and the checkpoints no
+        # servable version uses, are discarded (the revocation's retrain resumes from an earlier slice).
+        cleanup.discard_run(c, ctx.backend, ctx.experiment_id, refused.run_id)
+        if checkpoints:  # what no registered version uses: this run's slices after the owner's data entered
+            prune_checkpoints(ctx, shard_id, registry.versions(c, name))
+        raise
+    return {"name": name, "version": logged.version, "skipped": False, "seconds": round(result.seconds, 2),
+            "steps_run": result.steps_run, "resumed_from_slice": result.resumed_from_slice,
+            "final_loss": round(result.smoothed_losses()[-1], 4), "run_id": logged.run_id}
+
+
+def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: ShardData, owners: list[str],
+                   keys: list[str], cfg: ModelConfig, tcfg, schedule: NoiseSchedule, init: dict | None, chash: str,
+                   dhash: str, checkpoints: bool, progress: bool):
+    """Train in an MLflow run and log the model; its version is created only if `gate.admit_owners` lets it."""
+    from cdm.platform import dvc, registry
+    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
+    from cdm.train import train_shard
+
+    ws, c = ctx.ws, ctx.client
     with registry.start_run(ctx.experiment_id, f"train-{shard_id}", {"cdm.kind": kind, "cdm.shard": shard_id}) as run:
         result = train_shard(shard.data, cfg, tcfg, schedule,
                              checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
                              progress=progress, desc=shard_id,
                              slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices),
                              init_state=init["state"] if init else None)
-        with tempfile.TemporaryDirectory() as tmp:
+        with ws.tempdir() as tmp:
             unet_dir = save_unet(result.unet, Path(tmp) / "unet")
             weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
             meta = Path(tmp) / "meta.json"
@@ -223,7 +246,29 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
                 params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
                         "train": json.dumps(tcfg.__dict__), "config_hash": chash},
                 metrics={"train_loss": result.smoothed_losses()}, files=[grid], version_tags=tags,
-                summary={"train_seconds": result.seconds})
-    return {"name": name, "version": logged.version, "skipped": False, "seconds": round(result.seconds, 2),
-            "steps_run": result.steps_run, "resumed_from_slice": result.resumed_from_slice,
-            "final_loss": round(result.smoothed_losses()[-1], 4), "run_id": logged.run_id}
+                summary={"train_seconds": result.seconds}, admit=lambda: _admit(ctx, keys, run.info.run_id))
+    return logged, result
+
+
+@contextlib.contextmanager
+def _admit(ctx: Context, keys: list[str], run_id: str):
+    from cdm.platform import gate
+
+    try:
+        with gate.admit_owners(ctx, keys):
+            yield
+    except gate.Refused as e:
+        e.run_id = run_id  # discarded by the caller once the run has ended
+        raise
+
+
+def prune_checkpoints(ctx: Context, shard_id: str, versions: list) -> list[str]:
+    """Delete the shard's slice checkpoints that none of `versions` (registered versions of it) uses; returns the
+    workspace-relative paths removed."""
+    keep = {k for mv in versions for k in json.loads(mv.tags.get("cdm.slice_keys", "[]"))}
+    removed = []
+    for f in sorted((ctx.ws.checkpoints_dir / shard_id).glob("*.safetensors")):
+        if f.stem not in keep:
+            f.unlink(missing_ok=True)
+            removed.append(str(f.relative_to(ctx.ws.root)))
+    return removed

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 from cdm.platform.errors import WorkspaceError
+from cdm.platform.fileio import split_s3
 
 
 class SourceError(WorkspaceError):
@@ -82,12 +83,10 @@ def list_folder(root: str | Path, max_bytes: int) -> list[SourceFile]:
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
-    if not url.startswith("s3://"):
-        raise SourceError("not an s3:// URL")
-    bucket, _, prefix = url[5:].partition("/")
-    if not bucket:
-        raise SourceError("no bucket in the s3:// URL")
-    return bucket, prefix.strip("/")
+    try:
+        return split_s3(url)
+    except ValueError as e:
+        raise SourceError(str(e)) from None
 
 
 def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:

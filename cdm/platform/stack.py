@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from cdm.platform.errors import WorkspaceError
+from cdm.platform.fileio import atomic_write, create_private
 from cdm.platform.workspace import Workspace
 
 HOST = "127.0.0.1"
@@ -62,10 +63,7 @@ class Stack:
         return cls(**json.loads(path.read_text())) if path.is_file() else None
 
     def write(self, ws: Workspace) -> None:
-        path = stack_dir(ws) / "stack.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(asdict(self), indent=2))
-        tmp.replace(path)
+        atomic_write(stack_dir(ws) / "stack.json", json.dumps(asdict(self), indent=2))
 
     def public(self) -> dict:
         """What `cdm stack up` prints: where each service is."""
@@ -81,12 +79,10 @@ def stack_dir(ws: Workspace) -> Path:
 def credentials(ws: Workspace) -> dict:
     """The stack's generated secrets, made on first use (0600): PostgreSQL's password, S3 keys for moto."""
     path = stack_dir(ws) / "credentials.json"
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.touch(mode=0o600)
-        path.write_text(json.dumps({"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
-                                    "aws_access_key_id": "cdm" + secrets.token_hex(8),
-                                    "aws_secret_access_key": secrets.token_hex(20)}))
+    # Created 0600 in one step (never readable by others, not even for a moment); a concurrent first use keeps one.
+    create_private(path, json.dumps({"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
+                                     "aws_access_key_id": "cdm" + secrets.token_hex(8),
+                                     "aws_secret_access_key": secrets.token_hex(20)}))
     return json.loads(path.read_text())
 
 
@@ -209,11 +205,9 @@ def start_postgres(ws: Workspace, port: int) -> None:
         if os.geteuid() == 0:
             shutil.chown(data, "postgres", "postgres")
         data.chmod(0o700)
-        pwfile = stack_dir(ws) / "pg.pw"
-        pwfile.write_text(c["postgres_password"])
+        pwfile = atomic_write(stack_dir(ws) / "pg.pw", c["postgres_password"])
         if os.geteuid() == 0:
             shutil.chown(pwfile, "postgres", "postgres")
-        pwfile.chmod(0o600)
         try:
             _pg_run([pg_bin("initdb"), "-D", str(data), "-U", c["postgres_user"], "--pwfile", str(pwfile),
                      "-A", "scram-sha-256", "-E", "UTF8", "--no-instructions"], "initdb")

@@ -24,6 +24,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from cdm.platform.context import Context
+from cdm.platform.fileio import split_s3
 from cdm.platform.scan import CommandStore, FolderStore, GitStore, S3Store, Store
 
 # What cdm writes at a workspace's top level (a workspace may also be a project's repository: .venv, sources and
@@ -33,8 +34,8 @@ WORKSPACE_FILES = ("params.yaml", "consumers.yaml", "workspace.yaml", "dvc.yaml"
 
 
 def _s3(ctx: Context, name: str, url: str) -> Store:
-    bucket, _, prefix = url[5:].partition("/")
-    return S3Store(name, ctx.s3(), bucket, prefix.strip("/"))
+    bucket, prefix = split_s3(url)
+    return S3Store(name, ctx.s3(), bucket, prefix)
 
 
 def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | None = None,
@@ -76,14 +77,78 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
         stores.append(_s3(ctx, "MLflow artifacts", artifacts))
     else:
         stores.append(FolderStore("MLflow artifacts", Path(urlparse(artifacts).path)))
-    if prefect_db is not None and not ctx.stack:
+    # The whole Prefect home (database, results, logs, settings), and the database's folder when it lies elsewhere.
+    if prefect_db is not None and not ctx.stack and not prefect_db.resolve().is_relative_to(prefect_home.resolve()):
         stores.append(FolderStore("Prefect database", prefect_db.parent,
                                   tuple(p for p in prefect_db.parent.iterdir() if not p.name.startswith(prefect_db.name))))
-    if prefect_home.exists() and (prefect_db is None or prefect_db.parent != prefect_home):
-        stores.append(FolderStore("Prefect home", prefect_home))
+    if prefect_home.exists():
+        stores.append(FolderStore("Prefect database" if prefect_db is not None and not ctx.stack else "Prefect home",
+                                  prefect_home))
     if prefect_server is not None and not ctx.stack:
         stores.append(_Unscanned("Prefect database", f"server {prefect_server} (not a file here)"))
     return stores
+
+
+def record_used(ctx: Context) -> None:
+    """Remember the MLflow store, artifact root and Prefect API this workspace uses (`.cdm/stores.json`): a
+    revocation must reach every store the workspace ever wrote, not only the one configured today."""
+    import json
+    import os
+
+    from filelock import FileLock
+
+    from cdm.platform.fileio import atomic_write
+
+    path = ctx.ws.state_dir / "stores.json"
+    now = {"mlflow": ctx.tracking_uri, "artifacts": ctx.artifact_root,
+           "prefect": os.environ.get("PREFECT_API_URL") or str(ctx.ws.prefect_home)}
+    used = json.loads(path.read_text()) if path.exists() else {}
+    if all(v in used.get(k, []) for k, v in now.items()):
+        return
+    with FileLock(ctx.ws.state_dir / "stores.lock"):
+        used = json.loads(path.read_text()) if path.exists() else {}
+        for k, v in now.items():
+            used[k] = sorted(set(used.get(k, [])) | {v})
+        atomic_write(path, json.dumps(used, indent=2, sort_keys=True))
+
+
+def require_reachable(ctx: Context) -> None:
+    """Refuse (WorkspaceError, exit 2) while a store this workspace used is unreachable: its stack configured but
+    down, an MLflow server that does not answer, a DVC remote that cannot be listed. A revocation checked against
+    the stores that happen to answer would certify while another still serves the owner."""
+    import json
+    import urllib.request
+
+    from cdm.platform import dvc
+    from cdm.platform.errors import WorkspaceError
+    from cdm.platform.stack import Stack, stack_dir
+
+    ws = ctx.ws
+    if ctx.stack is None and Stack.read(ws) is not None and (stack_dir(ws) / "pg").exists():
+        raise WorkspaceError("this workspace's stack (PostgreSQL, MLflow and Prefect servers) is down: run "
+                             "`cdm stack up` first; a revocation must reach the stores it wrote")
+    path = ws.state_dir / "stores.json"
+    used = json.loads(path.read_text()) if path.exists() else {}
+    for uri in sorted(set(used.get("mlflow", [])) | {ctx.tracking_uri}):
+        if uri.startswith("http"):
+            try:
+                urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5).read()
+            except OSError as e:
+                raise WorkspaceError(f"MLflow tracking server {uri}, used by this workspace, does not answer "
+                                     f"({e}); a revocation must reach it") from None
+        elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
+            raise WorkspaceError(f"MLflow store {uri}, used by this workspace, is missing")
+    remote = dvc.remote_config(ws.root)["url"] or ""
+    if remote.startswith("s3://"):
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        bucket, _ = split_s3(remote)
+        try:
+            ctx.s3().head_bucket(Bucket=bucket)
+        except (BotoCoreError, ClientError) as e:
+            raise WorkspaceError(f"DVC remote {remote} does not answer ({e}); a revocation must reach it") from None
+    elif remote and not Path(remote).exists():
+        raise WorkspaceError(f"DVC remote {remote} is missing; a revocation must reach it")
 
 
 def stack_stores(ctx: Context) -> list[Store]:
@@ -110,30 +175,21 @@ class MlflowServerStore(Store):
     def items(self):
         from mlflow.entities import ViewType
 
+        from cdm.platform.registry import pages
+
         c = self.client
         experiments = c.search_experiments(view_type=ViewType.ALL)
         ids = [e.experiment_id for e in experiments]
         for e in experiments:
             yield f"experiment {e.experiment_id}", _json(e)
-        for run in _pages(lambda token: c.search_runs(ids, run_view_type=ViewType.ALL, page_token=token)):
+        for run in pages(lambda token: c.search_runs(ids, run_view_type=ViewType.ALL, page_token=token)):
             yield f"run {run.info.run_id}", _json({"info": run.info, "data": run.data, "inputs": run.inputs})
-        for model in _pages(lambda token: c.search_logged_models(ids, page_token=token)):
+        for model in pages(lambda token: c.search_logged_models(ids, page_token=token)):
             yield f"logged model {model.model_id}", _json(model)
-        for rm in _pages(lambda token: c.search_registered_models(page_token=token)):
+        for rm in pages(lambda token: c.search_registered_models(page_token=token)):
             yield f"registered model {rm.name}", _json(rm)
-        for mv in _pages(lambda token: c.search_model_versions(page_token=token)):
+        for mv in pages(lambda token: c.search_model_versions(page_token=token)):
             yield f"model version {mv.name}/{mv.version}", _json(mv)
-
-
-def _pages(search):
-    """Every item of a paginated MLflow search."""
-    token = None
-    while True:
-        page = search(token)
-        yield from page
-        token = getattr(page, "token", None)
-        if not token:
-            return
 
 
 def _json(entity) -> bytes:

@@ -14,9 +14,12 @@ step lives in `cdm.platform.verification`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import shutil
+import signal
 import time
 import uuid
 from pathlib import Path
@@ -25,9 +28,10 @@ import torch
 
 from cdm.platform import cleanup, dvc, ledger, owner_records, registry
 from cdm.platform.context import Context
-from cdm.platform.errors import WorkspaceError
+from cdm.platform.errors import CommandFailed, WorkspaceError
 from cdm.platform.gitrepo import commit
-from cdm.platform.revocations import Forgetting, Live, Plan, Purged, Retrained, Revocation, load, needles_path, save
+from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, PurgeIntent, Retrained, Revocation, load,
+                                      needles_path, runner_lock, save, sweep_needles)
 from cdm.platform.verification import owner_objects, write_needles
 from cdm.platform.workspace import Workspace, now
 
@@ -35,15 +39,38 @@ class AlreadyRevoked(WorkspaceError):
     pass
 
 
+class RevocationRunning(WorkspaceError):
+    """Another process is working on this request (one runner per request)."""
+
+
+class VerificationFailed(CommandFailed):
+    """The scan found traces: the request stays open, its purge is redone by the next run (exit 1)."""
+
+
+# Fault-injection points a test arms with CDM_FAULT=<point> (the process kills itself there with SIGKILL, as a
+# crash would): one inside every step that writes, between its writes (tests/flows/test_faults.py).
+def fault_point(name: str) -> None:
+    if os.environ.get("CDM_FAULT") == name:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason: str | None = None,
           via: str = "command") -> Revocation:
     """Accept (or resume) the revocation of the owner `owner_key`.
 
-    From here on the owner's consent is withdrawn: any ingestion of them is refused (owner record `revoked`; source,
-    schedule, license and token hash dropped). `token_sha256` proves an owner's own request; without it the request
-    is the operator's. Refuses unknown and already revoked owners.
+    Under the workspace lock, in this order: the request record and the needles (what the scan will look for),
+    the owner record `revoked` (source, schedule, license and token hash dropped: any ingestion of them is refused
+    from here on), then every registered version that saw them marked unservable and the registry's revocation
+    epoch moved (`gate.mark_revoked`: serving processes drop them at their next request). A request resumed after
+    a crash marks again. `token_sha256` proves an owner's own request; without it the request is the operator's.
+    Refuses unknown and already revoked owners, and any request while a store this workspace used is unreachable.
     """
+    from cdm.platform import gate
+    from cdm.platform.stores import require_reachable
+
     ws = ctx.ws
+    require_reachable(ctx)
+    sweep_needles(ws)
     with ws.lock():
         rec = owner_records.record(ws, owner_key)
         if rec is None or (rec.state != "revoked" and rec.owner not in ws.owners()):
@@ -52,6 +79,7 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
             existing = load(ws, rec.revocation)
             if existing.completed:
                 raise AlreadyRevoked(f"owner {owner_key} was already revoked (request {existing.request_id})")
+            gate.mark_revoked(ctx, owner_key, existing.request_id)
             return existing  # resume
         requested_by = "operator"
         if token_sha256 is not None:
@@ -62,73 +90,138 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
                          received_ts=time.time(), reason=reason, requested_by=requested_by, requested_via=via)
         write_needles(ctx, rec.owner, rec.token_sha256, needles_path(ws, rev.request_id))
         save(ws, rev)
-        owner_records.update(ws, owner_key, state="revoked", revocation=rev.request_id,
-                             drop=("source", "cron", "license", "token_sha256"))
+        accept(ctx, owner_key, rev.request_id)
     return rev
+
+
+def accept(ctx: Context, owner_key: str, request_id: str) -> None:
+    """The moment a revocation is accepted (the caller holds the workspace lock): the owner record turns
+    `revoked` (nothing of theirs is ingested, planned or registered from here on) and every version that saw them
+    is marked unservable (`gate.mark_revoked`)."""
+    from cdm.platform import gate
+
+    owner_records.update(ctx.ws, owner_key, state="revoked", revocation=request_id,
+                         drop=("source", "cron", "license", "token_sha256"))
+    fault_point("begin:before-mark")
+    gate.mark_revoked(ctx, owner_key, request_id)
+
+
+@contextlib.contextmanager
+def runner(ws: Workspace, request_id: str):
+    """Hold the request's runner lock (`revocations.runner_lock`), or refuse: another process is on it."""
+    from filelock import Timeout
+
+    lock = runner_lock(ws, request_id)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RevocationRunning(f"{request_id} is being processed by another process; `cdm status` shows its "
+                                "progress") from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # -- the steps -----------------------------------------------------------------------------------------------
 def plan(ctx: Context, rev: Revocation) -> Plan:
-    """Which shards drop (only the owner's) and which retrain (shared); the owner leaves the shard plan."""
+    """Which shards drop (only the owner's) and which retrain (shared). Computes only: the shard plan changes in
+    `go_live`, after this output is recorded (a crash in between leaves a plan that a rerun computes again)."""
     from cdm.platform.composites import production
-    from cdm.platform.shards import load_plan, save_plan
+    from cdm.platform.shards import load_plan
 
     owner = owner_records.record(ctx.ws, rev.owner_key).owner
+    shard_plan = load_plan(ctx.ws)
+    prod = production(ctx)
+    return Plan(exclusive_shards=sorted(s for s, owners in shard_plan.items() if owners == [owner]),
+                shared_shards=sorted(s for s, owners in shard_plan.items() if owner in owners and len(owners) > 1),
+                composite_before=prod[0] if prod else None, estimator=prod[1]["estimator"] if prod else None)
+
+
+def leave_shard_plan(ctx: Context, owner_key: str) -> None:
+    """The owner leaves the shard plan (idempotent); a shard left with no owner is dropped."""
+    from cdm.platform.shards import load_plan, save_plan
+
+    owner = owner_records.record(ctx.ws, owner_key).owner
     with ctx.ws.lock():
-        shard_plan = load_plan(ctx.ws)
-        prod = production(ctx)
-        out = Plan(exclusive_shards=sorted(s for s, owners in shard_plan.items() if owners == [owner]),
-                   shared_shards=sorted(s for s, owners in shard_plan.items() if owner in owners and len(owners) > 1),
-                   composite_before=prod[0] if prod else None, estimator=prod[1]["estimator"] if prod else None)
-        remaining = {s: [o for o in owners if o != owner] for s, owners in shard_plan.items()}
+        remaining = {s: [o for o in owners if o != owner] for s, owners in load_plan(ctx.ws).items()}
         save_plan(ctx.ws, {s: owners for s, owners in remaining.items() if owners})
-    return out
+
+
+PROMOTE_ATTEMPTS = 5  # compare-and-set retries when another command moves production at the same moment
 
 
 def go_live(ctx: Context, rev: Revocation, plan: Plan) -> Live:
-    """Production becomes the composite of its own shards minus every shard that saw the owner — nothing is added
-    (an untrained or newer shard waits for `cdm compose`). A router composite goes live as `prior` (training-free)
-    until `retrain` has a router trained without the owner. With no shard left, production is removed."""
+    """The owner leaves the shard plan; production becomes the composite of its own shards minus every shard that
+    saw the owner — nothing is added (an untrained or newer shard waits for `cdm compose`) — moved by a
+    compare-and-set (`gate.promote`), retried from the new production if another command moved it meanwhile. A
+    router composite goes live as `prior` (training-free) until `retrain` has a router trained without the owner.
+    With no shard left, production is removed. Production without the owner is left as it is."""
+    from cdm.platform import gate
     from cdm.platform.composites import NothingToCompose, production, register, spec_without
 
-    prod = production(ctx)
-    if prod is None:
-        return Live(composite_live=None, estimator=None, seconds_to_live=time.time() - rev.received_ts)
-    estimator = "prior" if prod[1]["estimator"] == "router" else prod[1]["estimator"]
-    try:
-        spec = spec_without(prod[1], set(plan.exclusive_shards) | set(plan.shared_shards), estimator,
-                            revocations=[rev.request_id])
-        live = register(ctx, spec, grid=False)["version"]  # the grid waits: speed first
-    except NothingToCompose:
-        ctx.client.delete_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION)
-        live, estimator = None, None
-    return Live(composite_live=live, estimator=estimator, seconds_to_live=time.time() - rev.received_ts)
+    leave_shard_plan(ctx, rev.owner_key)
+    fault_point("go_live:after-shard-plan")
+    for _ in range(PROMOTE_ATTEMPTS):
+        prod = production(ctx)
+        if prod is None:
+            return Live(composite_live=None, estimator=None, seconds_to_live=time.time() - rev.received_ts)
+        version, spec = prod
+        drop = {s["id"] for s in spec["shards"] if rev.owner_key in s["owners"]}
+        drop |= set(plan.exclusive_shards) | set(plan.shared_shards)
+        if not drop & {s["id"] for s in spec["shards"]}:  # already without the owner
+            return Live(composite_live=version, estimator=spec["estimator"],
+                        seconds_to_live=time.time() - rev.received_ts)
+        estimator = "prior" if spec["estimator"] == "router" else spec["estimator"]
+        try:
+            try:
+                live_spec = spec_without(spec, drop, estimator, revocations=[rev.request_id])
+            except NothingToCompose:
+                gate.unpromote(ctx, expected=version)
+                return Live(composite_live=None, estimator=None, seconds_to_live=time.time() - rev.received_ts)
+            live = register(ctx, live_spec, grid=False, expected=version)["version"]  # the grid waits: speed first
+        except gate.ProductionMoved:
+            continue
+        return Live(composite_live=live, estimator=estimator, seconds_to_live=time.time() - rev.received_ts)
+    raise gate.ProductionMoved(f"production kept moving; run `cdm revoke` again to finish {rev.request_id}")
 
 
 def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: bool = False) -> Retrained:
-    """Shared shards retrain without the owner, from their last untouched slice checkpoint; then the composite of
-    the shards that were served before, minus the owner's exclusive ones, with the retrained versions and the
-    original estimator (a router is retrained on exactly those shards' data)."""
-    from cdm.platform.composites import NothingToCompose, register, spec_of, spec_with_shards, spec_without
+    """Shared shards retrain without the owner, from their last untouched slice checkpoint; then production as it
+    is now (a `cdm compose` may have moved it since going live) with the retrained versions in place — added back
+    when going live dropped them — and the original estimator (a router is retrained on exactly those shards'
+    data), moved by compare-and-set."""
+    from cdm.platform import gate
+    from cdm.platform.composites import NothingToCompose, production, register, spec_with_shards
     from cdm.platform.shards import load_plan, train_and_register
 
     shard_plan = load_plan(ctx.ws)
     shards = {}
     for sid in plan.shared_shards:
+        if sid not in shard_plan:  # revoked meanwhile by another request
+            continue
         t0 = time.time()
         info = train_and_register(ctx, registry.SHARD_PREFIX + sid, shard_plan[sid], progress=progress)
         shards[sid] = {k: info.get(k) for k in ("version", "resumed_from_slice", "steps_run")}
         shards[sid]["wall_seconds"] = round(time.time() - t0, 2)
-    after, router = live.composite_live, plan.estimator == "router"
-    if plan.composite_before is not None and (shards or router):
+    router = plan.estimator == "router"
+    if plan.composite_before is None or not (shards or router):
+        return Retrained(shards=shards, composite_after=live.composite_live, router_retrained=False)
+    fault_point("retrain:before-compose")
+    for _ in range(PROMOTE_ATTEMPTS):
+        prod = production(ctx)
+        base = prod[1] if prod else {"shards": [], "revocations": []}
+        as_live = prod is None or prod[0] == live.composite_live  # nobody composed since going live
+        estimator = plan.estimator if as_live else prod[1]["estimator"]
         try:
-            base = spec_without(spec_of(ctx, plan.composite_before), set(plan.exclusive_shards), plan.estimator,
-                                [rev.request_id])
-            after = register(ctx, spec_with_shards(ctx, base, sorted(shards), plan.estimator, [rev.request_id]),
-                             progress=progress)["version"]
+            spec = spec_with_shards(ctx, base, sorted(shards), estimator, [rev.request_id])
+            after = register(ctx, spec, progress=progress, expected=prod[0] if prod else None)["version"]
         except NothingToCompose:
-            after = None
-    return Retrained(shards=shards, composite_after=after, router_retrained=router and after is not None)
+            return Retrained(shards=shards, composite_after=None, router_retrained=False)
+        except gate.ProductionMoved:
+            continue
+        return Retrained(shards=shards, composite_after=after, router_retrained=estimator == "router")
+    raise gate.ProductionMoved(f"production kept moving; run `cdm revoke` again to finish {rev.request_id}")
 
 
 def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retrained) -> Forgetting:
@@ -158,55 +251,101 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"), verdict=verdict)
 
 
-def purge(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retrained) -> Purged:
-    """Delete everything derived from the owner's data."""
+def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retrained) -> PurgeIntent:
+    """Everything the purge will delete, from the registry, the needles taken at `begin` and the data as it is now,
+    unioned with an intent recorded by an earlier, interrupted run."""
+    from cdm.platform.shards import load_plan
+
+    c, key, ws = ctx.client, rev.owner_key, ctx.ws
+    keep = {(registry.COMPOSITE, v) for v in (live.composite_live, retrained.composite_after) if v}
+    every = registry.all_versions(c)
+    saw = {(mv.name, str(mv.version)) for mv in every if mv.name != registry.COMPOSITE and
+           (mv.tags.get(registry.REVOKED) == rev.request_id or key in json.loads(mv.tags.get("cdm.owner_keys", "[]")))}
+    saw |= {(registry.SHARD_PREFIX + sid, str(mv.version)) for sid in plan.exclusive_shards
+            for mv in registry.versions(c, registry.SHARD_PREFIX + sid)}
+    for mv in every:
+        if mv.name == registry.COMPOSITE:
+            components = {(registry.SHARD_PREFIX + s, str(v))
+                          for s, v in json.loads(mv.tags.get("cdm.components", "{}")).items()}
+            if (mv.tags.get(registry.REVOKED) == rev.request_id or components & saw
+                    or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))):
+                saw.add((mv.name, str(mv.version)))
+    versions = saw - keep
+    whole = [registry.SHARD_PREFIX + sid for sid in plan.exclusive_shards if sid not in load_plan(ws)]
+    saved = json.loads(needles_path(ws, rev.request_id).read_text())
+    owner = owner_records.record(ws, key).owner
+    objects = set(saved["dvc_objects"]) | owner_objects(ws, owner)
+    paths = [str((ws.checkpoints_dir / sid).relative_to(ws.root)) for sid in plan.exclusive_shards]
+    paths += [str(p.relative_to(ws.root)) for p in ws.reports_dir.glob(f"ingest-{key}-*")] \
+        if ws.reports_dir.exists() else []
+    if rev.purge_intent is not None:  # an interrupted run's intent: whatever it named is deleted too
+        old = rev.purge_intent
+        versions |= {tuple(v) for v in old.versions} - keep
+        whole = sorted(set(whole) | set(old.registered_models))
+        objects |= set(old.dvc_objects)
+        paths = sorted(set(paths) | set(old.paths))
+    return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), dvc_objects=sorted(objects),
+                       paths=sorted(paths))
+
+
+def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Purged:
+    """Delete everything derived from the owner's data, as the recorded `intent` lists it (each part idempotent,
+    so a rerun after a crash anywhere inside finishes it)."""
+    from cdm.platform import gate
+    from cdm.platform.shards import prune_checkpoints
+
     t0 = time.time()
     ws, c, key = ctx.ws, ctx.client, rev.owner_key
     owner = owner_records.record(ws, key).owner
-    # 1. MLflow: every shard, paragon and composite version that saw the owner, except the live composites.
-    keep = {live.composite_live, retrained.composite_after} - {None}
-    versions, whole, tainted = [], [], set()
-    for sid in plan.exclusive_shards:
-        name = registry.SHARD_PREFIX + sid
-        versions += [(name, str(mv.version)) for mv in registry.versions(c, name)]
-        whole.append(name)
-    for name in registry.registered_names(c, registry.SHARD_PREFIX) + [registry.PARAGON]:
-        for mv in registry.versions(c, name):
-            if key in json.loads(mv.tags.get("cdm.owner_keys", "[]")):
-                versions.append((name, str(mv.version)))
-                tainted.add((name, str(mv.version)))
-    for mv in registry.versions(c, registry.COMPOSITE):
-        components = json.loads(mv.tags.get("cdm.components", "{}"))
-        saw = any((registry.SHARD_PREFIX + s, str(v)) in tainted for s, v in components.items())
-        if (saw or key in json.loads(mv.tags.get("cdm.owner_keys", "[]"))) and str(mv.version) not in keep:
-            versions.append((registry.COMPOSITE, str(mv.version)))
-    mlflow_result = cleanup.purge(c, ctx.backend, sorted(set(versions)), whole)
-    # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key.
+    # 1. MLflow: runs and logged models garbage-collected, then the versions (tags first) and whole models.
+    mlflow_result = cleanup.purge(c, ctx.backend, [tuple(v) for v in intent.versions], intent.registered_models)
+    fault_point("purge:after-mlflow")
+    # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key; the slices of shared
+    #    shards that the servable version does not use (those after the owner's data entered).
     removed = []
-    for sid in plan.exclusive_shards:
-        removed += _remove(ws, ws.checkpoints_dir / sid)
+    for rel in intent.paths:
+        removed += _remove(ws, ws.root / rel)
     for sid in plan.shared_shards:
-        mv = registry.latest(c, registry.SHARD_PREFIX + sid)
-        current = set(json.loads(mv.tags["cdm.slice_keys"])) if mv else set()
-        for f in (ws.checkpoints_dir / sid).glob("*.safetensors"):
-            if f.stem not in current:
-                removed += _remove(ws, f)
-    for report in ws.reports_dir.glob(f"ingest-{key}-*") if ws.reports_dir.exists() else []:
-        removed += _remove(ws, report)
+        mv = gate.servable(ctx, registry.SHARD_PREFIX + sid)
+        removed += prune_checkpoints(ctx, sid, [mv] if mv else [])
     # 3. Data, under the lock: an interrupted ingestion is undone first (so no staging copy of anyone's data is
-    #    left half-committed), then the owner's folder, a new DVC version, and the owner's objects in cache and remote.
+    #    left half-committed), then the owner's folder, a new DVC version, the owner's objects in the remote then
+    #    the cache (content another remaining owner holds stays), DVC's site cache (its index names their files).
     from cdm.platform.ingest import recover_interrupted
 
     with ws.lock():
         recover_interrupted(ctx)
-        objects = owner_objects(ws, owner)
         removed += [p.replace(f"owners/{owner}", f"owners/<{key}>") for p in _remove(ws, ws.owners_dir / owner)]
         data_hash = dvc.add_and_push(ws.root, retry_delays=ctx.params.data.push_retry_delays)
         commit(ws.root, f"data: revoke {key}", "data.dvc")
+        fault_point("purge:after-commit")
         held = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
-        deleted = dvc.delete_objects(ws.root, (objects - held) - {data_hash or ""}, s3_client=ctx.dvc_s3())
+        deleted = dvc.delete_objects(ws.root, (set(intent.dvc_objects) - held) - {data_hash or ""},
+                                     s3_client=ctx.dvc_s3())
+        removed += _remove(ws, dvc.site_cache_dir(ws.root))
+    removed += _remove_stale_tmp(ws)
     return Purged(**mlflow_result, paths=removed, objects={k: len(v) for k, v in deleted.items()},
                   data_hash=data_hash, seconds=round(time.time() - t0, 2))
+
+
+def _remove_stale_tmp(ws: Workspace) -> list[str]:
+    """Temporary folders of processes that died before removing them (`Workspace.tempdir` names them by pid)."""
+    removed = []
+    for d in ws.tmp_dir.iterdir() if ws.tmp_dir.exists() else []:
+        pid = d.name.split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            removed += _remove(ws, d)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _remove(ws: Workspace, path: Path) -> list[str]:
@@ -251,11 +390,15 @@ def certificate(rev: Revocation) -> dict:
 
 def certify(ctx: Context, rev: Revocation) -> dict:
     """Ledger entry (keyed, under the lock) with the certificate's hash; the certificate with the ledger anchor as
-    an MLflow audit run; the anchor as a tag on the registered composite; the owner record marked revoked; the
-    needles file deleted."""
+    an MLflow audit run; the anchor as a tag on the registered composite; the owner record marked revoked. Only
+    after a verification that found nothing. Idempotent: a run that died after appending finds its entry (the
+    certificate keeps the first run's times). The caller records the certificate and `completed` in one write,
+    then deletes the needles."""
+    if rev.verify is None or not rev.verify.ok:
+        raise VerificationFailed(f"{rev.request_id}: no verification that found nothing; the request stays open",
+                                 code=1)
     cert = certificate(rev)
     ws = ctx.ws
-    # Idempotent: a run that died after appending finds its entry (the certificate keeps the first run's times).
     previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]
     if previous:
         cert["completed"] = previous[-1]["completed"]
@@ -265,11 +408,21 @@ def certify(ctx: Context, rev: Revocation) -> dict:
             "event": "revocation", "request_id": cert["request_id"], "owner_key": cert["owner_key"],
             "requested_by": cert["requested_by"], "received": cert["received"], "completed": cert["completed"],
             "shards_dropped": cert["shards_dropped"], "shards_retrained": cert["shards_retrained"],
-            "verification_ok": bool((cert["verification"] or {}).get("ok")),
+            "verification_ok": True,
             "certificate_sha256": hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()})
+    fault_point("certify:after-ledger")
     registry.anchor_ledger(ctx.client, ledger.head(ledger.read(ws.ledger_path)))
     cert["ledger"] = {"seq": entry["seq"], "hash": entry["hash"]}
     cert["audit_run"] = registry.log_certificate(ctx.client, ctx.artifact_root, cert)
     owner_records.update(ws, rev.owner_key, revoked=cert["completed"])
-    needles_path(ws, rev.request_id).unlink(missing_ok=True)
     return cert
+
+
+def complete(ctx: Context, rev: Revocation, cert: dict) -> Revocation:
+    """The certificate and `completed` in one write, then the needles file goes (a crash in between leaves a file
+    that `sweep_needles` removes at the next command)."""
+    rev.certify, rev.completed = cert, True
+    save(ctx.ws, rev)
+    fault_point("certify:after-complete")
+    needles_path(ctx.ws, rev.request_id).unlink(missing_ok=True)
+    return rev

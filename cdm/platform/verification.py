@@ -15,6 +15,7 @@ import torch
 
 from cdm.platform import dvc, owner_records, registry
 from cdm.platform.context import Context
+from cdm.platform.fileio import atomic_write
 from cdm.platform.revocations import Purged, Revocation, Verification, needles_path
 from cdm.platform.scan import Needles, ScanReport
 from cdm.platform.workspace import Workspace
@@ -23,9 +24,7 @@ from cdm.platform.workspace import Workspace
 def write_needles(ctx: Context, owner: str, token_sha256: str | None, path: Path) -> None:
     """Hashes of what the scan looks for, taken while the owner's data exists (no pixels: those stay in memory)."""
     samples = ctx.ws.manifest(owner)["samples"] if (ctx.ws.owners_dir / owner).exists() else []
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.touch(mode=0o600)
-    path.write_text(json.dumps({
+    atomic_write(path, json.dumps({
         "token_sha256": token_sha256,
         "sample_sha256": sorted({s["sha256"] for s in samples}),
         "dvc_objects": sorted(owner_objects(ctx.ws, owner)),
@@ -39,10 +38,13 @@ def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Ne
     included)."""
     rec = owner_records.record(ctx.ws, rev.owner_key)
     saved = json.loads(needles_path(ctx.ws, rev.request_id).read_text())
-    hex_strings = {h: "sample sha256" for h in saved["sample_sha256"]}
+    # Content another remaining owner also holds is theirs: its hashes and bytes are not the revoked owner's trace.
+    others_sha, others_md5 = _other_owners_content(ctx.ws, rec.owner)
+    hex_strings = {h: "sample sha256" for h in saved["sample_sha256"] if h not in others_sha}
     # Per-file object ids only: a `.dir` id hashes the listing of everyone's data folder, and old commits of
     # data.dvc keep it by design (checking them out reports missing cache).
-    hex_strings.update({h: "DVC object id of the owner's data" for h in saved["dvc_objects"] if not h.endswith(".dir")})
+    hex_strings.update({h: "DVC object id of the owner's data" for h in saved["dvc_objects"]
+                        if not h.endswith(".dir") and h not in others_md5})
     if saved["token_sha256"] and rev.requested_via == "command":  # an event's proof is stored by Prefect by design
         hex_strings[saved["token_sha256"]] = "token sha256"
     if token:
@@ -50,22 +52,30 @@ def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Ne
     blobs: dict[bytes, str] = {}
     folder = ctx.ws.owners_dir / rec.owner
     if folder.exists():
-        others = _other_owners_content(ctx.ws, rec.owner)
+        d = ctx.params.data
+        owned = ctx.ws.load_owner(rec.owner, d.image_size, d.channels, d.labels)
         for f in sorted(folder.glob("*/*.png")):
             data = f.read_bytes()
-            if hashlib.sha256(data).hexdigest() in others:
+            if hashlib.sha256(data).hexdigest() in others_sha:
                 continue  # another remaining owner holds the same content: it stays, rightly
             blobs[data] = "sample file bytes"
-        d = ctx.params.data
-        for x in ctx.ws.load_owner(rec.owner, d.image_size, d.channels, d.labels).x:
+        for sid, x in zip(owned.ids, owned.x):
             pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
-            if len(set(pixels)) > 2:  # a blank image's bytes are everywhere
+            if len(set(pixels)) > 2 and sid not in others_sha:  # a blank image's bytes are everywhere
                 blobs[pixels] = "sample pixels"
-    return Needles(rec.owner, hex_strings, blobs), folder.exists()
+    others = tuple(r.owner for k, r in owner_records.records(ctx.ws).items() if k != rev.owner_key)
+    return Needles(rec.owner, hex_strings, blobs, others), folder.exists()
 
 
-def _other_owners_content(ws: Workspace, owner: str) -> set[str]:
-    return {s["sha256"] for o in ws.owners() if o != owner for s in ws.manifest(o)["samples"]}
+def _other_owners_content(ws: Workspace, owner: str) -> tuple[set[str], set[str]]:
+    """(sample sha256s, DVC md5s) of the files every other owner holds."""
+    sha, md5 = set(), set()
+    for o in ws.owners():
+        if o == owner:
+            continue
+        sha |= {s["sha256"] for s in ws.manifest(o)["samples"]}
+        md5 |= {dvc.md5_bytes(p.read_bytes()) for p in ws.owner_dir(o).rglob("*") if p.is_file()}
+    return sha, md5
 
 
 def owner_objects(ws: Workspace, owner: str) -> set[str]:

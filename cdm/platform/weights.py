@@ -30,19 +30,16 @@ def load_verified_unet(folder: str | Path, expected_sha256: str | None):
     return load_unet(folder).eval()
 
 
-def load_init(c) -> dict | None:
+def load_init(c, tmp_root: Path | None = None) -> dict | None:
     """The shared initialization `cdm-init@current` as {"state", "sha256", "version"} (weights verified), or None."""
-    import mlflow
-
     from cdm.platform import registry
     from cdm.safetensors_io import state_sha256
 
     mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
     if mv is None:
         return None
-    path = Path(mlflow.artifacts.download_artifacts(f"models:/{registry.INIT}/{mv.version}",
-                                                    tracking_uri=c.tracking_uri))
-    state = load_verified_unet(path / "artifacts" / "unet", mv.tags.get("cdm.weights_sha256")).state_dict()
+    with registry.model_files(c, registry.INIT, str(mv.version), tmp_root) as files:
+        state = load_verified_unet(files / UNET_ARTIFACT, mv.tags.get("cdm.weights_sha256")).state_dict()
     sha = state_sha256(state)
     if sha != mv.tags.get("cdm.state_sha256"):
         raise ValueError(f"{registry.INIT} v{mv.version}: loaded weights hash {sha[:12]} != recorded state hash")

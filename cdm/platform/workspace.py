@@ -62,6 +62,7 @@ class Workspace:
     reports_dir = property(lambda self: self.state_dir / "reports")
     logs_dir = property(lambda self: self.state_dir / "logs")
     prefect_home = property(lambda self: self.state_dir / "prefect")
+    tmp_dir = property(lambda self: self.state_dir / "tmp")  # downloads of models while in use (removed after)
 
     def owner_dir(self, owner: str) -> Path:
         path = (self.owners_dir / check_owner_id(owner)).resolve()
@@ -76,6 +77,14 @@ class Workspace:
         if not self.exists():
             raise WorkspaceError(f"{self.root} is not a cdm workspace (no params.yaml or .dvc/); run `cdm init DIR`")
         return self
+
+    def tempdir(self):
+        """A temporary folder inside the workspace (removed on exit), so that what a command unpacks there — model
+        files, router weights — lies where the purge and the scan see it, not in the system's temp folder."""
+        import tempfile
+
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        return tempfile.TemporaryDirectory(prefix=f"{os.getpid()}-", dir=self.tmp_dir)
 
     def lock(self) -> FileLock:
         """Exclusive lock for changes to data/, DVC, git, the ledger and the shard plan (ingestion and revocation
@@ -111,11 +120,17 @@ class Workspace:
 
     # -- secret and owner keys -------------------------------------------------------------------------------
     def secret(self) -> bytes:
+        """The workspace's HMAC key (owner keys, ledger). Made once, 0600 from its creation. A workspace that has
+        owner records or a ledger but no secret lost it: a new one would give every owner — revoked ones too — a
+        new key, so revoked owners would be accepted again; that is refused."""
+        from cdm.platform.fileio import create_private
+
         path = self.state_dir / "secret"
         if not path.exists():
-            self.state_dir.mkdir(parents=True, exist_ok=True)
-            path.write_text(secrets.token_hex(32))
-            path.chmod(0o600)
+            if (self.state_dir / "owners.json").exists() or self.ledger_path.exists():
+                raise WorkspaceError(f"{path} is missing but this workspace has owner records or a ledger; restore "
+                                     "the secret from a backup (a new one would re-admit revoked owners)")
+            create_private(path, secrets.token_hex(32))
         return bytes.fromhex(path.read_text().strip())
 
     def owner_key(self, owner: str) -> str:

@@ -76,7 +76,8 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
         raise WorkspaceError(f"no remaining owner's data holds label {label}; the shards served cover labels {served}")
     request = {"n": n, "seed": seed, **({"label": label} if label is not None else {}),
                **({"allowed_owners": allowed} if allowed is not None else {})}
-    out_dict = load_production(ctx).predict(request)
+    with load_production(ctx) as model:
+        out_dict = model.predict(request)
     path = Path(out) if out else ctx.ws.root / "outputs" / "samples.png"
     save_grid(torch.from_numpy(out_dict["images"]), path)
     names = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 
@@ -11,14 +12,26 @@ from cdm.platform.errors import CommandFailed, WorkspaceError
 from flows.commands.common import _ctx, _status
 
 
-def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wait: bool, progress: bool):
+def read_token(token: str | None, token_stdin: bool) -> str | None:
+    """The owner's token: from stdin's first line (`--token-stdin`), the CDM_OWNER_TOKEN environment variable, or
+    `--token` (visible to other users in `ps` for the whole command: the other two are preferred)."""
+    if token_stdin:
+        token = sys.stdin.readline().strip()
+        if not token:
+            raise WorkspaceError("--token-stdin: no token on standard input")
+    return token or os.environ.get("CDM_OWNER_TOKEN") or None
+
+
+def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wait: bool, progress: bool,
+           token_stdin: bool = False):
     """Checked and begun here (the token stays in this process), out of serving in this process, the rest in a
     background process unless `wait` (it gets the token through a pipe, to search the stores for it)."""
     from cdm.platform import owner_records, unlearn
-    from cdm.platform.revocations import load
+    from cdm.platform.revocations import load, run_step
     from cdm.platform.workspace import check_owner_id
     from flows.unlearning import known_token, unlearn_owner
 
+    token = read_token(token, token_stdin)
     ctx = _ctx(workspace)
     key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
     if rec is None or (rec.state != "revoked" and owner not in ctx.ws.owners()):
@@ -35,12 +48,11 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         finally:
             known_token.reset(marker)
         return _revoked(owner, cert)
-    # Out of serving without waiting for a Prefect API to start: the two steps run here as plain functions
-    # (`task.fn`) and are recorded; the background flow run shows them as done and removes the schedule first.
-    from tasks import unlearn as steps
-
-    plan = steps.plan.fn(ctx, rev.request_id)
-    live_step = steps.go_live.fn(ctx, rev.request_id, plan)
+    # Out of serving without waiting for a Prefect API to start: the two steps run here, under the request's
+    # runner lock, and are recorded; the background flow run finds them done and removes the schedule first.
+    with unlearn.runner(ctx.ws, rev.request_id):
+        plan = run_step(ctx.ws, rev.request_id, "plan", lambda r: unlearn.plan(ctx, r))
+        live_step = run_step(ctx.ws, rev.request_id, "go_live", lambda r: unlearn.go_live(ctx, r, plan))
     live = {"request_id": rev.request_id, "owner_key": key, "live": live_step.model_dump(), "completed": False}
     log = ctx.ws.logs_dir / f"{rev.request_id}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
@@ -48,7 +60,8 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         proc = subprocess.Popen([sys.executable, "-m", "flows.cli", "finish-revocation", key, "--workspace",
                                  str(ctx.ws.root)] + (["--token-stdin"] if token else []),
                                 stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.PIPE, text=True,
-                                start_new_session=True, cwd=str(ctx.ws.root))
+                                start_new_session=True, cwd=str(ctx.ws.root),
+                                env={k: v for k, v in os.environ.items() if k != "CDM_OWNER_TOKEN"})
         proc.stdin.write((token or "") + "\n")
         proc.stdin.close()
     version = live["live"]["composite_live"]
@@ -79,6 +92,7 @@ def finish_revocation(workspace: str, owner_key: str, token_stdin: bool):
     ctx = _ctx(workspace)
     token = sys.stdin.readline().strip() if token_stdin else None
     marker = known_token.set(token or None)
+    # A process started by `cdm revoke` whose runner lock is held elsewhere exits 2 with the reason (RevocationRunning).
     try:
         cert = unlearn_owner(str(ctx.ws.root), owner_key)
     finally:

@@ -12,13 +12,15 @@ from flows.commands.common import _ctx
 def status(workspace: str):
     from cdm.platform import ledger, owner_records, registry
     from cdm.platform.composites import production
-    from cdm.platform.revocations import all_revocations
+    from cdm.platform.gate import active_owners
+    from cdm.platform.revocations import all_revocations, sweep_needles
     from cdm.platform.shards import load_plan
 
     ctx = _ctx(workspace)
     ws, c = ctx.ws, ctx.client
+    sweep_needles(ws)
     owners = [{"id": o, "samples": len(ws.manifest(o)["samples"]), "state": "active",
-               "license": ws.manifest(o).get("license")} for o in ws.owners()]
+               "license": ws.manifest(o).get("license")} for o in active_owners(ws)]
     active = {ws.owner_key(o["id"]) for o in owners}
     owners += [{"id": key, "samples": 0, "state": rec.state} for key, rec in sorted(owner_records.records(ws).items())
                if key not in active and rec.state != "pending"]
@@ -30,7 +32,7 @@ def status(workspace: str):
                                            "estimator": prod[1]["estimator"]}
     in_progress = [{"request_id": r.request_id, "owner_key": r.owner_key, "done": r.steps_done, "next": r.next_step}
                    for r in all_revocations(ws) if not r.completed]
-    check = ledger.verify(ws.ledger_path, ws.secret(), registry.ledger_anchor(c))
+    check = ledger.verify(ws.ledger_path, ws.secret(), registry.ledger_anchor(c), anchor_required=True)
     result = {"workspace": str(ws.root), "owners": owners, "shards": shards, "production": composite,
               "revocations_in_progress": in_progress, "ledger": check.as_dict()}
     lines = [f"workspace {ws.root}", "owners:"] + [f"  {o['id']:<24} {o['state']:<8} {o['samples']} samples"

@@ -1,21 +1,61 @@
 """The trace scan's matching rules, on stores made here (folders, git objects)."""
 
+import base64
+import gzip
 import subprocess
+
+import pytest
 
 from cdm.platform.scan import FolderStore, GitStore, Needles, scan
 
 
-def needles() -> Needles:
-    return Needles("bob", {"ab" * 32: "sample sha256"}, {b"\x01\x02pixels\x03": "sample pixels"})
+def needles(others: tuple[str, ...] = ()) -> Needles:
+    return Needles("bob", {"ab" * 32: "sample sha256"}, {b"\x01\x02pixels\x03": "sample pixels"}, others)
 
 
-def test_the_raw_id_matches_as_a_whole_word_only(tmp_path):
+def test_a_short_raw_id_matches_between_boundaries_and_other_owners_ids_are_theirs(tmp_path):
     (tmp_path / "a.txt").write_text('{"owner": "bob"}')
     (tmp_path / "b.txt").write_text("bobby and bob-2 and robob are other owners")
-    (tmp_path / "c.json").write_text('["data/owners/bob/3/x.png"]')
-    report = scan([FolderStore("files", tmp_path)], needles())
-    assert sorted(f.where for f in report.findings) == ["a.txt", "c.json"]
-    assert not report.ok and report.scanned == {"files": 3}
+    (tmp_path / "c.json").write_text('["data/owners/bob_photos/3/x.png"]')
+    (tmp_path / "d.txt").write_text("Owner: BOB")
+    report = scan([FolderStore("files", tmp_path)], needles(others=("bobby", "bob-2", "robob")))
+    assert sorted(f.where for f in report.findings) == ["a.txt", "c.json", "d.txt"]
+    assert not report.ok and report.scanned == {"files": 4}
+    # Without knowing bob-2 is an owner, `bob-2` is bob's trace.
+    assert "b.txt" in {f.where for f in scan([FolderStore("files", tmp_path)], needles()).findings}
+
+
+@pytest.mark.parametrize("encode", [
+    lambda s: s.encode(), lambda s: s.upper().encode(), lambda s: s.title().encode(), lambda s: s.encode("utf-16-le"),
+    lambda s: s.encode("utf-16-be"), lambda s: s.encode().hex().encode(), lambda s: s.encode().hex().upper().encode(),
+    lambda s: "".join(f"\\u{ord(c):04x}" for c in s).encode(),
+    lambda s: base64.b64encode(s.encode()), lambda s: base64.b64encode(b"x" + s.encode()),
+    lambda s: base64.b64encode(b"xy" + s.encode()), lambda s: gzip.compress(s.encode()),
+], ids=["plain", "upper", "title", "utf16le", "utf16be", "hex", "HEX", "json-escaped", "b64-0", "b64-1", "b64-2",
+        "gzip"])
+def test_a_long_raw_id_matches_as_a_substring_in_any_case_and_common_encodings(tmp_path, encode):
+    (tmp_path / "f.bin").write_bytes(encode("prefix: carol_photos of 2024, suffix"))
+    (tmp_path / "clean.txt").write_text("carolyn's data and nobody else's")
+    report = scan([FolderStore("files", tmp_path)], Needles("carol", others=("carolyn",)))
+    assert [f.where.split(" ")[0] for f in report.findings] == ["f.bin"], report.findings
+
+
+def test_binary_formats_are_searched_for_the_raw_id_where_they_keep_text(tmp_path):
+    import io
+
+    import torch
+    from PIL import Image, PngImagePlugin
+
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Author", "carol")
+    Image.new("L", (8, 8)).save(tmp_path / "tagged.png", pnginfo=info)
+    Image.new("L", (8, 8)).save(tmp_path / "plain.png")
+    buf = io.BytesIO()
+    torch.save({"owner": "carol", "w": torch.zeros(4)}, buf)
+    (tmp_path / "state.pt").write_bytes(buf.getvalue())
+    (tmp_path / "weights.safetensors").write_bytes(b"carol" * 50)  # weight bytes: never searched for the id
+    report = scan([FolderStore("files", tmp_path)], Needles("carol"))
+    assert sorted(f.where for f in report.findings) == ["state.pt", "tagged.png"]
 
 
 def test_hashes_and_sample_bytes_match_anywhere_and_names_are_searched(tmp_path):
