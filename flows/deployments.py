@@ -89,6 +89,9 @@ def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Pop
 def serve(workspace: str) -> None:
     from prefect import serve as prefect_serve
 
+    from flows import SERVED_WORKSPACES
+
+    os.environ[SERVED_WORKSPACES] = workspace  # flow runs started here refuse any other workspace
     server = None
     if not os.environ.get("PREFECT_API_URL"):
         server = start_local_server()

@@ -10,6 +10,7 @@ from prefect import flow
 
 from cdm.platform import owner_records
 from cdm.platform.context import Context
+from flows import load_served
 from cdm.platform.ingest import requested
 from tasks.ingest import commit_batch, read_owner_source, validate_batch
 
@@ -17,7 +18,7 @@ from tasks.ingest import commit_batch, read_owner_source, validate_batch
 @flow(name="cdm-ingest", flow_run_name="ingest-{owner_key}")
 def ingest_owner(workspace: str, owner_key: str) -> dict:
     """Validate the owner's batch from their recorded source and commit it, or reject it and change nothing."""
-    ctx = Context.load(workspace)
+    ctx = load_served(workspace)
     files = read_owner_source(ctx, owner_key)
     report = validate_batch(ctx, owner_key, files)
     result = commit_batch(ctx, owner_key, files).as_dict()

@@ -17,7 +17,7 @@ from typing import Literal
 from prefect import flow
 
 from cdm.platform import unlearn
-from cdm.platform.context import Context
+from flows import load_served
 from cdm.platform.revocations import load
 from cdm.platform.verification import needles
 from tasks import unlearn as steps
@@ -33,8 +33,11 @@ def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = Non
                   until: Literal["go_live"] | None = None, progress: bool = False) -> dict:
     """Revoke the owner: a composite without them goes live first, then shared shards retrain, everything derived
     from their data is purged, every store is scanned, and a certificate is appended to the ledger."""
-    ctx = Context.load(workspace)
-    rev = unlearn.begin(ctx, owner_key, token_sha256, reason, via="event" if token_sha256 else "command")
+    ctx = load_served(workspace)
+    # A run without the owner's proof only resumes a request `cdm revoke` began on the workspace (an operator's):
+    # nobody who merely reaches the Prefect API can start an operator revocation.
+    rev = unlearn.begin(ctx, owner_key, token_sha256 or None, reason, via="event" if token_sha256 else "command",
+                        create=bool(token_sha256))
     with unlearn.runner(ctx.ws, rev.request_id):  # one process at a time on a request
         plan = steps.plan(ctx, rev.request_id)
         live = steps.go_live(ctx, rev.request_id, plan)

@@ -48,7 +48,8 @@ class PurgeIntent(BaseModel):
     deletes at least this, even once the tags and local files it was derived from are gone."""
     versions: list[tuple[str, str]]  # (registered model, version)
     registered_models: list[str]  # deleted whole (the owner's exclusive shards)
-    dvc_objects: list[str]  # the owner's DVC object ids (cache and remote), from the needles and the data
+    # (The owner's DVC object ids are not here: they are needles, kept in the needles file taken at `begin`, which
+    # the scan skips and completion deletes; no ingestion of the owner can add objects after `begin`.)
     paths: list[str]  # workspace-relative files and folders (checkpoints, reports)
 
 

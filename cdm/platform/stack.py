@@ -287,7 +287,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
         _prefect_cli(ws, stack, ["work-pool", "create", cfg.work_pool, "--type", "process", "--overwrite"])
         stack.pids["worker"] = _spawn(ws, "worker", [
             sys.executable, "-m", "prefect", "worker", "start", "--pool", cfg.work_pool, "--type", "process"],
-            env=prefect_env(ws, stack) | {"PREFECT_WORKER_QUERY_SECONDS": "2"})
+            env=prefect_env(ws, stack) | {"PREFECT_WORKER_QUERY_SECONDS": "2", "CDM_WORKSPACES": str(ws.root)})
         stack.write(ws)
     except BaseException:
         down(ws)

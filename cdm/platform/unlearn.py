@@ -55,7 +55,7 @@ def fault_point(name: str) -> None:
 
 
 def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason: str | None = None,
-          via: str = "command") -> Revocation:
+          via: str = "command", create: bool = True) -> Revocation:
     """Accept (or resume) the revocation of the owner `owner_key`.
 
     Under the workspace lock, in this order: the request record and the needles (what the scan will look for),
@@ -81,6 +81,9 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
                 raise AlreadyRevoked(f"owner {owner_key} was already revoked (request {existing.request_id})")
             gate.mark_revoked(ctx, owner_key, existing.request_id)
             return existing  # resume
+        if not create:
+            raise PermissionError(f"no revocation of {owner_key} is in progress; an owner's request carries their "
+                                  "token's sha256, an operator's is made with `cdm revoke` on the workspace")
         requested_by = "operator"
         if token_sha256 is not None:
             if not owner_records.token_matches(rec, token_sha256):
@@ -272,9 +275,6 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
                 saw.add((mv.name, str(mv.version)))
     versions = saw - keep
     whole = [registry.SHARD_PREFIX + sid for sid in plan.exclusive_shards if sid not in load_plan(ws)]
-    saved = json.loads(needles_path(ws, rev.request_id).read_text())
-    owner = owner_records.record(ws, key).owner
-    objects = set(saved["dvc_objects"]) | owner_objects(ws, owner)
     paths = [str((ws.checkpoints_dir / sid).relative_to(ws.root)) for sid in plan.exclusive_shards]
     paths += [str(p.relative_to(ws.root)) for p in ws.reports_dir.glob(f"ingest-{key}-*")] \
         if ws.reports_dir.exists() else []
@@ -282,10 +282,8 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
         old = rev.purge_intent
         versions |= {tuple(v) for v in old.versions} - keep
         whole = sorted(set(whole) | set(old.registered_models))
-        objects |= set(old.dvc_objects)
         paths = sorted(set(paths) | set(old.paths))
-    return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), dvc_objects=sorted(objects),
-                       paths=sorted(paths))
+    return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), paths=sorted(paths))
 
 
 def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Purged:
@@ -315,12 +313,14 @@ def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Pur
 
     with ws.lock():
         recover_interrupted(ctx)
+        objects = set(json.loads(needles_path(ws, rev.request_id).read_text())["dvc_objects"])
+        objects |= owner_objects(ws, owner)
         removed += [p.replace(f"owners/{owner}", f"owners/<{key}>") for p in _remove(ws, ws.owners_dir / owner)]
         data_hash = dvc.add_and_push(ws.root, retry_delays=ctx.params.data.push_retry_delays)
         commit(ws.root, f"data: revoke {key}", "data.dvc")
         fault_point("purge:after-commit")
         held = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
-        deleted = dvc.delete_objects(ws.root, (set(intent.dvc_objects) - held) - {data_hash or ""},
+        deleted = dvc.delete_objects(ws.root, (objects - held) - {data_hash or ""},
                                      s3_client=ctx.dvc_s3())
         removed += _remove(ws, dvc.site_cache_dir(ws.root))
     removed += _remove_stale_tmp(ws)

@@ -27,12 +27,13 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
     """Checked and begun here (the token stays in this process), out of serving in this process, the rest in a
     background process unless `wait` (it gets the token through a pipe, to search the stores for it)."""
     from cdm.platform import owner_records, unlearn
-    from cdm.platform.revocations import load, run_step
+    from cdm.platform.revocations import load, run_step, sweep_needles
     from cdm.platform.workspace import check_owner_id
     from flows.unlearning import known_token, unlearn_owner
 
     token = read_token(token, token_stdin)
     ctx = _ctx(workspace)
+    sweep_needles(ctx.ws)  # a crash right after an earlier completion may have left one
     key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
     if rec is None or (rec.state != "revoked" and owner not in ctx.ws.owners()):
         raise WorkspaceError(f"unknown owner {owner!r}")

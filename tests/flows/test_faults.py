@@ -111,6 +111,64 @@ def test_unlearning_killed_after_a_step_completes_on_rerun(ws, stop_after):
     assert run_cdm("revoke", owner, "--workspace", str(ws.root)).returncode == 2
 
 
+# kill -9 *inside* a step: the process kills itself at a fault point the test arms (CDM_FAULT), between two writes
+# of the step. Each point revokes another owner of a workspace of its own.
+FAULT_POINTS = {"begin:before-mark": "o1", "go_live:after-shard-plan": "o2", "retrain:before-compose": "o3",
+                "purge:after-intent": "o4", "purge:after-mlflow": "o5", "purge:after-commit": "o6",
+                "certify:after-ledger": "o7", "certify:after-complete": "o8"}
+
+
+@pytest.fixture(scope="module")
+def ws_faults(tmp_path_factory) -> Workspace:
+    """Eight owners of 40 digits each; o3 shares a shard with o9 (so `retrain` has work to do)."""
+    from cdm.data import digits_uint8, write_class_folders
+
+    tmp = tmp_path_factory.mktemp("inside")
+    p = Params()
+    p.train.steps, p.train.batch_size, p.train.num_slices, p.train.min_shard_samples = 60, 32, 2, 50
+    p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
+    ws = init_workspace(tmp / "ws", params=p)
+    images, labels = digits_uint8()
+    sizes = {f"o{i}": 60 for i in range(1, 9)} | {"o3": 30, "o9": 30}
+    start = 0
+    for owner, n in sorted(sizes.items()):
+        write_class_folders(images[start:start + n], labels[start:start + n], tmp / "src" / owner)
+        start += n
+        assert run_cdm("ingest", owner, str(tmp / "src" / owner), "--workspace", str(ws.root)).returncode == 0
+    assert run_cdm("train", "--workspace", str(ws.root)).returncode == 0
+    return ws
+
+
+@pytest.mark.parametrize("point", list(FAULT_POINTS))
+def test_unlearning_killed_inside_a_step_completes_on_rerun(ws_faults, point):
+    ws, owner = ws_faults, FAULT_POINTS[point]
+    assert run_cdm("compose", "--workspace", str(ws.root)).returncode == 0
+    killed = subprocess.run([*CDM, "revoke", owner, "--wait", "--workspace", str(ws.root)], capture_output=True,
+                            text=True, timeout=900, cwd=Path(__file__).resolve().parents[2],
+                            env={**os.environ, "CDM_FAULT": point})
+    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    key = ws.owner_key(owner)
+    c = registry.client(ws.tracking_uri())
+    prod = registry.alias_version(c, registry.COMPOSITE)
+    if point not in ("begin:before-mark", "go_live:after-shard-plan"):  # after going live: production is without them
+        assert prod is None or key not in json.loads(prod.tags["cdm.owner_keys"]), point
+    done = run_cdm("revoke", owner, "--wait", "--workspace", str(ws.root), "--json")
+    if point == "certify:after-complete":  # it was complete: the rerun says so, and the needles file is gone
+        assert done.returncode == 2 and "already revoked" in done.stderr, done.stderr
+        assert not list(ws.revocations_dir.glob("*.needles.json"))
+        return
+    assert done.returncode == 0, done.stderr[-2000:]
+    cert = json.loads(done.stdout)
+    assert cert["verification"]["ok"], cert["verification"]
+    prod = registry.alias_version(c, registry.COMPOSITE)
+    assert prod is None or key not in json.loads(prod.tags["cdm.owner_keys"])
+    assert registry.versions_tagged(c, key) == []
+    for mv in registry.versions(c, registry.COMPOSITE):  # no composite references a deleted model
+        for sid, v in json.loads(mv.tags["cdm.components"]).items():
+            c.get_model_version(registry.SHARD_PREFIX + sid, v)
+    assert not (ws.owners_dir / owner).exists() and not list(ws.revocations_dir.glob("*.needles.json"))
+
+
 def test_ingestion_killed_mid_commit_leaves_the_workspace_as_before_after_recovery(ws, tmp_path):
     ws, sources = ws
     proc = start_cdm("ingest", "dave", str(sources["dave"]), "--workspace", str(ws.root))
