@@ -70,16 +70,21 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str]) -> dict:
-    """Hard-delete model versions: their runs and logged models are deleted and garbage-collected (`mlflow gc`,
-    which also empties their artifact folders), then the versions (and whole registered models) are deleted.
+def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], registered_to_delete: list[str],
+          extra_runs: list[str] = ()) -> dict:
+    """Hard-delete model versions: their runs (and `extra_runs`, e.g. training runs that registered nothing) and
+    logged models are deleted and garbage-collected (`mlflow gc`, which also empties their artifact folders), then
+    the versions (and whole registered models) are deleted.
 
     Returns:
         {"versions": [...], "runs": [...], "logged_models": [...], "registered_models": [...]}.
     """
     from mlflow.exceptions import MlflowException
 
-    runs, models = set(), set()
+    runs, models = set(extra_runs), set()
+    for rid in extra_runs:
+        models |= {m.model_id for m in c.search_logged_models(
+            [c.get_run(rid).info.experiment_id], filter_string=f"source_run_id = '{rid}'")} if _exists(c, rid) else set()
     for name, version in versions_to_delete:
         try:
             mv = c.get_model_version(name, version)
@@ -95,6 +100,7 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
             c.delete_logged_model(mid)
         except MlflowException:
             pass
+    runs = {rid for rid in runs if _exists(c, rid)}  # a rerun after a crash: gc'd runs are gone
     for rid in sorted(runs):
         try:
             c.delete_run(rid)
@@ -122,6 +128,16 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
             pass
     return {"versions": [f"{n}/{v}" for n, v in versions_to_delete], "runs": sorted(runs),
             "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
+
+
+def _exists(c, run_id: str) -> bool:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        c.get_run(run_id)
+        return True
+    except MlflowException:
+        return False
 
 
 def gc(backend: Backend, run_ids: list[str], model_ids: list[str]) -> None:

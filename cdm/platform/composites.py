@@ -113,9 +113,9 @@ def version_tags(spec: dict) -> dict[str, str]:
     }
 
 
-def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected=None) -> dict:
+def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected: object = "any") -> dict:
     """Log and register a composite version for `spec` and make it `production` through `gate.promote` (a
-    compare-and-set against `expected` when given; see there); log a sample grid (`grid`). A version the gate
+    compare-and-set against `expected` — a version, or None for "no production" — unless it is "any"; see there); log a sample grid (`grid`). A version the gate
     refuses is deleted with its run before the refusal is raised: nothing unservable is left registered."""
     import mlflow
 
@@ -136,7 +136,7 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
                     "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
             metrics=None, files=[], version_tags=tags)
         try:
-            gate.promote(ctx, logged.version, gate.ANY if expected is None else expected)
+            gate.promote(ctx, logged.version, gate.ANY if expected == "any" else expected)
         except (gate.Refused, gate.ProductionMoved):
             mlflow.end_run("KILLED")
             cleanup.purge(c, ctx.backend, [(registry.COMPOSITE, logged.version)], [])

@@ -90,6 +90,14 @@ def why_unservable(ctx: Context, mv, revoked_keys: dict[str, str] | None = None)
     return None
 
 
+def unservable_shards(ctx: Context, spec: dict) -> set[str]:
+    """Ids of the spec's shards that may not be served: marked or deleted versions, or ones naming an owner under
+    revocation (this request's or another's)."""
+    revoked_keys = set(revoked_owner_keys(ctx.ws))
+    return {s["id"] for s in spec["shards"] if set(s["owners"]) & revoked_keys
+            or registry.revoked_by(ctx.client, s["model"], s["version"])}
+
+
 def servable(ctx: Context, name: str):
     """The newest version of `name` that may be served, or None."""
     revoked_keys = revoked_owner_keys(ctx.ws)

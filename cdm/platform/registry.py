@@ -215,6 +215,9 @@ def ledger_anchor(c) -> str | None:
 def log_certificate(c, artifact_root: str, cert: dict) -> str:
     """The erasure certificate as `certificate.json` of a run in experiment `cdm-audit`; returns the run id."""
     exp = experiment_id(c, artifact_root, "cdm-audit")
+    done = c.search_runs([exp], filter_string=f"attributes.run_name = '{cert['request_id']}'")
+    if done:  # a rerun after a crash that had logged it
+        return done[0].info.run_id
     run = c.create_run(exp, run_name=cert["request_id"],
                        tags={"cdm.kind": "erasure-certificate", "cdm.owner_key": cert["owner_key"]})
     c.log_dict(run.info.run_id, cert, "certificate.json")
@@ -234,13 +237,26 @@ def registered_names(c, prefix: str) -> list[str]:
     return sorted(m.name for m in registered_models(c) if m.name.startswith(prefix))
 
 
+def runs_of_owner(c, owner_key: str) -> list:
+    """Every run (active or deleted, any status) whose `cdm.owner_keys` tag names the owner: training runs carry
+    it from their start, so one that registered nothing (refused, killed) is found too."""
+    from mlflow.entities import ViewType
+
+    ids = [e.experiment_id for e in c.search_experiments(view_type=ViewType.ALL)]
+    runs = pages(lambda token: c.search_runs(ids, filter_string=f"tags.`cdm.owner_keys` LIKE '%{owner_key}%'",
+                                             run_view_type=ViewType.ALL, page_token=token))
+    return list(runs)
+
+
 def revocation_epoch(c) -> str | None:
     """The registry's revocation epoch (see REVOCATION_EPOCH); None when no revocation was ever accepted."""
     from mlflow.exceptions import MlflowException
 
     try:
         return c.get_registered_model(COMPOSITE).tags.get(REVOCATION_EPOCH)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # an outage is not "no revocation": a server must not answer on it
         return None
 
 
@@ -259,7 +275,9 @@ def revoked_by(c, name: str, version: str) -> str | None:
 
     try:
         return c.get_model_version(name, version).tags.get(REVOKED)
-    except MlflowException:
+    except MlflowException as e:
+        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+            raise  # an outage: nobody may conclude anything from it
         return "deleted"
 
 

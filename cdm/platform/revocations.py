@@ -48,6 +48,7 @@ class PurgeIntent(BaseModel):
     deletes at least this, even once the tags and local files it was derived from are gone."""
     versions: list[tuple[str, str]]  # (registered model, version)
     registered_models: list[str]  # deleted whole (the owner's exclusive shards)
+    runs: list[str] = []  # runs that name the owner and registered nothing (a training refused or killed)
     # (The owner's DVC object ids are not here: they are needles, kept in the needles file taken at `begin`, which
     # the scan skips and completion deletes; no ingestion of the owner can add objects after `begin`.)
     paths: list[str]  # workspace-relative files and folders (checkpoints, reports)
@@ -82,6 +83,7 @@ class Revocation(BaseModel):
     # How the request came: a command (the token, if any, was checked in that process) or a Prefect event (its
     # payload, the token's sha256, is then stored by Prefect as the request's proof).
     requested_via: Literal["command", "event"] = "command"
+    shards: dict[str, list[str]] | None = None  # the shard plan's shards holding the owner at acceptance (keys)
     plan: Plan | None = None
     go_live: Live | None = None
     retrain: Retrained | None = None
@@ -92,6 +94,7 @@ class Revocation(BaseModel):
     # Verifications that found something: each reopened the purge (the request stays open until one is ok).
     failed_verifications: list[dict] = []
     reevaluate: dict | None = None
+    certificate_draft: dict | None = None  # the certificate as the ledger entry hashes it (written first)
     certify: dict | None = None  # the certificate
     completed: bool = False
 

@@ -213,7 +213,8 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
     from cdm.train import train_shard
 
     ws, c = ctx.ws, ctx.client
-    with registry.start_run(ctx.experiment_id, f"train-{shard_id}", {"cdm.kind": kind, "cdm.shard": shard_id}) as run:
+    run_tags = {"cdm.kind": kind, "cdm.shard": shard_id, "cdm.owner_keys": json.dumps(sorted(keys))}
+    with registry.start_run(ctx.experiment_id, f"train-{shard_id}", run_tags) as run:
         result = train_shard(shard.data, cfg, tcfg, schedule,
                              checkpoint_dir=ws.checkpoints_dir / shard_id if checkpoints else None,
                              progress=progress, desc=shard_id,

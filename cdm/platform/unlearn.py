@@ -31,7 +31,7 @@ from cdm.platform.context import Context
 from cdm.platform.errors import CommandFailed, WorkspaceError
 from cdm.platform.gitrepo import commit
 from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, PurgeIntent, Retrained, Revocation, load,
-                                      needles_path, runner_lock, save, sweep_needles)
+                                      needles_path, record_path, runner_lock, save, sweep_needles)
 from cdm.platform.verification import owner_objects, write_needles
 from cdm.platform.workspace import Workspace, now
 
@@ -89,12 +89,29 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
             if not owner_records.token_matches(rec, token_sha256):
                 raise PermissionError(f"the token does not belong to owner {owner_key}")
             requested_by = "owner"
+        _drop_unaccepted(ws, owner_key)
+        from cdm.platform.shards import load_plan
+
+        shards = {s: [ws.owner_key(o) for o in owners] for s, owners in load_plan(ws).items() if rec.owner in owners}
         rev = Revocation(request_id="rev-" + uuid.uuid4().hex[:12], owner_key=owner_key, received=now(),
-                         received_ts=time.time(), reason=reason, requested_by=requested_by, requested_via=via)
+                         received_ts=time.time(), reason=reason, requested_by=requested_by, requested_via=via,
+                         shards=shards)
         write_needles(ctx, rec.owner, rec.token_sha256, needles_path(ws, rev.request_id))
+        fault_point("begin:after-record")
         save(ws, rev)
         accept(ctx, owner_key, rev.request_id)
     return rev
+
+
+def _drop_unaccepted(ws: Workspace, owner_key: str) -> None:
+    """Records (and needles) of this owner's requests that a crash stopped before acceptance: the owner record never
+    pointed at them, nothing acted on them. The caller holds the workspace lock."""
+    from cdm.platform.revocations import all_revocations
+
+    for old in all_revocations(ws):
+        if old.owner_key == owner_key and not old.completed:
+            needles_path(ws, old.request_id).unlink(missing_ok=True)
+            record_path(ws, old.request_id).unlink(missing_ok=True)
 
 
 def accept(ctx: Context, owner_key: str, request_id: str) -> None:
@@ -103,10 +120,13 @@ def accept(ctx: Context, owner_key: str, request_id: str) -> None:
     is marked unservable (`gate.mark_revoked`)."""
     from cdm.platform import gate
 
+    # The marks first: a crash after them leaves the owner's versions unservable (running servers already drop
+    # them) and the request unaccepted, which the next `cdm revoke` replaces; the other order would leave an
+    # accepted request that running servers know nothing of.
+    gate.mark_revoked(ctx, owner_key, request_id)
+    fault_point("begin:after-mark")
     owner_records.update(ctx.ws, owner_key, state="revoked", revocation=request_id,
                          drop=("source", "cron", "license", "token_sha256"))
-    fault_point("begin:before-mark")
-    gate.mark_revoked(ctx, owner_key, request_id)
 
 
 @contextlib.contextmanager
@@ -133,11 +153,14 @@ def plan(ctx: Context, rev: Revocation) -> Plan:
     from cdm.platform.composites import production
     from cdm.platform.shards import load_plan
 
-    owner = owner_records.record(ctx.ws, rev.owner_key).owner
-    shard_plan = load_plan(ctx.ws)
+    key = rev.owner_key
+    if rev.shards is not None:  # the plan as it was at acceptance (a `cdm train` since has left the owner out)
+        shard_plan = rev.shards
+    else:
+        shard_plan = {s: [ctx.ws.owner_key(o) for o in owners] for s, owners in load_plan(ctx.ws).items()}
     prod = production(ctx)
-    return Plan(exclusive_shards=sorted(s for s, owners in shard_plan.items() if owners == [owner]),
-                shared_shards=sorted(s for s, owners in shard_plan.items() if owner in owners and len(owners) > 1),
+    return Plan(exclusive_shards=sorted(s for s, keys in shard_plan.items() if keys == [key]),
+                shared_shards=sorted(s for s, keys in shard_plan.items() if key in keys and len(keys) > 1),
                 composite_before=prod[0] if prod else None, estimator=prod[1]["estimator"] if prod else None)
 
 
@@ -170,8 +193,9 @@ def go_live(ctx: Context, rev: Revocation, plan: Plan) -> Live:
         if prod is None:
             return Live(composite_live=None, estimator=None, seconds_to_live=time.time() - rev.received_ts)
         version, spec = prod
+        # This owner's shards, and any other component the gate refuses (another revocation accepted meanwhile).
         drop = {s["id"] for s in spec["shards"] if rev.owner_key in s["owners"]}
-        drop |= set(plan.exclusive_shards) | set(plan.shared_shards)
+        drop |= set(plan.exclusive_shards) | set(plan.shared_shards) | gate.unservable_shards(ctx, spec)
         if not drop & {s["id"] for s in spec["shards"]}:  # already without the owner
             return Live(composite_live=version, estimator=spec["estimator"],
                         seconds_to_live=time.time() - rev.received_ts)
@@ -198,13 +222,14 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
     from cdm.platform.composites import NothingToCompose, production, register, spec_with_shards
     from cdm.platform.shards import load_plan, train_and_register
 
-    shard_plan = load_plan(ctx.ws)
+    shard_plan, active = load_plan(ctx.ws), set(gate.active_owners(ctx.ws))
     shards = {}
     for sid in plan.shared_shards:
-        if sid not in shard_plan:  # revoked meanwhile by another request
+        owners = [o for o in shard_plan.get(sid, []) if o in active]  # another request may be revoking one
+        if not owners:
             continue
         t0 = time.time()
-        info = train_and_register(ctx, registry.SHARD_PREFIX + sid, shard_plan[sid], progress=progress)
+        info = train_and_register(ctx, registry.SHARD_PREFIX + sid, owners, progress=progress)
         shards[sid] = {k: info.get(k) for k in ("version", "resumed_from_slice", "steps_run")}
         shards[sid]["wall_seconds"] = round(time.time() - t0, 2)
     router = plan.estimator == "router"
@@ -214,6 +239,8 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
     for _ in range(PROMOTE_ATTEMPTS):
         prod = production(ctx)
         base = prod[1] if prod else {"shards": [], "revocations": []}
+        gone = gate.unservable_shards(ctx, base) - set(shards)
+        base = {**base, "shards": [s for s in base["shards"] if s["id"] not in gone]}
         as_live = prod is None or prod[0] == live.composite_live  # nobody composed since going live
         estimator = plan.estimator if as_live else prod[1]["estimator"]
         try:
@@ -275,6 +302,7 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
                 saw.add((mv.name, str(mv.version)))
     versions = saw - keep
     whole = [registry.SHARD_PREFIX + sid for sid in plan.exclusive_shards if sid not in load_plan(ws)]
+    runs = sorted(r.info.run_id for r in registry.runs_of_owner(c, key))
     paths = [str((ws.checkpoints_dir / sid).relative_to(ws.root)) for sid in plan.exclusive_shards]
     paths += [str(p.relative_to(ws.root)) for p in ws.reports_dir.glob(f"ingest-{key}-*")] \
         if ws.reports_dir.exists() else []
@@ -283,7 +311,8 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
         versions |= {tuple(v) for v in old.versions} - keep
         whole = sorted(set(whole) | set(old.registered_models))
         paths = sorted(set(paths) | set(old.paths))
-    return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), paths=sorted(paths))
+        runs = sorted(set(runs) | set(old.runs))
+    return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), paths=sorted(paths), runs=runs)
 
 
 def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Purged:
@@ -296,7 +325,8 @@ def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Pur
     ws, c, key = ctx.ws, ctx.client, rev.owner_key
     owner = owner_records.record(ws, key).owner
     # 1. MLflow: runs and logged models garbage-collected, then the versions (tags first) and whole models.
-    mlflow_result = cleanup.purge(c, ctx.backend, [tuple(v) for v in intent.versions], intent.registered_models)
+    mlflow_result = cleanup.purge(c, ctx.backend, [tuple(v) for v in intent.versions], intent.registered_models,
+                                  intent.runs)
     fault_point("purge:after-mlflow")
     # 2. Checkpoints, validation reports and evaluation outputs that name the owner's key; the slices of shared
     #    shards that the servable version does not use (those after the owner's data entered).
@@ -397,11 +427,13 @@ def certify(ctx: Context, rev: Revocation) -> dict:
     if rev.verify is None or not rev.verify.ok:
         raise VerificationFailed(f"{rev.request_id}: no verification that found nothing; the request stays open",
                                  code=1)
-    cert = certificate(rev)
     ws = ctx.ws
+    if rev.certificate_draft is None:  # fixed before the ledger names its hash: a rerun certifies the same document
+        rev.certificate_draft = certificate(rev)
+        save(ws, rev)
+    cert = dict(rev.certificate_draft)
     previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]
     if previous:
-        cert["completed"] = previous[-1]["completed"]
         entry = previous[-1]
     else:
         entry, _ = ledger.record(ws, {

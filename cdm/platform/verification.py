@@ -103,7 +103,8 @@ def verify(ctx: Context, rev: Revocation, purged: Purged, found: tuple[Needles, 
                         (rev.retrain.composite_after if rev.retrain else None)) if v}
     mlflow = {
         "versions_left": [v for v in purged.versions if registry.version_exists(c, *v.rsplit("/", 1))],
-        "runs_left": [r for r in purged.runs if registry.run_exists(c, r)],
+        "runs_left": sorted({r for r in purged.runs if registry.run_exists(c, r)}
+                            | {r.info.run_id for r in registry.runs_of_owner(c, key)}),
         "tags_with_owner_key": [f"{m}/{v}" for m, v in registry.versions_tagged(c, key)
                                 if not (m == registry.COMPOSITE and v in keep)],
     }
