@@ -44,8 +44,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
     """The workspace's Prefect home (unless PREFECT_API_URL is set) and logging: library log records and warnings
     go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw
     owner ids — the records' and `owners` named on the command line — replaced by their keys."""
-    saved = {k: os.environ.get(k) for k in ("PREFECT_HOME", "PREFECT_API_URL")}
     stack = _stack_env(root)
+    saved = {k: os.environ.get(k) for k in {"PREFECT_HOME", "PREFECT_API_URL", *stack}}
     if stack:
         os.environ.update(stack)
     elif not os.environ.get("PREFECT_API_URL"):
@@ -95,15 +95,15 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
 
 
 def _stack_env(root: Path) -> dict[str, str]:
-    """PREFECT_API_URL and PREFECT_HOME of the workspace's stack when it is up (`cdm stack up`), else {}."""
-    from cdm.platform.stack import active, stack_dir
+    """Where the workspace's stack is and its credentials when it is up (`cdm stack up`), else {}."""
+    from cdm.platform.stack import active, client_env, stack_dir
     from cdm.platform.workspace import Workspace
 
     ws = Workspace(root)
     stack = active(ws)
     if stack is None:
         return {}
-    return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(stack_dir(ws) / "prefect-home")}
+    return {**client_env(ws, stack), "PREFECT_HOME": str(stack_dir(ws) / "prefect-home")}
 
 
 def classify(e: BaseException) -> tuple[int, str]:

@@ -57,10 +57,14 @@ def deploy_to_pool(workspace: str, stack) -> list[str]:
     (schedules by the stack's Prefect server, the revocation trigger by its automations). Returns their names."""
     from pathlib import Path
 
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    from cdm.platform.stack import credentials
+    from cdm.platform.workspace import Workspace
 
     checkout = str(Path(__file__).resolve().parent.parent)  # where the entrypoints (flows/…) resolve
-    with temporary_settings({PREFECT_API_URL: stack.prefect_api_url}):
+    auth = credentials(Workspace(workspace))["prefect_auth"]
+    with temporary_settings({PREFECT_API_URL: stack.prefect_api_url, PREFECT_API_AUTH_STRING: auth}):
         names = []
         for d in deployments(workspace):
             d.job_variables = {**d.job_variables, "working_dir": checkout}

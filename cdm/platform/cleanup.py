@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cdm.platform.registry import model_id_of, pages
+from cdm.platform.registry import model_id_of, pages, run_exists
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,7 @@ def sweep_dead_runs(c, backend: Backend, exp_id: str) -> list[str]:
                                                 page_token=token))
     for run in list(running):
         tags = run.data.tags
-        if tags.get("cdm.host") != host or not tags.get("cdm.pid") or _process_alive(int(tags["cdm.pid"])):
+        if tags.get("cdm.host") != host or not tags.get("cdm.pid") or process_alive(int(tags["cdm.pid"])):
             continue
         rid = run.info.run_id
         c.set_terminated(rid, RunStatus.to_string(RunStatus.KILLED))
@@ -60,7 +60,7 @@ def discard_run(c, backend: Backend, exp_id: str, run_id: str) -> None:
     gc(backend, [run_id], models)
 
 
-def _process_alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -84,7 +84,7 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
     runs, models = set(extra_runs), set()
     for rid in extra_runs:
         models |= {m.model_id for m in c.search_logged_models(
-            [c.get_run(rid).info.experiment_id], filter_string=f"source_run_id = '{rid}'")} if _exists(c, rid) else set()
+            [c.get_run(rid).info.experiment_id], filter_string=f"source_run_id = '{rid}'")} if run_exists(c, rid) else set()
     for name, version in versions_to_delete:
         try:
             mv = c.get_model_version(name, version)
@@ -100,7 +100,7 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
             c.delete_logged_model(mid)
         except MlflowException:
             pass
-    runs = {rid for rid in runs if _exists(c, rid)}  # a rerun after a crash: gc'd runs are gone
+    runs = {rid for rid in runs if run_exists(c, rid)}  # a rerun after a crash: gc'd runs are gone
     for rid in sorted(runs):
         try:
             c.delete_run(rid)
@@ -128,16 +128,6 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
             pass
     return {"versions": [f"{n}/{v}" for n, v in versions_to_delete], "runs": sorted(runs),
             "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
-
-
-def _exists(c, run_id: str) -> bool:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        c.get_run(run_id)
-        return True
-    except MlflowException:
-        return False
 
 
 def gc(backend: Backend, run_ids: list[str], model_ids: list[str]) -> None:

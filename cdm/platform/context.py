@@ -50,10 +50,10 @@ class Context:
 
         if not self.stack:
             return Backend(self.tracking_uri)
-        from cdm.platform.stack import credentials, database_url
+        from cdm.platform.stack import client_env, credentials, database_url
 
         return Backend(database_url(self.ws, self.stack, "mlflow", password=False),
-                       {"PGPASSWORD": credentials(self.ws)["postgres_password"], "MLFLOW_TRACKING_URI": self.tracking_uri})
+                       {**client_env(self.ws, self.stack), "PGPASSWORD": credentials(self.ws)["postgres_password"]})
 
     @cached_property
     def client(self):

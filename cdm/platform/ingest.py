@@ -25,7 +25,7 @@ from cdm.platform.fileio import atomic_write
 from cdm.platform.gitrepo import commit as git_commit
 from cdm.platform.sources import SourceFile, list_folder, list_s3
 from cdm.platform.validation import Limits, ValidationReport, validate_batch
-from cdm.platform.workspace import Workspace, check_owner_id, now
+from cdm.platform.workspace import Workspace, check_new_owner_id, check_owner_id, now
 
 
 class IngestionRejected(WorkspaceError):
@@ -62,6 +62,8 @@ def requested(ctx: Context, owner: str, source: str, license: str | None = None,
     owner key. A revoked owner is refused. If the body fails, the record is put back as it was (none, for a new
     owner): a refused batch changes nothing."""
     key, before = owner_records.record_of(ctx.ws, check_owner_id(owner))
+    if before is None:
+        check_new_owner_id(owner)
     owner_records.require_consent(before, key)
     if not source.startswith("s3://"):
         source = str(Path(source).expanduser().resolve())  # schedules must not depend on the current folder

@@ -10,7 +10,9 @@ A store is anything that yields `(where, bytes)` items. Matching rules:
   who is still in the workspace (`carol` inside `carolyn`) is that owner's, not a trace. Ids shorter than four
   characters would match common words: for them the match needs a boundary on both sides (not a letter or digit).
 - in database pages (SQLite and its WAL, dumps) and other binary items only the id's usual cases are matched
-  (`carol`, `CAROL`, `Carol`): any-case matching of a short id in random bytes would fire by chance;
+  (`carol`, `CAROL`, `Carol`): any-case matching of a short id in random bytes would fire by chance; bytes of an
+  unknown binary format are not searched for a short id at all (new owner ids have at least three characters,
+  `workspace.MIN_NEW_OWNER_ID`);
 - compressed or numeric formats are searched for the raw id only where they keep text: PNG text chunks, the member
   names and pickles of a zip (torch's `.pt`), a safetensors header; never their pixel or weight bytes;
 - hex strings (token sha256, sample sha256s, DVC md5s) and raw sample bytes (file contents and decoded pixels)
@@ -33,7 +35,8 @@ from pathlib import Path
 
 # Formats whose bytes are compressed or numeric: searched for sample bytes and hex strings everywhere, for the raw
 # id only in the parts that keep text (`text_regions`).
-BINARY_SUFFIXES = (".png", ".safetensors", ".pt", ".pth", ".npy", ".jpg", ".zip")
+BINARY_SUFFIXES = (".png", ".safetensors", ".pt", ".pth", ".npy", ".jpg", ".jpeg", ".gif", ".webp", ".ico", ".zip",
+                   ".woff", ".woff2", ".ttf", ".eot")
 MAX_ITEM_BYTES = 256 << 20  # larger files are reported as unscanned, never silently skipped
 SHORT_ID = 4  # ids shorter than this need word boundaries (see above)
 MIN_BASE64_CHARS = 6  # base64 fragments shorter than this match random base64 text by chance
@@ -94,8 +97,10 @@ class Needles:
         if raw_id and self._text is not None:
             if binary:
                 hit = any(self._id_found(region, self._exact) for region in text_regions(where, data))
-            else:
-                hit = self._id_found(data, self._exact if database or not _is_text(data) else self._text)
+            elif database or _is_text(data):
+                hit = self._id_found(data, self._exact if database else self._text)
+            else:  # bytes of an unknown format: a short id would match them by chance
+                hit = len(self.raw_id) >= SHORT_ID and self._id_found(data, self._exact)
             if hit:
                 found.append("raw owner id")
         if self._hex is not None:

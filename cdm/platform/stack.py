@@ -80,10 +80,26 @@ def credentials(ws: Workspace) -> dict:
     """The stack's generated secrets, made on first use (0600): PostgreSQL's password, S3 keys for moto."""
     path = stack_dir(ws) / "credentials.json"
     # Created 0600 in one step (never readable by others, not even for a moment); a concurrent first use keeps one.
-    create_private(path, json.dumps({"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
-                                     "aws_access_key_id": "cdm" + secrets.token_hex(8),
-                                     "aws_secret_access_key": secrets.token_hex(20)}))
-    return json.loads(path.read_text())
+    fresh = {"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
+             "aws_access_key_id": "cdm" + secrets.token_hex(8), "aws_secret_access_key": secrets.token_hex(20),
+             # The control plane's own credentials: Prefect's API auth string and MLflow's basic-auth admin.
+             "prefect_auth": "cdm:" + secrets.token_hex(16), "mlflow_user": "cdm-admin",
+             "mlflow_password": secrets.token_hex(16)}
+    create_private(path, json.dumps(fresh))
+    c = json.loads(path.read_text())
+    if not set(fresh) <= set(c):  # made by an earlier cdm: the new keys are added, the old ones kept
+        c = {**fresh, **c}
+        atomic_write(path, json.dumps(c))
+    return c
+
+
+def client_env(ws: Workspace, stack: Stack) -> dict[str, str]:
+    """What a client process needs to use the stack: where each service is and the credentials each asks for
+    (Prefect's API and MLflow's tracking server refuse unauthenticated requests)."""
+    c = credentials(ws)
+    return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_API_AUTH_STRING": c["prefect_auth"],
+            "MLFLOW_TRACKING_URI": stack.mlflow_tracking_uri, "MLFLOW_TRACKING_USERNAME": c["mlflow_user"],
+            "MLFLOW_TRACKING_PASSWORD": c["mlflow_password"], **s3_env(ws, stack)}
 
 
 def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "postgresql+psycopg2",
@@ -270,8 +286,9 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
         stack.mlflow_tracking_uri = f"http://{HOST}:{port}"
         stack.pids["mlflow"] = _spawn(ws, "mlflow", [
             sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
-            "--artifacts-destination", stack.artifacts_destination], env={
+            "--artifacts-destination", stack.artifacts_destination, "--app-name", "basic-auth"], env={
             **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow"),
+            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(ws)),
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
         port = free_port()
         stack.prefect_api_url = f"http://{HOST}:{port}/api"
@@ -296,11 +313,23 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
 
 
 def prefect_env(ws: Workspace, stack: Stack) -> dict[str, str]:
-    """Environment of a process that uses the stack's Prefect API (and its S3)."""
+    """Environment of the stack's Prefect server, its worker and its CLI: the client environment, the Prefect home,
+    and the auth string the server demands of every API request (its /health excepted)."""
     home = stack_dir(ws) / "prefect-home"
     home.mkdir(parents=True, exist_ok=True)
-    return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_HOME": str(home),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", **s3_env(ws, stack)}
+    return {**client_env(ws, stack), "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+            "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_AUTH_STRING": credentials(ws)["prefect_auth"]}
+
+
+def mlflow_auth_config(ws: Workspace) -> Path:
+    """MLflow's basic-auth configuration (0600): its user store in the stack's folder, the generated admin (the
+    one user cdm's clients are), and no permission for anyone else."""
+    c = credentials(ws)
+    return atomic_write(stack_dir(ws) / "mlflow-auth.ini", "\n".join([
+        "[mlflow]", "default_permission = NO_PERMISSIONS",
+        f"database_uri = sqlite:///{stack_dir(ws) / 'mlflow-auth.db'}",
+        f"admin_username = {c['mlflow_user']}", f"admin_password = {c['mlflow_password']}",
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]))
 
 
 def _prefect_cli(ws: Workspace, stack: Stack, args: list[str]) -> None:

@@ -138,17 +138,34 @@ def require_reachable(ctx: Context) -> None:
                                      f"({e}); a revocation must reach it") from None
         elif uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).exists():
             raise WorkspaceError(f"MLflow store {uri}, used by this workspace, is missing")
+    for api in sorted(set(used.get("prefect", []))):
+        if api.startswith("http"):
+            try:
+                urllib.request.urlopen(api.rstrip("/") + "/health", timeout=5).read()
+            except OSError as e:
+                raise WorkspaceError(f"Prefect API {api}, used by this workspace, does not answer ({e}); a "
+                                     "revocation must reach it") from None
+    roots = sorted(set(used.get("artifacts", [])) | {ctx.artifact_root})
     remote = dvc.remote_config(ws.root)["url"] or ""
-    if remote.startswith("s3://"):
+    for name, url in [("MLflow artifact root", r) for r in roots] + [("DVC remote", remote)]:
+        _require_storage(ctx, name, url)
+
+
+def _require_storage(ctx: Context, name: str, url: str) -> None:
+    """An s3:// bucket that answers, or a local folder whose parent exists (the folder itself is made on first
+    use: its absence alone is no outage, an unmounted volume is)."""
+    from cdm.platform.errors import WorkspaceError
+
+    if url.startswith("s3://"):
         from botocore.exceptions import BotoCoreError, ClientError
 
-        bucket, _ = split_s3(remote)
+        bucket, _ = split_s3(url)
         try:
             ctx.s3().head_bucket(Bucket=bucket)
         except (BotoCoreError, ClientError) as e:
-            raise WorkspaceError(f"DVC remote {remote} does not answer ({e}); a revocation must reach it") from None
-    elif remote and not Path(remote).exists():
-        raise WorkspaceError(f"DVC remote {remote} is missing; a revocation must reach it")
+            raise WorkspaceError(f"{name} {url} does not answer ({e}); a revocation must reach it") from None
+    elif url and ":" not in url and not Path(url).parent.exists():
+        raise WorkspaceError(f"{name} {url} is missing; a revocation must reach it")
 
 
 def stack_stores(ctx: Context) -> list[Store]:

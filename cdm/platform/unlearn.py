@@ -112,6 +112,9 @@ def _drop_unaccepted(ws: Workspace, owner_key: str) -> None:
         if old.owner_key == owner_key and not old.completed:
             needles_path(ws, old.request_id).unlink(missing_ok=True)
             record_path(ws, old.request_id).unlink(missing_ok=True)
+    for needles in ws.revocations_dir.glob("rev-*.needles.json") if ws.revocations_dir.exists() else []:
+        if not record_path(ws, needles.name.removesuffix(".needles.json")).exists():
+            needles.unlink(missing_ok=True)  # a crash between the needles and the record
 
 
 def accept(ctx: Context, owner_key: str, request_id: str) -> None:
@@ -363,19 +366,9 @@ def _remove_stale_tmp(ws: Workspace) -> list[str]:
     removed = []
     for d in ws.tmp_dir.iterdir() if ws.tmp_dir.exists() else []:
         pid = d.name.split("-", 1)[0]
-        if pid.isdigit() and not _alive(int(pid)):
+        if pid.isdigit() and not cleanup.process_alive(int(pid)):
             removed += _remove(ws, d)
     return removed
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _remove(ws: Workspace, path: Path) -> list[str]:

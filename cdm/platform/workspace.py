@@ -33,6 +33,18 @@ def now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds")
 
 
+MIN_NEW_OWNER_ID = 3  # a shorter id cannot be told apart from chance bytes by the trace scan (cdm/platform/scan.py)
+
+
+def check_new_owner_id(owner: str) -> str:
+    """An id for a new owner: allowed (`check_owner_id`) and long enough to be searched for."""
+    check_owner_id(owner)
+    if len(owner) < MIN_NEW_OWNER_ID:
+        raise WorkspaceError(f"owner id {owner!r} is too short: a new owner's id has at least {MIN_NEW_OWNER_ID} "
+                             "characters (the verification of a revocation searches every store for it)")
+    return owner
+
+
 def check_owner_id(owner: str) -> str:
     if not isinstance(owner, str) or not OWNER_ID.match(owner):
         raise WorkspaceError(f"owner id {owner!r} is not allowed: use 1-64 of a-z, 0-9, '_' and '-', "

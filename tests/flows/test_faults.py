@@ -114,16 +114,16 @@ def test_unlearning_killed_after_a_step_completes_on_rerun(ws, stop_after):
 
 # kill -9 *inside* a step: the process kills itself at a fault point the test arms (CDM_FAULT), between two writes
 # of the step. Each point revokes another owner of a workspace of its own.
-FAULT_POINTS = {"begin:after-record": "o1", "begin:after-mark": "o9", "go_live:after-shard-plan": "o2",
-                "retrain:before-compose": "o3", "purge:after-intent": "o4", "purge:after-mlflow": "o5",
-                "purge:after-commit": "o6", "certify:after-ledger": "o7", "certify:after-complete": "o8"}
+FAULT_POINTS = {"begin:after-record": "kill01", "begin:after-mark": "kill09", "go_live:after-shard-plan": "kill02",
+                "retrain:before-compose": "kill03", "purge:after-intent": "kill04", "purge:after-mlflow": "kill05",
+                "purge:after-commit": "kill06", "certify:after-ledger": "kill07", "certify:after-complete": "kill08"}
 BEFORE_LIVE = ("begin:after-record", "begin:after-mark", "go_live:after-shard-plan")
 
 
 @pytest.fixture(scope="module")
 def ws_faults(tmp_path_factory) -> Workspace:
-    """Nine owners of 60 digits each, alone in their shards, and o3 sharing one with o10 (30 each, so `retrain`
-    has work to do)."""
+    """Nine owners of 60 digits each, alone in their shards, and kill03 sharing one with kill10 (30 each, so
+    `retrain` has work to do)."""
     from cdm.data import digits_uint8, write_class_folders
 
     tmp = tmp_path_factory.mktemp("inside")
@@ -132,7 +132,7 @@ def ws_faults(tmp_path_factory) -> Workspace:
     p.compose.num_inference_steps, p.evaluate.n_samples, p.evaluate.feature_steps = 10, 60, 100
     ws = init_workspace(tmp / "ws", params=p)
     images, labels = digits_uint8()
-    sizes = {f"o{i}": 60 for i in range(1, 10)} | {"o3": 30, "o10": 30}
+    sizes = {f"kill{i:02d}": 60 for i in range(1, 10)} | {"kill03": 30, "kill10": 30}
     start = 0
     for owner, n in sorted(sizes.items()):
         write_class_folders(images[start:start + n], labels[start:start + n], tmp / "src" / owner)

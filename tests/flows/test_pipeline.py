@@ -292,6 +292,7 @@ REFUSALS = {
     "revoked owner ingested": ["ingest", "carol", "{carol_src}"],
     "missing source folder": ["ingest", "erin", "{missing}"],
     "bad batch": ["ingest", "erin", "{bad}"],
+    "new owner id too short to search for": ["ingest", "ed", "{carol_src}"],
     "consent of an active owner": ["consent", "bob"],
     "unknown owner to train": ["train", "--owners", "zed"],
     "missing argument": ["revoke"],
@@ -317,6 +318,16 @@ def test_every_refusal_prints_exactly_one_stderr_line(story, case, capsys, tmp_p
     assert len(err.strip().splitlines()) == 1, err
     assert err.startswith("cdm"), err
     assert "bob" in ws.owners() and owner_records.record_of(ws, "erin")[1] is None
+    assert owner_records.record_of(ws, "ed")[1] is None
+
+
+def test_the_log_never_carries_a_raw_id_not_even_a_refused_one(story, capsys):
+    """Bug: a second `cdm revoke carol` after completion wrote "owner 'carol' was already revoked" into the log."""
+    ws = story["ws"]
+    assert cli(["revoke", "carol", "--workspace", str(ws.root)]) == 2
+    assert "carol" in capsys.readouterr().err  # the person who typed it is told, on stderr
+    log = (ws.state_dir / "logs" / "cdm.log").read_text()
+    assert "failed (exit 2)" in log and not re.search(r"(?<![a-z0-9_-])carol(?![a-z0-9])", log, re.I)
 
 
 def test_a_refusal_in_a_real_process_is_one_line_too(story):

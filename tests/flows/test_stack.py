@@ -10,6 +10,7 @@ tracking server serves → `cdm stack down`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -48,7 +49,7 @@ def cdm(*args: str, timeout: float = 600) -> dict:
 
 @pytest.fixture(scope="module")
 def story(small_params, digit_owners):
-    from cdm.platform.stack import Stack, s3_client
+    from cdm.platform.stack import Stack, client_env, s3_client
     from tests.flows.test_pipeline import upload
 
     # PostgreSQL runs as the `postgres` user when we are root: the workspace must be reachable by it.
@@ -77,21 +78,58 @@ def story(small_params, digit_owners):
                 "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
                 "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
         subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
-                       check=True, env={**env(), "PREFECT_API_URL": stack.prefect_api_url}, timeout=120)
+                       check=True, env={**env(), **client_env(ws, stack)}, timeout=120)
         started = time.perf_counter()
         out["revocation"] = wait_for_revocation(ws.root, timeout=600)
         TIMINGS["revocation by event"] = round(time.perf_counter() - started, 1)
-        out["flow_runs"] = flow_runs(stack.prefect_api_url)
-        out["versions"] = registry_versions(stack.mlflow_tracking_uri)
-        out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
-                          for o in page.get("Contents", [])]
-        probe = sample_and_probe(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
+        out["unauthenticated"] = unauthenticated_requests(stack)
+        with patched_env(client_env(ws, stack)):  # this test process reads the registry and the API as cdm does
+            out["flow_runs"] = flow_runs(stack.prefect_api_url)
+            out["versions"] = registry_versions(stack.mlflow_tracking_uri)
+            out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
+                              for o in page.get("Contents", [])]
+            probe = sample_and_probe(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
         out["probe"], out["sample"] = probe["stores"], probe
     finally:
         out["down"] = cdm("stack", "down", "--workspace", str(ws.root))
         print("stack story, seconds:", TIMINGS)
     yield out
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def patched_env(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def unauthenticated_requests(stack) -> dict[str, int]:
+    """HTTP status of a request without credentials to each API of the control plane (and of the health checks,
+    which stay open for probes)."""
+    import urllib.error
+    import urllib.request
+
+    def status(url: str, data: bytes | None = None) -> int:
+        req = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    return {"mlflow search": status(f"{stack.mlflow_tracking_uri}/api/2.0/mlflow/registered-models/search"),
+            "mlflow health": status(f"{stack.mlflow_tracking_uri}/health"),
+            "prefect flows": status(f"{stack.prefect_api_url}/flows/filter", b"{}"),
+            "prefect deployment run": status(f"{stack.prefect_api_url}/deployments/filter", b"{}"),
+            "prefect health": status(f"{stack.prefect_api_url}/health")}
 
 
 def wait_for_revocation(root: Path, timeout: float) -> dict:
@@ -111,9 +149,9 @@ def wait_for_revocation(root: Path, timeout: float) -> dict:
 def flow_runs(api_url: str) -> list[dict]:
     """Flow runs of the stack's Prefect server: name of the deployment, work pool, state."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api_url}):
+    with temporary_settings({PREFECT_API_URL: api_url, PREFECT_API_AUTH_STRING: os.environ["PREFECT_API_AUTH_STRING"]}):
         with get_client(sync_client=True) as client:
             runs = client.read_flow_runs()
             names = {d.id: d.name for d in client.read_deployments()}
@@ -139,7 +177,7 @@ def sample_and_probe(root: Path, alice_key: str) -> dict:
             "print(json.dumps({'stores': collections.Counter(f.store for f in r.findings), "
             "'images': list(out['images'].shape), 'attribution': len(out['attribution'])}))")
     return json.loads(subprocess.run([sys.executable, "-c", code, str(root), alice_key], capture_output=True,
-                                     text=True, check=True, env=env(), cwd=REPO).stdout)
+                                     text=True, check=True, env={**env(), **os.environ}, cwd=REPO).stdout)
 
 
 def test_stack_up_prints_where_each_service_is_and_no_secret(story):
@@ -151,6 +189,14 @@ def test_stack_up_prints_where_each_service_is_and_no_secret(story):
     assert not any(secrets[k] in json.dumps(up) for k in ("postgres_password", "aws_access_key_id",
                                                           "aws_secret_access_key"))
     assert oct((story["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
+
+
+def test_an_unauthenticated_request_to_the_prefect_or_mlflow_api_is_refused(story):
+    codes = story["unauthenticated"]
+    assert codes["mlflow search"] == 401 and codes["prefect flows"] == 401 and codes["prefect deployment run"] == 401
+    assert codes["mlflow health"] == 200 and codes["prefect health"] == 200  # the positive control: they answer
+    ini = story["ws"].root / ".cdm" / "stack" / "mlflow-auth.ini"
+    assert oct(ini.stat().st_mode)[-3:] == "600"
 
 
 def test_shards_train_on_dask_workers_against_the_tracking_server(story):

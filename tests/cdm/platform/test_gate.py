@@ -209,21 +209,21 @@ class Serving(RuleBasedStateMachine):
 CTX: Context | None = None
 
 
-def test_no_interleaving_serves_a_revoked_owner(ctx):
+def run_machine(ctx: Context, examples: int, steps: int) -> None:
     global CTX
     CTX = ctx
-    Serving.TestCase.settings = settings(max_examples=8, stateful_step_count=14, deadline=None,
+    Serving.TestCase.settings = settings(max_examples=examples, stateful_step_count=steps, deadline=None,
                                          suppress_health_check=list(HealthCheck))
     Serving.TestCase().runTest()
+
+
+def test_no_interleaving_serves_a_revoked_owner(ctx):
+    run_machine(ctx, examples=8, steps=14)
 
 
 @pytest.mark.slow
 def test_no_interleaving_serves_a_revoked_owner_long_run(ctx):
-    global CTX
-    CTX = ctx
-    Serving.TestCase.settings = settings(max_examples=150, stateful_step_count=25, deadline=None,
-                                         suppress_health_check=list(HealthCheck))
-    Serving.TestCase().runTest()
+    run_machine(ctx, examples=150, steps=25)
 
 
 def test_promote_is_a_compare_and_set_that_refuses_revoked_versions(ctx):
