@@ -84,7 +84,7 @@ def credentials(ws: Workspace) -> dict:
              "aws_access_key_id": "cdm" + secrets.token_hex(8), "aws_secret_access_key": secrets.token_hex(20),
              # The control plane's own credentials: Prefect's API auth string and MLflow's basic-auth admin.
              "prefect_auth": "cdm:" + secrets.token_hex(16), "mlflow_user": "cdm-admin",
-             "mlflow_password": secrets.token_hex(16)}
+             "mlflow_password": secrets.token_hex(16), "mlflow_secret_key": secrets.token_hex(32)}
     create_private(path, json.dumps(fresh))
     c = json.loads(path.read_text())
     if not set(fresh) <= set(c):  # made by an earlier cdm: the new keys are added, the old ones kept
@@ -289,6 +289,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
             "--artifacts-destination", stack.artifacts_destination, "--app-name", "basic-auth"], env={
             **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow"),
             "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(ws)),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials(ws)["mlflow_secret_key"],  # its CSRF protection
             "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
         port = free_port()
         stack.prefect_api_url = f"http://{HOST}:{port}/api"
