@@ -161,6 +161,12 @@ def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args) ->
     sys.exit(code)
 
 
+def bars(want_json: bool) -> bool:
+    """Progress bars only for a person at a terminal: not with --json, not into a log file or a CI job's output
+    (a redirected stderr would collect every refresh of every bar)."""
+    return not want_json and sys.stderr.isatty()
+
+
 def common(f):
     """--workspace, --json, --verbose on every command."""
     f = click.option("--verbose", is_flag=True, help="show library logs on the console (always in .cdm/logs/cdm.log)")(f)
@@ -200,7 +206,7 @@ def demo(quick, owners, partition, out, workspace, want_json, verbose):
     """The whole story on scikit-learn's digits in a fresh workspace (owners' sources go to OUT.sources/)."""
     from flows import commands
 
-    run("demo", out, want_json, verbose, commands.demo, out, quick, owners, partition, not want_json)
+    run("demo", out, want_json, verbose, commands.demo, out, quick, owners, partition, bars(want_json))
 
 
 @cli.command()
@@ -236,7 +242,7 @@ def train(owners, paragon, workspace, want_json, verbose):
     """Train shards whose data or config changed (one Prefect task per shard)."""
     from flows import commands
 
-    run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, not want_json)
+    run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, bars(want_json))
 
 
 @cli.command()
@@ -248,7 +254,7 @@ def pretrain(source, steps, workspace, want_json, verbose):
     sample is also an owner's."""
     from flows import commands
 
-    run("pretrain", workspace, want_json, verbose, commands.pretrain, workspace, source, steps, not want_json)
+    run("pretrain", workspace, want_json, verbose, commands.pretrain, workspace, source, steps, bars(want_json))
 
 
 @cli.command()
@@ -259,7 +265,7 @@ def compose(estimator, workspace, want_json, verbose):
     """Register a composite of the latest shards and make it production."""
     from flows import commands
 
-    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, not want_json)
+    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json))
 
 
 @cli.command()
@@ -292,7 +298,7 @@ def revoke(owner, reason, token_stdin, token, wait, workspace, want_json, verbos
     from flows import commands
 
     run("revoke", workspace, want_json, verbose, commands.revoke, workspace, owner, reason, token, wait,
-        not want_json, token_stdin)
+        bars(want_json), token_stdin)
 
 
 @cli.command("finish-revocation", hidden=True)
@@ -363,7 +369,7 @@ def stack_up(pool, s3_endpoint, workspace, want_json, verbose):
     workspace's flows to the work pool, and print where each service is."""
     from flows import commands
 
-    run("stack up", workspace, want_json, verbose, commands.stack_up, workspace, pool, s3_endpoint, not want_json)
+    run("stack up", workspace, want_json, verbose, commands.stack_up, workspace, pool, s3_endpoint, bars(want_json))
 
 
 @stack.command("down")
