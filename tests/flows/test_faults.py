@@ -5,12 +5,14 @@ Slow (each CLI process starts Prefect, MLflow and torch): run with `make test-sl
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -146,10 +148,18 @@ def ws_faults(tmp_path_factory) -> Workspace:
 def test_unlearning_killed_inside_a_step_completes_on_rerun(ws_faults, point):
     ws, owner = ws_faults, FAULT_POINTS[point]
     assert run_cdm("compose", "--workspace", str(ws.root)).returncode == 0
-    killed = subprocess.run([*CDM, "revoke", owner, "--wait", "--workspace", str(ws.root)], capture_output=True,
-                            text=True, timeout=900, cwd=Path(__file__).resolve().parents[2],
-                            env={**os.environ, "CDM_FAULT": point})
-    assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr[-2000:])
+    # Its own process group: the Prefect API server a killed command had started is not its child any more, and
+    # would keep the pipes (and the workspace's Prefect database) open; it is killed with the group, as a crashed
+    # machine would lose it.
+    with tempfile.TemporaryFile() as err:
+        killed = subprocess.Popen([*CDM, "revoke", owner, "--wait", "--workspace", str(ws.root)], stdout=err,
+                                  stderr=err, cwd=Path(__file__).resolve().parents[2], start_new_session=True,
+                                  env={**os.environ, "CDM_FAULT": point})
+        code = killed.wait(timeout=900)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(killed.pid, signal.SIGKILL)
+        err.seek(0)
+        assert code == -signal.SIGKILL, (code, err.read()[-2000:])
     key = ws.owner_key(owner)
     c = registry.client(ws.tracking_uri())
     prod = registry.alias_version(c, registry.COMPOSITE)

@@ -218,7 +218,7 @@ def run_machine(ctx: Context, examples: int, steps: int) -> None:
 
 
 def test_no_interleaving_serves_a_revoked_owner(ctx):
-    run_machine(ctx, examples=8, steps=14)
+    run_machine(ctx, examples=30, steps=14)
 
 
 @pytest.mark.slow
