@@ -68,8 +68,9 @@ def start_server(ws_dir: Path, responses: Path) -> subprocess.Popen:
 
 
 def wait_for_exclusion(responses: Path, victim_shards: set[str], accepted: float, returned: float) -> dict:
-    """The first response of the running server that ended after the revocation was accepted and used none of the
-    victim's shards; and whether any response ending after acceptance still used one."""
+    """The first response of the running server that ended after the revocation was accepted (its marks and owner
+    record written) and used none of the victim's shards; and whether any response ending after acceptance still
+    used one."""
     deadline = time.time() + 120
     while time.time() < deadline:
         rows = [json.loads(line) for line in responses.read_text().splitlines() if line.strip()]
@@ -129,7 +130,7 @@ def main() -> None:
     live = json.loads(proc.stdout)
     request = live["request_id"]
     record = ws_dir / ".cdm" / "revocations" / f"{request}.json"
-    accepted = json.loads(record.read_text())["received_ts"]
+    accepted = json.loads(record.read_text())["accepted_ts"]
     serving = wait_for_exclusion(tmp / "responses.jsonl", victim_shards, accepted, returned)
     server.kill()
     deadline = time.time() + 1800

@@ -84,6 +84,7 @@ class Revocation(BaseModel):
     # payload, the token's sha256, is then stored by Prefect as the request's proof).
     requested_via: Literal["command", "event"] = "command"
     shards: dict[str, list[str]] | None = None  # the shard plan's shards holding the owner at acceptance (keys)
+    accepted_ts: float | None = None  # when the marks and the owner record were written (the request took effect)
     plan: Plan | None = None
     go_live: Live | None = None
     retrain: Retrained | None = None

@@ -100,6 +100,8 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
         fault_point("begin:after-record")
         save(ws, rev)
         accept(ctx, owner_key, rev.request_id)
+        rev.accepted_ts = time.time()
+        save(ws, rev)
     return rev
 
 
