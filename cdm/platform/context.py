@@ -60,10 +60,32 @@ class Context:
         """The MLflow client of this workspace's store. MLflow's fluent APIs (log_model, register_model,
         pyfunc.load_model, start_run) read only the process-wide URI: it is set here, once per command."""
         from cdm.platform import registry
-        from cdm.platform.stores import record_used
 
-        record_used(self)
+        self.record_used()
         return registry.client(self.tracking_uri)
+
+    def record_used(self) -> None:
+        """Remember the MLflow store, artifact root and Prefect API this workspace uses (`.cdm/stores.json`): a
+        revocation must reach every store the workspace ever wrote, not only the one configured today
+        (`stores.require_reachable`)."""
+        import json
+        import os
+
+        from filelock import FileLock
+
+        from cdm.platform.fileio import atomic_write
+
+        path = self.ws.used_stores_path
+        now = {"mlflow": self.tracking_uri, "artifacts": self.artifact_root,
+               "prefect": os.environ.get("PREFECT_API_URL") or str(self.ws.prefect_home)}
+        used = json.loads(path.read_text()) if path.exists() else {}
+        if all(v in used.get(k, []) for k, v in now.items()):
+            return
+        with FileLock(self.ws.state_dir / "stores.lock"):
+            used = json.loads(path.read_text()) if path.exists() else {}
+            for k, v in now.items():
+                used[k] = sorted(set(used.get(k, [])) | {v})
+            atomic_write(path, json.dumps(used, indent=2, sort_keys=True))
 
     @cached_property
     def experiment_id(self) -> str:

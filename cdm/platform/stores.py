@@ -89,29 +89,6 @@ def workspace_stores(ctx: Context, skip: list[Path] = (), prefect_db: Path | Non
     return stores
 
 
-def record_used(ctx: Context) -> None:
-    """Remember the MLflow store, artifact root and Prefect API this workspace uses (`.cdm/stores.json`): a
-    revocation must reach every store the workspace ever wrote, not only the one configured today."""
-    import json
-    import os
-
-    from filelock import FileLock
-
-    from cdm.platform.fileio import atomic_write
-
-    path = ctx.ws.state_dir / "stores.json"
-    now = {"mlflow": ctx.tracking_uri, "artifacts": ctx.artifact_root,
-           "prefect": os.environ.get("PREFECT_API_URL") or str(ctx.ws.prefect_home)}
-    used = json.loads(path.read_text()) if path.exists() else {}
-    if all(v in used.get(k, []) for k, v in now.items()):
-        return
-    with FileLock(ctx.ws.state_dir / "stores.lock"):
-        used = json.loads(path.read_text()) if path.exists() else {}
-        for k, v in now.items():
-            used[k] = sorted(set(used.get(k, [])) | {v})
-        atomic_write(path, json.dumps(used, indent=2, sort_keys=True))
-
-
 def require_reachable(ctx: Context) -> None:
     """Refuse (WorkspaceError, exit 2) while a store this workspace used is unreachable: its stack configured but
     down, an MLflow server that does not answer, a DVC remote that cannot be listed. A revocation checked against
@@ -127,7 +104,7 @@ def require_reachable(ctx: Context) -> None:
     if ctx.stack is None and Stack.read(ws) is not None and (stack_dir(ws) / "pg").exists():
         raise WorkspaceError("this workspace's stack (PostgreSQL, MLflow and Prefect servers) is down: run "
                              "`cdm stack up` first; a revocation must reach the stores it wrote")
-    path = ws.state_dir / "stores.json"
+    path = ws.used_stores_path
     used = json.loads(path.read_text()) if path.exists() else {}
     for uri in sorted(set(used.get("mlflow", [])) | {ctx.tracking_uri}):
         if uri.startswith("http"):

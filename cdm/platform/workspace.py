@@ -74,6 +74,7 @@ class Workspace:
     reports_dir = property(lambda self: self.state_dir / "reports")
     logs_dir = property(lambda self: self.state_dir / "logs")
     prefect_home = property(lambda self: self.state_dir / "prefect")
+    used_stores_path = property(lambda self: self.state_dir / "stores.json")  # every store ever used (Context)
     tmp_dir = property(lambda self: self.state_dir / "tmp")  # downloads of models while in use (removed after)
 
     def owner_dir(self, owner: str) -> Path:

@@ -42,7 +42,7 @@ def test_a_revocation_refuses_while_a_tracking_server_it_used_does_not_answer(ct
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    path = ctx.ws.state_dir / "stores.json"
+    path = ctx.ws.used_stores_path
     used = json.loads(path.read_text())
     used["mlflow"].append(f"http://127.0.0.1:{port}")
     path.write_text(json.dumps(used))
