@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from cdm.config import model_config
-from cdm.platform import registry
+from cdm.platform import gate, registry
 from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
 from cdm.platform.shards import load_plan, load_shard_data
@@ -47,8 +47,6 @@ def build_spec(ctx: Context, estimator: str, revocations: list[str] | None = Non
     """The spec of the newest servable version of every planned shard (`gate.servable`: never one that saw an
     owner under revocation). Refuses when a planned shard was never trained; a shard whose every version saw a
     revoked owner (it is being retrained without them) is left out and listed under `"left_out"`."""
-    from cdm.platform import gate
-
     shards, left_out = [], []
     for sid in sorted(load_plan(ctx.ws)):
         name = registry.SHARD_PREFIX + sid
@@ -75,8 +73,6 @@ def spec_without(spec: dict, drop: set[str], estimator: str, revocations: list[s
 def spec_with_shards(ctx: Context, spec: dict, updated: list[str], estimator: str, revocations: list[str]) -> dict:
     """`spec` with the newest servable versions of the shards in `updated` (retrained after a revocation), added
     when `spec` does not hold them (going live dropped them)."""
-    from cdm.platform import gate
-
     fresh = {sid: _shard_entry(sid, mv) for sid in updated
              if (mv := gate.servable(ctx, registry.SHARD_PREFIX + sid)) is not None}
     shards = [fresh.pop(s["id"], s) for s in spec["shards"]] + [fresh[sid] for sid in sorted(fresh)]
@@ -113,13 +109,14 @@ def version_tags(spec: dict) -> dict[str, str]:
     }
 
 
-def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected: object = "any") -> dict:
+def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected: object = gate.ANY) -> dict:
     """Log and register a composite version for `spec` and make it `production` through `gate.promote` (a
-    compare-and-set against `expected` — a version, or None for "no production" — unless it is "any"; see there); log a sample grid (`grid`). A version the gate
-    refuses is deleted with its run before the refusal is raised: nothing unservable is left registered."""
+    compare-and-set against `expected`: a version, or None for "no production"; `gate.ANY` moves it from whatever
+    it is); log a sample grid (`grid`). A version the gate refuses is deleted with its run before the refusal is
+    raised: nothing unservable is left registered."""
     import mlflow
 
-    from cdm.platform import cleanup, gate
+    from cdm.platform import cleanup
 
     c = ctx.client
     with registry.start_run(ctx.experiment_id, "compose", {"cdm.kind": "composite"}) as run, \
@@ -136,7 +133,7 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
                     "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
             metrics=None, files=[], version_tags=tags)
         try:
-            gate.promote(ctx, logged.version, gate.ANY if expected == "any" else expected)
+            gate.promote(ctx, logged.version, expected)
         except (gate.Refused, gate.ProductionMoved):
             mlflow.end_run("KILLED")
             cleanup.purge(c, ctx.backend, [(registry.COMPOSITE, logged.version)], [])
