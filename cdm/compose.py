@@ -89,7 +89,7 @@ class ShardStack(torch.nn.Module):
     def stacked(self, index: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """(parameters, buffers) of the selected shards, each {name: [n, *shape]}. The last selection's are kept,
         so the steps of a trajectory (whose selection rarely changes) slice them once."""
-        key = (None if index is None else tuple(index.tolist()), self.p0.device)
+        key = (None if index is None else tuple(index.tolist()), self.p0.device, self.p0.dtype)
         if self._selected is None or self._selected[0] != key:
             params = {k: getattr(self, f"p{i}") for i, k in enumerate(self.names_p)}
             buffers = {k: getattr(self, f"b{i}") for i, k in enumerate(self.names_b)}
@@ -164,7 +164,9 @@ class CompositeDenoiser(torch.nn.Module):
             raise ValueError("the router estimator needs a trained router")
         if evaluation not in EVALUATIONS:
             raise ValueError(f"unknown evaluation {evaluation!r}; choose one of {EVALUATIONS}")
-        if any(getattr(s, "guidance_scale", 0.0) for s in (shards if isinstance(shards, (list, tuple)) else [])):
+        # Every member one by one where the shards can be indexed (a list, a ShardSet); a stack's UNets carry none.
+        members = [shards[i] for i in range(n)] if hasattr(shards, "__getitem__") else []
+        if any(getattr(s, "guidance_scale", 0.0) for s in members):
             # Each shard would subtract its own unconditional prediction, not the mixture's (whose weights are
             # p(i | x_t) without y): the guided composite would be no composition of anything.
             raise ValueError("classifier-free guidance inside a composite's shards is not supported; "
@@ -193,6 +195,12 @@ class CompositeDenoiser(torch.nn.Module):
         self.threshold, self.evaluation, self.router, self.generator = threshold, evaluation, router, generator
         self.grouped_rows = grouped_rows
         self.reset()
+
+    @property
+    def pointwise(self) -> bool:
+        """Whether eps is a function of (x_t, t, y) alone (`average`, `router`): what a likelihood bound or a
+        membership score may evaluate. `path` weights follow the trajectory, `prior` draws a shard per sample."""
+        return self.estimator in ("average", "router")
 
     def reset(self) -> None:
         """Start a new trajectory: clears path weights, the prior's draw and the trace."""
@@ -374,9 +382,10 @@ def train_router(data: Dataset, shard_of: torch.Tensor, n_shards: int, num_class
     schedule = schedule or NoiseSchedule()
     noise = train_scheduler(schedule)
     g = torch.Generator().manual_seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
-    router = Router(n_shards, data.x.shape[1], num_classes, cfg.width, schedule.num_train_timesteps,
-                    trained_on=sorted(shard_of.unique().tolist()))
+    with torch.random.fork_rng(devices=[]):  # the router's initial weights from its seed; the caller's RNG untouched
+        torch.manual_seed(cfg.seed)
+        router = Router(n_shards, data.x.shape[1], num_classes, cfg.width, schedule.num_train_timesteps,
+                        trained_on=sorted(shard_of.unique().tolist()))
     opt = torch.optim.AdamW(router.parameters(), lr=cfg.lr)
     losses = []
     for _ in tqdm(range(cfg.steps), desc="router", disable=not progress, leave=False):

@@ -191,17 +191,24 @@ def partition(labels: np.ndarray, n_owners: int, kind: PartitionName = "iid", se
     raise ValueError(f"unknown partition {kind!r}; choose 'iid' or 'by-class'")
 
 
-def write_class_folders(images: np.ndarray, labels: np.ndarray, root: str | Path) -> list[Path]:
-    """Write uint8 images [N, H, W] as `<root>/<label>/<sha256[:16]>.png`. Returns the files written."""
-    from PIL import Image
+def png_bytes(image: np.ndarray) -> bytes:
+    """A uint8 image [H, W] as the PNG file cdm writes for it. A sample's content id is the sha256 of its file
+    (`sha256_bytes`): the same id whether it comes from a folder, a manifest or a bundled array."""
     from io import BytesIO
 
+    from PIL import Image
+
+    buf = BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_class_folders(images: np.ndarray, labels: np.ndarray, root: str | Path) -> list[Path]:
+    """Write uint8 images [N, H, W] as `<root>/<label>/<sha256[:16]>.png`. Returns the files written."""
     root = Path(root)
     files = []
     for image, label in zip(images, labels):
-        buf = BytesIO()
-        Image.fromarray(image).save(buf, format="PNG")
-        data = buf.getvalue()
+        data = png_bytes(image)
         path = root / str(int(label)) / f"{sha256_bytes(data)[:16]}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
@@ -231,10 +238,11 @@ def write_demo_owners(
 
 
 def digits_dataset(index: np.ndarray | None = None) -> Dataset:
-    """The bundled digits (optionally a subset) as a `Dataset` in [-1, 1], 1x8x8, ids from the PNG bytes' hash."""
+    """The bundled digits (optionally a subset) as a `Dataset` in [-1, 1], 1x8x8; ids are the content ids of the
+    PNG files `write_class_folders` writes for them (`png_bytes`), as a workspace's manifests record them."""
     images, labels = digits_uint8()
     if index is not None:
         images, labels = images[index], labels[index]
     x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
-    ids = [sha256_bytes(img.tobytes()) for img in images]
+    ids = [sha256_bytes(png_bytes(img)) for img in images]
     return Dataset(x, torch.from_numpy(labels), ids)

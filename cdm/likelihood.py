@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cdm.model import Denoiser
+from cdm.model import Denoiser, require_pointwise
 from cdm.schedulers import NoiseSchedule, sampling_scheduler, transition
 
 BINS = 256  # the data are 8-bit images scaled to [-1, 1]
@@ -62,6 +62,7 @@ def discretized_gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: floa
 def elbo(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, schedule: NoiseSchedule | None = None,
          cfg: BoundConfig | None = None) -> torch.Tensor:
     """Per-sample evidence lower bound log p(x | y) >= ELBO, in nats. x0 [B, C, H, W] in [-1, 1] -> [B] float64."""
+    require_pointwise(denoiser, "elbo()")
     cfg = cfg or BoundConfig()
     sched = sampling_scheduler(schedule or NoiseSchedule(), "ddpm")
     sched.set_timesteps(cfg.steps)

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from cdm.data import Dataset
-from cdm.model import Denoiser
+from cdm.model import Denoiser, require_pointwise
 
 
 class FeatureNet(torch.nn.Module):
@@ -154,6 +154,7 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, a
                    timesteps: tuple[int, ...] = (50, 100, 200, 300, 400), repeats: int = 4,
                    seed: int = 0) -> torch.Tensor:
     """Per-sample denoising loss (mean squared error of the predicted noise) over fixed timesteps. -> [N]."""
+    require_pointwise(denoiser, "denoising_loss()")
     g = torch.Generator().manual_seed(seed)
     total = torch.zeros(len(x0), dtype=torch.float64)
     for t_val in timesteps:

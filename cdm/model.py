@@ -150,6 +150,15 @@ class UNetDenoiser(torch.nn.Module):
         return torch.where((labels == self.null_label).view(-1, 1, 1, 1), cond, guided)
 
 
+def require_pointwise(denoiser, what: str) -> None:
+    """`what` scores eps(x_t, t, y) one noised image at a time. A composite whose weights follow the trajectory
+    (`path`) or a draw per sample (`prior`) has no such function: its likelihood is the mixture of its shards'
+    (`likelihood.mixture_elbo`), scored shard by shard."""
+    if not getattr(denoiser, "pointwise", True):
+        raise ValueError(f"{what} needs a denoiser that is a function of (x_t, t, y); a {denoiser.estimator!r} "
+                         "composite is not: score each shard and combine them with mixture_elbo")
+
+
 def save_unet(unet, path: str | Path) -> Path:
     """Save in diffusers format (config.json + safetensors weights). Returns the folder."""
     path = Path(path)
@@ -158,13 +167,24 @@ def save_unet(unet, path: str | Path) -> Path:
 
 
 def load_unet(path: str | Path):
-    """Load a UNet saved by `save_unet` from a local folder; safetensors only, never pickle."""
+    """Load a UNet saved by `save_unet` from a local folder; safetensors only, never pickle.
+
+    Built from its `config.json` and filled with `load_state_dict(strict=True)` — not `from_pretrained`, which
+    builds the model inside diffusers' `no_init_weights` and accelerate's `init_empty_weights`: both patch torch
+    for the whole process, so a UNet built at the same moment on another thread (shards train on threads) came
+    out with uninitialised or meta-device weights ("Cannot copy out of meta tensor")."""
+    import json
+
     from diffusers import UNet2DModel
+    from safetensors.torch import load_file
 
     path = Path(path)
-    if not (path / "diffusion_pytorch_model.safetensors").is_file():
+    weights = path / "diffusion_pytorch_model.safetensors"
+    if not weights.is_file():
         raise FileNotFoundError(f"no safetensors weights in {path}")
-    return UNet2DModel.from_pretrained(path, use_safetensors=True, local_files_only=True)
+    unet = UNet2DModel.from_config(json.loads((path / "config.json").read_text()))
+    unet.load_state_dict(load_file(weights), strict=True)
+    return unet
 
 
 def model_config_of(unet) -> ModelConfig:

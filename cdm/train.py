@@ -19,6 +19,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from cdm.adapters import AdapterConfig, adapter_state, attach, trainable
 from cdm.data import Dataset
 from cdm.model import ModelConfig, build_unet
 from cdm.safetensors_io import load_tree, save_tree, state_sha256
@@ -45,10 +46,16 @@ class TrainConfig:
     # data that belongs to no owner, so forgetting an owner never touches it. None: random initialization.
     init_sha256: str | None = None
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    # A LoRA adapter on the frozen initialization instead of a full fine-tune (needs `init_sha256`); None: every
+    # weight trains.
+    adapter: AdapterConfig | None = None
 
     def config_hash(self, model: ModelConfig, schedule: NoiseSchedule) -> str:
         """Hash of everything that determines the weights besides the data."""
-        blob = json.dumps({"train": asdict(self), "model": json.loads(model.to_json()), "schedule": asdict(schedule)},
+        train = asdict(self)
+        if train["adapter"] is None:  # full fine-tunes keep the hashes (and checkpoints) they had before adapters
+            del train["adapter"]
+        blob = json.dumps({"train": train, "model": json.loads(model.to_json()), "schedule": asdict(schedule)},
                           sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -79,6 +86,8 @@ class TrainResult:
     # best held-out loss); None without one.
     heldout_losses: list[tuple[int, float]] | None = None
     best_step: int | None = None
+    # A LoRA compartment: the adapter's weights alone (what is registered); `unet` is the base with it merged.
+    adapter: dict[str, torch.Tensor] | None = None
 
     def smoothed_losses(self, alpha: float = 0.05) -> list[float]:
         """The training loss as logged: the per-step batch MSE, exponentially smoothed (weight `alpha` on the new
@@ -167,6 +176,8 @@ def train_shard(
         raise ValueError("cannot train a shard on no data")
     if (init_state is None) != (cfg.init_sha256 is None):
         raise ValueError("init_state and cfg.init_sha256 go together: give both or neither")
+    if cfg.adapter is not None and init_state is None:
+        raise ValueError("a LoRA adapter trains on a shared initialization: give init_state and cfg.init_sha256")
     if init_state is not None and state_sha256(init_state) != cfg.init_sha256:
         raise ValueError(f"init_state hash {state_sha256(init_state)[:12]} != cfg.init_sha256 {cfg.init_sha256[:12]}")
     if plateau is not None and (validation is None or len(validation) == 0):
@@ -193,7 +204,11 @@ def train_shard(
     unet = build_unet(model_cfg, seed=cfg.seed)  # its own generator: shards trained on threads do not race
     if init_state is not None:
         unet.load_state_dict(init_state)
-    optimizer = torch.optim.AdamW(unet.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if cfg.adapter is not None:
+        with torch.random.fork_rng(devices=[]):  # the adapter's initial A from the seed, the caller's RNG untouched
+            torch.manual_seed(cfg.seed)
+            unet = attach(unet, cfg.adapter)  # the base frozen; only the adapter's weights train
+    optimizer = torch.optim.AdamW(trainable(unet), lr=cfg.lr, weight_decay=cfg.weight_decay)
     losses: list[float] = []
     ema_state = None
 
@@ -215,7 +230,7 @@ def train_shard(
 
     unet, optimizer = accelerator.prepare(unet, optimizer)
     device = accelerator.device
-    ema = EMAModel(accelerator.unwrap_model(unet).parameters(), decay=cfg.ema_decay) if cfg.ema_decay else None
+    ema = EMAModel(trainable(accelerator.unwrap_model(unet)), decay=cfg.ema_decay) if cfg.ema_decay else None
     if ema is not None and ema_state is not None:
         ema.load_state_dict(ema_state)
     if ema is not None:
@@ -252,7 +267,7 @@ def train_shard(
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if ema is not None:
-                ema.step(accelerator.unwrap_model(unet).parameters())
+                ema.step(trainable(accelerator.unwrap_model(unet)))
             losses.append(float(loss.detach()))
             steps_run += 1
             bar.update(1)
@@ -271,15 +286,21 @@ def train_shard(
             save_tree(state, ckpt_dir / f"{keys[k]}.safetensors")
     bar.close()
 
-    final = accelerator.unwrap_model(unet).to("cpu").float()
-    if ema is not None:
-        ema.copy_to(final.parameters())
+    model = accelerator.unwrap_model(unet)
     if judge is not None:
-        judge.stalled(accelerator.unwrap_model(unet), ema, steps_run)  # the last steps count too
+        judge.stalled(model, ema, steps_run)  # the last steps count too (scored on the device, before the move)
+    final = model.to("cpu").float()
+    if judge is not None:
         final.load_state_dict(judge.best_state)
+    elif ema is not None:
+        ema.copy_to(trainable(final))
+    adapter = None
+    if cfg.adapter is not None:
+        adapter = adapter_state(final)
+        final = final.merge_and_unload()  # a plain UNet: base + the adapter's update
     final.eval()
     return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run,
-                       judge.history if judge else None, judge.best_step if judge else None)
+                       judge.history if judge else None, judge.best_step if judge else None, adapter)
 
 
 class _HeldoutJudge:
@@ -310,7 +331,7 @@ class _HeldoutJudge:
     def stalled(self, unet: torch.nn.Module, ema, step: int) -> bool:
         if self.history and self.history[-1][0] == step:
             return True
-        params = list(unet.parameters())
+        params = trainable(unet)
         if ema is not None:
             ema.store(params)
             ema.copy_to(params)

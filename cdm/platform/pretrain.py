@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -86,7 +87,7 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
         logged = registry.log_model(
             c, run, registry.INIT, model_code="shard.py",
             artifacts={"unet": str(unet_dir), "meta": str(meta)},
-            params={"samples": len(data), "model": cfg.to_json(), "train": json.dumps(tcfg.__dict__),
+            params={"samples": len(data), "model": cfg.to_json(), "train": json.dumps(asdict(tcfg)),
                     "source": source},
             metrics={"train_loss": result.smoothed_losses()}, files=[grid, manifest], version_tags=tags,
             summary={"train_seconds": result.seconds})

@@ -12,7 +12,7 @@ import contextlib
 import hashlib
 import json
 import subprocess
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -245,7 +245,7 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
             logged = registry.log_model(
                 c, run, name, model_code="shard.py", artifacts={"unet": str(unet_dir), "meta": str(meta)},
                 params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
-                        "train": json.dumps(tcfg.__dict__), "config_hash": chash},
+                        "train": json.dumps(asdict(tcfg)), "config_hash": chash},
                 metrics={"train_loss": result.smoothed_losses()}, files=[grid], version_tags=tags,
                 summary={"train_seconds": result.seconds}, admit=lambda: _admit(ctx, keys, run.info.run_id))
     return logged, result

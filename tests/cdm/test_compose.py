@@ -206,6 +206,41 @@ def test_classifier_free_guidance_inside_a_composite_is_refused():
     guided = [UNetDenoiser(u, cfg.null_label, guidance_scale=2.0) for u in unets]
     with pytest.raises(ValueError, match="guidance"):
         CompositeDenoiser(guided, priors, "prior")
+    # Also when the members come in a container that is not a list (a served composite's ShardSet).
+    from cdm.platform.serving import ShardSet
+
+    with pytest.raises(ValueError, match="guidance"):
+        CompositeDenoiser(ShardSet(guided), priors, "prior", evaluation="auto")
+
+
+def test_likelihood_and_membership_scores_refuse_a_trajectory_dependent_composite():
+    """`path` weights follow the trajectory and `prior` draws a shard per sample: neither is an eps(x_t, t, y)
+    a bound or a loss may score point by point (the mixture bound scores their shards)."""
+    from cdm.likelihood import BoundConfig, elbo
+    from cdm.metrics import denoising_loss
+
+    cfg, unets = tiny_unets(2)
+    priors = class_priors(torch.tensor([[10.0] * 10, [5.0] * 10]))
+    shards = [UNetDenoiser(u, cfg.null_label) for u in unets]
+    x, y = torch.zeros(2, 1, 8, 8), torch.tensor([0, 1])
+    for estimator in ("path", "prior"):
+        comp = CompositeDenoiser(shards, priors, estimator, scheduler=sampling_scheduler(NoiseSchedule()))
+        with pytest.raises(ValueError, match="mixture_elbo"):
+            elbo(comp, x, y, cfg=BoundConfig(steps=2))
+        with pytest.raises(ValueError, match="mixture_elbo"):
+            denoising_loss(comp, x, y, torch.linspace(0.99, 0.01, 1000), timesteps=(10,), repeats=1)
+    average = CompositeDenoiser(shards, priors, "average")
+    assert elbo(average, x, y, cfg=BoundConfig(steps=2)).shape == (2,)  # a pointwise composite is scored
+
+
+def test_training_a_router_leaves_the_callers_random_state_alone():
+    x = torch.randn(40, 1, 2, 2)
+    data = Dataset(x, torch.randint(0, 2, (40,)), [str(k) for k in range(40)])
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    train_router(data, torch.arange(40) % 2, 2, num_classes=2, cfg=RouterConfig(steps=2, width=4, seed=7))
+    assert torch.equal(torch.rand(3), expected)
 
 
 def test_a_router_is_refused_for_a_subset_it_was_not_trained_on():
@@ -271,9 +306,13 @@ def test_auto_evaluation_groups_small_steps_and_loops_large_ones():
 
     x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 500)
     labels = torch.full((6,), 10)
-    CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=6)(x, t, labels)
+    comp = CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=6)
+    calls.update(grouped=0, single=0)  # construction looks at each member (guidance): count the evaluation only
+    comp(x, t, labels)
     assert calls == {"grouped": 1, "single": 0}
-    CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=5)(x, t, labels)
+    comp = CompositeDenoiser(Both(), priors, "average", evaluation="auto", grouped_rows=5)
+    calls.update(grouped=1, single=0)
+    comp(x, t, labels)
     assert calls == {"grouped": 1, "single": 3}
     with pytest.raises(ValueError, match="one by one"):
         CompositeDenoiser(GroupedUNet(unets), priors, "average", evaluation="auto")

@@ -43,3 +43,29 @@ def test_guidance_changes_conditioned_rows_only():
         a, b = plain(x, t, y), guided(x, t, y)
     assert torch.allclose(a[1], b[1], atol=1e-6)
     assert not torch.allclose(a[0], b[0], atol=1e-4)
+
+
+def test_loading_a_unet_never_changes_how_another_thread_builds_one(tmp_path):
+    """Shards train on threads while others load their initialization: a load must not patch torch for the whole
+    process (diffusers' `from_pretrained` does, and a UNet built meanwhile came out on the meta device)."""
+    import threading
+
+    cfg = ModelConfig.preset("tiny")
+    path = save_unet(build_unet(cfg, seed=0), tmp_path / "init")
+    reference = build_unet(cfg, seed=1).state_dict()
+    stop, bad = threading.Event(), []
+
+    def load_repeatedly():
+        while not stop.is_set():
+            load_unet(path)
+
+    loader = threading.Thread(target=load_repeatedly)
+    loader.start()
+    try:
+        for _ in range(40):
+            built = build_unet(cfg, seed=1).state_dict()
+            bad += [k for k, v in built.items() if v.is_meta or not torch.equal(v, reference[k])]
+    finally:
+        stop.set()
+        loader.join()
+    assert not bad, f"a UNet built during a load came out wrong: {sorted(set(bad))[:3]}"

@@ -62,6 +62,12 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
     manifest = json.loads(Path(mlflow.artifacts.download_artifacts(run_id=init.run_id,
                                                                    artifact_path="public_manifest.json")).read_text())
     assert len(manifest) == n_public and {m["label"] for m in manifest} <= set(range(10))
+    # The evaluation's "unseen" data leaves out every public image the initialization was trained on.
+    from cdm.platform.evaluate import heldout, unseen
+
+    left = unseen(Context.load(ws.root))
+    assert not set(left.ids) & {m["sha256"] for m in manifest}
+    assert len(left) <= len(heldout(p)) - n_public
 
     result = run_training(Context.load(ws.root))
     (sid, shard), = result["shards"].items()
