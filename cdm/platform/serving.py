@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 from mlflow.pyfunc import PythonModel
 
-from cdm.platform.weights import UNET_ARTIFACT, load_verified_unet
+from cdm.platform.weights import load_compartment
 
 
 class LazyShard:
@@ -202,16 +202,20 @@ def _fetch_shard(shard: dict):
     from cdm.platform.registry import model_files
 
     # Into a temporary folder removed once the weights are in memory (no copy outlives the load).
-    with model_files(MlflowClient(), shard["model"], shard["version"], None) as files:
-        return load_verified_unet(files / UNET_ARTIFACT, shard["weights_sha256"])
+    c = MlflowClient()
+    with model_files(c, shard["model"], shard["version"], None) as files:
+        return load_compartment(c, files, shard["weights_sha256"])
 
 
 class ShardModel(PythonModel):
     """One shard served alone: `predict({"n", "label", "seed"})` -> images."""
 
     def load_context(self, context):
+        from mlflow import MlflowClient
+
         meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        self.unet = load_verified_unet(context.artifacts[UNET_ARTIFACT], meta.get("weights_sha256"))
+        self.unet = load_compartment(MlflowClient(), Path(context.artifacts["meta"]).parent,
+                                     meta.get("weights_sha256")).eval()
         self.meta = meta
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> dict:
@@ -291,5 +295,10 @@ class CompositeModel(PythonModel):
 
     @property
     def unets(self) -> list:
-        """Every component UNet (loads those not loaded yet): for evaluation, which uses them all."""
+        """Every component UNet (loads those not loaded yet): for evaluation, which uses them all. Refused while a
+        component is revoked: its weights are not used again, for samples or for figures."""
+        revoked = self._revoked()
+        if revoked:
+            raise PermissionError(f"{len(revoked)} component(s) of this composite were revoked; production moves "
+                                  "to a composite without them once the revocation goes live (`cdm status`)")
         return [s.denoiser().unet for s in self.shards]

@@ -181,7 +181,8 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
     shard = load_shard_data(ws, owners, ctx.params)
     init = shared_init(ctx)
     cfg = model_config(ctx.params)
-    tcfg = train_config(ctx.params, steps, None if checkpoints else 1, init["sha256"] if init else None)
+    tcfg = train_config(ctx.params, steps, None if checkpoints else 1, init["sha256"] if init else None,
+                        compartment=name != registry.PARAGON)
     schedule = NoiseSchedule()
     dhash, chash = data_hash(ws, shard), tcfg.config_hash(cfg, schedule)
     latest = registry.latest(c, name)
@@ -209,7 +210,6 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                    dhash: str, checkpoints: bool, progress: bool):
     """Train in an MLflow run and log the model; its version is created only if `gate.admit_owners` lets it."""
     from cdm.platform import dvc, registry
-    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
     from cdm.train import train_shard
 
     ws, c = ctx.ws, ctx.client
@@ -221,10 +221,10 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                              slice_of=owner_slices(ws, shard_id, shard, tcfg.num_slices),
                              init_state=init["state"] if init else None)
         with ws.tempdir() as tmp:
-            unet_dir = save_unet(result.unet, Path(tmp) / "unet")
-            weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
+            weights, compartment = stored_weights(result, tcfg, init, Path(tmp))
+            weights_sha = compartment["weights_sha256"]
             meta = Path(tmp) / "meta.json"
-            meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
+            meta.write_text(json.dumps({**compartment, "model_config": json.loads(cfg.to_json())}))
             grid = preview_grid(result.unet, cfg, Path(tmp) / "samples.png")
             counts = shard.data.class_counts(cfg.num_classes).tolist()
             tags = {
@@ -241,14 +241,36 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                 "cdm.weights_sha256": weights_sha,
                 "cdm.resumed_from_slice": str(result.resumed_from_slice),
                 "cdm.init": f"{registry.INIT} v{init['version']} (public data)" if init else "random",
+                "cdm.compartment": compartment["kind"],
             }
+            if result.adapter is not None:
+                tags.update({"cdm.base": f"{registry.INIT}/{init['version']}",
+                             "cdm.base_state_sha256": init["sha256"],
+                             "cdm.adapter_parameters": str(compartment["parameters"]),
+                             "cdm.adapter_bytes": str(compartment["bytes"])})
             logged = registry.log_model(
-                c, run, name, model_code="shard.py", artifacts={"unet": str(unet_dir), "meta": str(meta)},
+                c, run, name, model_code="shard.py", artifacts={weights.name: str(weights), "meta": str(meta)},
                 params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
                         "train": json.dumps(asdict(tcfg)), "config_hash": chash},
                 metrics={"train_loss": result.smoothed_losses()}, files=[grid], version_tags=tags,
                 summary={"train_seconds": result.seconds}, admit=lambda: _admit(ctx, keys, run.info.run_id))
     return logged, result
+
+
+def stored_weights(result, tcfg, init: dict | None, tmp: Path) -> tuple[Path, dict]:
+    """What a trained shard registers: the full UNet folder, or a LoRA compartment's adapter alone with the base
+    it needs. -> (folder, its record for `meta.json`: kind, weights_sha256 [, base, parameters, bytes])."""
+    from cdm.adapters import ADAPTER_WEIGHTS, save_adapter, size
+    from cdm.platform import registry
+    from cdm.platform.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT, WEIGHTS_FILE, sha256_file
+
+    if result.adapter is None:
+        folder = save_unet(result.unet, tmp / UNET_ARTIFACT)
+        return folder, {"kind": "full", "weights_sha256": sha256_file(folder / WEIGHTS_FILE)}
+    folder = save_adapter(result.adapter, tcfg.adapter, tmp / ADAPTER_ARTIFACT)
+    return folder, {"kind": "lora", "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
+                    "base": {"model": registry.INIT, "version": init["version"], "state_sha256": init["sha256"]},
+                    **size(result.adapter)}
 
 
 @contextlib.contextmanager

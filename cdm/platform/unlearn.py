@@ -385,14 +385,27 @@ def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
 
     if retrained.composite_after is None:
         return {"skipped": "nothing is served"}
-    m = evaluate(ctx)
+    try:
+        m = evaluate(ctx)
+    except PermissionError as e:  # another revocation accepted meanwhile has not gone live yet
+        return {"skipped": str(e)}
     out = {k: m[k] for k in ("fid", "fid_ci", "floor_real", "kid", "fid_ratio", "fid_ratio_ci", "memorization",
                              "composite_version", "regressions") if k in m}
     out["nll_bpd"] = m["nll"]["composite_bpd"]
     return out
 
 
-def certificate(rev: Revocation) -> dict:
+def shared_base(ctx: Context) -> dict | None:
+    """The shared initialization as it stands after the purge (None without one): trained on public data only, it
+    holds no owner's data, so a revocation deletes compartments (full shards or LoRA adapters) and never it."""
+    mv = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
+    if mv is None:
+        return None
+    return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": mv.tags.get("cdm.weights_sha256"),
+            "public_manifest_sha256": mv.tags.get("cdm.public_manifest_sha256"), "touched": False}
+
+
+def certificate(rev: Revocation, base: dict | None = None) -> dict:
     """The erasure certificate: what was received, what was deleted and retrained, and the verification."""
     return {
         "type": "cdm.erasure-certificate",
@@ -410,6 +423,7 @@ def certificate(rev: Revocation) -> dict:
         "verification": rev.verify.model_dump() if rev.verify else None,
         "forgetting": rev.forgetting_check.model_dump() if rev.forgetting_check else None,
         "evaluation": rev.reevaluate,
+        "shared_base": base,
     }
 
 
@@ -424,7 +438,7 @@ def certify(ctx: Context, rev: Revocation) -> dict:
                                  code=1)
     ws = ctx.ws
     if rev.certificate_draft is None:  # fixed before the ledger names its hash: a rerun certifies the same document
-        rev.certificate_draft = certificate(rev)
+        rev.certificate_draft = certificate(rev, shared_base(ctx))
         save(ws, rev)
     cert = dict(rev.certificate_draft)
     previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 UNET_ARTIFACT = "unet"
+ADAPTER_ARTIFACT = "adapter"  # a LoRA compartment: the adapter alone; its base is a `cdm-init` version
 WEIGHTS_FILE = "diffusion_pytorch_model.safetensors"
 
 
@@ -44,3 +46,26 @@ def load_init(c, tmp_root: Path | None = None) -> dict | None:
     if sha != mv.tags.get("cdm.state_sha256"):
         raise ValueError(f"{registry.INIT} v{mv.version}: loaded weights hash {sha[:12]} != recorded state hash")
     return {"state": state, "sha256": sha, "version": str(mv.version)}
+
+
+def load_compartment(c, files: Path, weights_sha256: str | None, tmp_root: Path | None = None):
+    """The UNet of a registered shard from its model's `artifacts/` folder: a full UNet (`unet/`), or a LoRA
+    adapter (`adapter/`) merged into the `cdm-init` version its `meta.json` names — the adapter's weights checked
+    against `weights_sha256`, the base's against its own record and the state hash the adapter was trained on."""
+    from cdm.adapters import ADAPTER_WEIGHTS, merged
+    from cdm.platform import registry
+    from cdm.safetensors_io import state_sha256
+
+    files = Path(files)
+    if not (files / ADAPTER_ARTIFACT).is_dir():
+        return load_verified_unet(files / UNET_ARTIFACT, weights_sha256)
+    adapter = files / ADAPTER_ARTIFACT
+    if weights_sha256 is not None and sha256_file(adapter / ADAPTER_WEIGHTS) != weights_sha256:
+        raise ValueError(f"{adapter}: adapter sha256 does not match the recorded {weights_sha256[:12]}…; refusing")
+    base = json.loads((files / "meta.json").read_text())["base"]
+    mv = c.get_model_version(base["model"], base["version"])
+    with registry.model_files(c, base["model"], base["version"], tmp_root) as base_files:
+        unet = load_verified_unet(base_files / UNET_ARTIFACT, mv.tags.get("cdm.weights_sha256"))
+    if state_sha256(unet.state_dict()) != base["state_sha256"]:
+        raise ValueError(f"{base['model']} v{base['version']} is not the base this adapter was trained on")
+    return merged(unet, adapter)

@@ -85,3 +85,16 @@ def test_a_bundled_digit_has_the_content_id_of_its_file(tmp_path):
     write_class_folders(images[:30], labels[:30], tmp_path / "public")
     from_files = load_folder(tmp_path / "public", 8, 1, range(10))
     assert set(from_files.ids) == set(digits_dataset(np.arange(30)).ids)
+
+
+def test_bundled_mnist_has_256_levels_and_a_disjoint_three_way_split():
+    from cdm.data import mnist_uint8, public_split
+
+    images, labels = mnist_uint8(16)
+    assert images.shape == (5000, 16, 16) and images.dtype == np.uint8 and len(np.unique(images)) > 200
+    public, owners, held = public_split(labels)
+    assert len(public) + len(owners) + len(held) == 5000
+    assert not (set(public) & set(owners) or set(public) & set(held) or set(owners) & set(held))
+    assert abs(len(public) - 1000) <= 10 and abs(len(held) - 1000) <= 10
+    for part in (public, owners, held):  # stratified: every class in every part
+        assert set(labels[part]) == set(range(10))

@@ -80,3 +80,56 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
     again = run_training(Context.load(ws.root))
     assert not again["shards"][sid]["skipped"]
     assert Params.load(ws.params_path).train.init == "public"
+
+
+def test_lora_compartments_register_adapters_alone_and_a_revocation_never_touches_the_base(
+        tmp_path, small_params, digit_owners, monkeypatch):
+    from cdm.platform.composites import load_production
+    from cdm.platform.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT
+    from flows.ingestion import ingest
+    from flows.training import pretrain
+
+    p = small_params()
+    p.train.init_steps, p.train.init, p.train.compartment, p.train.lora_rank = 30, "public", "lora", 4
+    p.train.min_shard_samples = 0
+    ws = init_workspace(tmp_path / "ws", params=p)
+    sources = digit_owners(tmp_path / "sources")
+    tokens = {o: ingest(Context.load(ws.root), o, str(sources[o]))["token"] for o in ("alice", "bob")}
+    images, labels = digits_uint8()
+    _, held = heldout_split(labels)
+    owned = {f.name for o in ("alice", "bob") for f in sources[o].rglob("*.png")}
+    public = tmp_path / "public"
+    write_class_folders(images[held[:80]], labels[held[:80]], public)
+    for f in public.rglob("*.png"):
+        if f.name in owned:
+            f.unlink()
+    base = pretrain(str(ws.root), str(public))
+    assert cli(["train", "--workspace", str(ws.root)]) == 0
+    assert cli(["compose", "--workspace", str(ws.root)]) == 0
+
+    c = registry.client(ws.tracking_uri())
+    init_before = c.get_model_version(registry.INIT, base["version"])
+    shards = {mv.name: mv for mv in registry.all_versions(c) if mv.name.startswith(registry.SHARD_PREFIX)}
+    assert len(shards) == 2 and all(mv.tags["cdm.compartment"] == "lora" for mv in shards.values())
+    for mv in shards.values():  # adapter-only artifacts that name their base
+        assert mv.tags["cdm.base"] == f"{registry.INIT}/{base['version']}"
+        with registry.model_files(c, mv.name, str(mv.version), ws.tmp_dir) as files:
+            assert (files / ADAPTER_ARTIFACT).is_dir() and not (files / UNET_ARTIFACT).exists()
+            assert sum(f.stat().st_size for f in (files / ADAPTER_ARTIFACT).rglob("*")) < int(
+                mv.tags["cdm.adapter_bytes"]) + 4096
+    with load_production(Context.load(ws.root)) as model:
+        out = model.predict({"n": 2, "seed": 0})
+    assert out["images"].shape == (2, 1, 8, 8) and len(out["shards"]) == 2
+
+    monkeypatch.setenv("CDM_OWNER_TOKEN", tokens["alice"])
+    assert cli(["revoke", "alice", "--wait", "--workspace", str(ws.root)]) == 0
+    key = ws.owner_key("alice")
+    left = [mv for mv in registry.all_versions(c) if mv.name.startswith(registry.SHARD_PREFIX)]
+    assert all(key not in json.loads(mv.tags["cdm.owner_keys"]) for mv in left) and len(left) == 1
+    init_after = c.get_model_version(registry.INIT, base["version"])  # the base is untouched
+    assert init_after.tags["cdm.weights_sha256"] == init_before.tags["cdm.weights_sha256"]
+    from cdm.platform.revocations import all_revocations
+
+    cert = all_revocations(ws)[0].certify
+    assert cert["verification"]["ok"] and cert["shared_base"]["version"] == base["version"]
+    assert cert["shared_base"]["public_manifest_sha256"] == init_before.tags["cdm.public_manifest_sha256"]
