@@ -237,12 +237,15 @@ def consent(owner, workspace, want_json, verbose):
 @cli.command()
 @click.option("--owners", help="comma-separated owners: train only their shards")
 @click.option("--paragon", is_flag=True, help="also train the paragon on all owners' data")
+@click.option("--out", help="also write the result to this JSON file (the DVC train stage's output)")
+@click.option("--curves", help="also write each shard's training loss into this folder as <shard>.csv (step, loss) for `dvc plots`")
 @common
-def train(owners, paragon, workspace, want_json, verbose):
+def train(owners, paragon, out, curves, workspace, want_json, verbose):
     """Train shards whose data or config changed (one Prefect task per shard)."""
     from flows import commands
 
-    run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, bars(want_json))
+    run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, bars(want_json), out,
+        curves)
 
 
 @cli.command()
@@ -260,12 +263,13 @@ def pretrain(source, steps, workspace, want_json, verbose):
 @cli.command()
 @click.option("--estimator", type=click.Choice(["path", "router", "prior", "average"]),
               help="composition weights (default: params.yaml compose.estimator)")
+@click.option("--out", help="also write the result to this JSON file (the DVC compose stage's output)")
 @common
-def compose(estimator, workspace, want_json, verbose):
+def compose(estimator, out, workspace, want_json, verbose):
     """Register a composite of the latest shards and make it production."""
     from flows import commands
 
-    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json))
+    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json), out)
 
 
 @cli.command()
@@ -316,12 +320,28 @@ def finish_revocation(owner_key, token_stdin, workspace, want_json, verbose):
 @cli.command()
 @click.option("--fail-on-regression", is_flag=True, help="exit 1 when a params.yaml threshold is crossed")
 @click.option("--out", help="also write the metrics to this file (e.g. metrics.json)")
+@click.option("--history", help="also add this evaluation's figures (with intervals) to a CSV, one row per "
+              "composite version (for `dvc plots`)")
+@click.option("--grid", help="also write a sample grid of production to this PNG")
 @common
-def evaluate(fail_on_regression, out, workspace, want_json, verbose):
+def evaluate(fail_on_regression, out, history, grid, workspace, want_json, verbose):
     """FID/KID, ratio to the paragon, attribution, memorization, membership AUC of revoked owners."""
     from flows import commands
 
-    run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression)
+    run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression, history,
+        grid)
+
+
+@cli.command("ci-report")
+@click.option("--base", default="main", show_default=True, help="git revision to compare the metrics with")
+@click.option("--out", help="also write the Markdown report to this file (e.g. $GITHUB_STEP_SUMMARY)")
+@common
+def ci_report(base, out, workspace, want_json, verbose):
+    """The evaluation as a CI job reports it, in Markdown: the figures with their intervals and noise floor,
+    `dvc metrics diff` against BASE, the regressions and the sample grid."""
+    from flows import commands
+
+    run("ci-report", workspace, want_json, verbose, commands.ci_report, workspace, base, out)
 
 
 @cli.command()

@@ -13,7 +13,14 @@ from tasks.evaluate import evaluate_production
 
 @flow(name="cdm-evaluate")
 def evaluate(workspace: str, out: str | None = None) -> dict:
+    """Evaluate production; the figures with their intervals stay on the flow run as a Markdown artifact."""
+    from prefect.artifacts import create_markdown_artifact
+
+    from cdm.platform.reports import evaluation_markdown
+
     metrics = evaluate_production(Context.load(workspace))
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
+    create_markdown_artifact(evaluation_markdown(metrics), key="cdm-evaluation",
+                             description=f"composite v{metrics['composite_version']}: figures with 95% intervals")
     return metrics

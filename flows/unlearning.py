@@ -53,4 +53,10 @@ def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = Non
         verification = steps.verify(ctx, rev.request_id, purged, found)
         evaluation = steps.reevaluate(ctx, rev.request_id, retrained)
         cert = steps.certify(ctx, rev.request_id, verification, evaluation)
+    from prefect.artifacts import create_markdown_artifact
+
+    from cdm.platform.reports import certificate_markdown
+
+    create_markdown_artifact(certificate_markdown(cert), key="cdm-revocation",
+                             description=f"erasure certificate {cert['request_id']} (owner key {owner_key})")
     return {**cert, "completed": True}

@@ -127,11 +127,15 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
         if spec["estimator"] == "router":
             artifacts["router"] = str(train_spec_router(ctx, spec, Path(tmp) / "router.safetensors", progress))
         tags = version_tags(spec)
+        from cdm.platform.reports import composite_description
+
+        previous = production(ctx)  # what this version changes, for the registry's description
         logged = registry.log_model(
             c, run, registry.COMPOSITE, model_code="composite.py", artifacts=artifacts,
             params={"estimator": spec["estimator"], "shards": len(spec["shards"]), "sampler": spec["sampler"],
                     "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
-            metrics=None, files=[], version_tags=tags)
+            metrics=None, files=[], version_tags=tags,
+            description=composite_description(spec, previous[1] if previous else None))
         try:
             gate.promote(ctx, logged.version, expected)
         except (gate.Refused, gate.ProductionMoved):

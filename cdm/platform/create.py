@@ -12,23 +12,67 @@ GITIGNORE = """\
 /mlflow/artifacts/
 /.cdm/
 /.dvc-storage/
-/metrics.json
 /outputs/
 """
 
 DVC_YAML = """\
-# `dvc repro` runs the evaluation of the production composite on the current data.
+# The evaluation pipeline a CI job runs (`dvc repro`): each stage is the `cdm` command a user runs, re-run only when
+# its data, params or upstream output changed. `dvc metrics diff main` compares metrics.json (tracked in git) with
+# the base branch; `dvc plots show` draws FID and NLL with their intervals per composite version, the shards'
+# training losses and production's sample grid. `cdm ci-report` writes the Markdown a CI job shows.
 stages:
-  evaluate:
-    cmd: cdm evaluate --workspace . --json --fail-on-regression --out metrics.json
+  train:
+    cmd: cdm train --workspace . --out pipeline/train.json --curves pipeline/train_loss
     deps:
       - data
+    params:
+      - train
+    outs:
+      - pipeline/train.json:
+          cache: false
+    plots:
+      - pipeline/train_loss:  # one CSV per shard: step, loss
+          cache: false
+          x: step
+          y: loss
+  compose:
+    cmd: cdm compose --workspace . --out pipeline/compose.json
+    deps:
+      - pipeline/train.json
+    params:
+      - compose
+    outs:
+      - pipeline/compose.json:
+          cache: false
+  evaluate:
+    cmd: >-
+      cdm evaluate --workspace . --fail-on-regression --out metrics.json
+      --history pipeline/evaluations.csv --grid pipeline/samples.png
+    deps:
+      - pipeline/compose.json
     params:
       - evaluate
     metrics:
       - metrics.json:
           cache: false
-    always_changed: true
+    outs:
+      - pipeline/evaluations.csv:  # one row per composite version, kept across runs
+          cache: false
+          persist: true
+      - pipeline/samples.png:
+          cache: false
+plots:
+  - fid:
+      title: FID per composite version, with its 95% interval and the real-vs-real floor
+      x: composite_version
+      y:
+        pipeline/evaluations.csv: [fid, fid_low, fid_high, floor_real]
+  - nll:
+      title: NLL bound (bits/dim) per composite version, with its 95% interval
+      x: composite_version
+      y:
+        pipeline/evaluations.csv: [nll_bpd, nll_bpd_low, nll_bpd_high]
+  - pipeline/samples.png
 """
 
 CONSUMERS_YAML = """\

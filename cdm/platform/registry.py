@@ -84,7 +84,8 @@ def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
 
 def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], params: dict,
               metrics: dict[str, list[float]] | None, files: list[str | Path], version_tags: dict[str, str],
-              summary: dict[str, float] | None = None, admit=contextlib.nullcontext) -> Logged:
+              summary: dict[str, float] | None = None, admit=contextlib.nullcontext,
+              description: str | None = None) -> Logged:
     """Into the active `run`: params, metric histories, files (e.g. sample grids), and a pyfunc model registered
     as `name` with its provenance tags (created together: a crash never leaves an untagged version). The version
     is created inside `admit()`, a context manager that may refuse it (raise) or hold a lock while it is made."""
@@ -112,7 +113,7 @@ def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], par
     ensure_registered(c, name)
     with admit():  # e.g. the workspace lock and a check that no owner of these data is under revocation
         mv = c.create_model_version(name, source=info.model_uri, run_id=run.info.run_id, model_id=info.model_id,
-                                    tags={k: str(v) for k, v in version_tags.items()})
+                                    tags={k: str(v) for k, v in version_tags.items()}, description=description)
     c.set_logged_model_tags(info.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([{"name": name,
                                                                                "version": mv.version}])})
     version = str(mv.version)

@@ -123,11 +123,15 @@ def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | 
     import logging
 
     import great_expectations as gx
-    from great_expectations.data_context.types.base import ProgressBarsConfig
+    from great_expectations.data_context.types.base import (DataContextConfig, InMemoryStoreBackendDefaults,
+                                                            ProgressBarsConfig)
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
     table = file_table(files, limits)
-    ctx = gx.get_context(mode="ephemeral")
+    # No default docs site: GX's ephemeral context would build one in a system temp folder (file names and sample
+    # hashes of a rejected batch, outside the workspace, never purged); ours lives in the workspace (`docs_dir`).
+    ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
+        store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False)))
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = ctx.data_sources.add_pandas("owner_source").add_dataframe_asset("batch")
     batch = asset.add_batch_definition_whole_dataframe("all_files")

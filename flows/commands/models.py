@@ -20,12 +20,18 @@ def _owner_keys(ctx, owners: str | None) -> list[str] | None:
     return [ctx.ws.owner_key(o) for o in names]
 
 
-def train(workspace: str, owners: str | None, paragon: bool, progress: bool):
+def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out: str | None = None,
+          curves: str | None = None):
+    from cdm.platform import pipeline_files
     from flows.training import run_training
 
     ctx = _ctx(workspace)
     keys = _owner_keys(ctx, owners)
     result = run_training(ctx, keys, paragon, progress=progress)
+    if out:
+        pipeline_files.write_json(out, result)
+    if curves:
+        pipeline_files.write_loss_curves(ctx, curves)
     lines = [f"{s}: " + ("unchanged" if r["skipped"] else f"v{r['version']} ({r['seconds']} s, final train_loss "
                                                            f"{r['final_loss']})")
              for s, r in result["shards"].items()]
@@ -34,12 +40,15 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool):
     return result, "\n".join(lines + [f"total {result['seconds']} s"])
 
 
-def compose(workspace: str, estimator: str | None, progress: bool):
+def compose(workspace: str, estimator: str | None, progress: bool, out: str | None = None):
+    from cdm.platform import pipeline_files
     from flows.composition import compose as run_compose
 
     ctx = _ctx(workspace)
     with _status("composing: registering the composite and sampling its preview grid", progress):
         result = run_compose(str(ctx.ws.root), estimator, progress)
+    if out:
+        pipeline_files.write_json(out, result)
     return result, f"cdm-composite v{result['version']} is production ({result['estimator']}, {len(result['shards'])} shards)"
 
 
@@ -94,11 +103,17 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
     return result, text
 
 
-def evaluate(workspace: str, out: str | None, fail_on_regression: bool):
+def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history: str | None = None,
+             grid: str | None = None):
+    from cdm.platform import pipeline_files
     from flows.evaluation import evaluate as run_evaluation
 
     ctx = _ctx(workspace)
     metrics = run_evaluation(str(ctx.ws.root), out)
+    if history:
+        pipeline_files.append_evaluation(history, metrics)
+    if grid:
+        sample(workspace, 20, None, None, 0, grid)
     text = evaluation_text(metrics)
     if fail_on_regression and metrics["regressions"]:
         raise CommandFailed(f"{len(metrics['regressions'])} regression(s): " + "; ".join(metrics["regressions"]),

@@ -7,6 +7,7 @@ import io
 import itertools
 import os
 import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -83,6 +84,24 @@ def test_each_bad_file_is_named_with_its_reason_and_nothing_changes(ctx, ws, tmp
     problems = e.value.report.problems
     assert any(p.file == name and reason in p.reason for p in problems), problems
     assert snapshot(ws) == before
+
+
+def test_a_rejected_batch_leaves_no_validation_report_outside_the_workspace(ctx, tmp_path, monkeypatch):
+    """great-expectations' ephemeral context builds a docs site in a system temp folder by default; the report of a
+    rejected batch names its files and sample hashes, so it must only be written inside the workspace."""
+    import tempfile
+
+    system_tmp = tmp_path / "system-tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))
+    src = tmp_path / "src"
+    (src / "3").mkdir(parents=True)
+    (src / "3" / "good.png").write_bytes(good_png(0))
+    (src / "3" / "bad name!.png").write_bytes(good_png(6))
+    with pytest.raises(IngestionRejected) as e:
+        ingest(ctx, "owner-leak", str(src))
+    assert e.value.report.docs and ctx.ws.root in Path(e.value.report.docs).parents
+    assert not [p for p in system_tmp.rglob("*") if p.is_file()], sorted(system_tmp.rglob("*"))[:5]
 
 
 def test_symlink_outside_the_source_is_refused(ctx, tmp_path):
