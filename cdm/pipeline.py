@@ -5,6 +5,8 @@ It drives any `Denoiser` — one shard, the paragon or a `CompositeDenoiser` —
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 from cdm.model import Denoiser
@@ -44,8 +46,10 @@ class CDMPipeline:
         progress: bool = False,
         device: torch.device | str = "cpu",
         clip: bool = True,
+        callback_on_step_end: Callable[[int, int], None] | None = None,
     ) -> torch.Tensor:
-        """Draw one sample per label (use the null label for unconditional samples).
+        """Draw one sample per label (use the null label for unconditional samples). `callback_on_step_end(i, t)`
+        runs after each step (as in diffusers' pipelines); raising from it abandons the trajectory.
 
         Returns:
             [B, C, H, W] images, clamped to [-1, 1] unless `clip` is False.
@@ -63,11 +67,13 @@ class CDMPipeline:
         # 3. Start from pure noise.
         x = torch.randn((len(labels), *self.image_shape), generator=generator).to(device)
         step_kwargs = {"eta": eta} if isinstance(self.scheduler, DDIMScheduler) else {}
-        for t in tqdm(self.scheduler.timesteps, desc="sampling", disable=not progress, leave=False):
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, desc="sampling", disable=not progress, leave=False)):
             t_batch = torch.full((len(labels),), int(t), dtype=torch.long, device=device)
             # 4. Predict the noise.
             eps = self.denoiser(x, t_batch, labels)
             # 5. Step to x_{t-1} (adds sigma_t z for DDPM and DDIM with eta > 0).
             x = self.scheduler.step(eps, t, x, generator=generator, **step_kwargs).prev_sample
+            if callback_on_step_end is not None:
+                callback_on_step_end(i, int(t))
         # 6. Images in [-1, 1].
         return x.clamp(-1, 1) if clip else x

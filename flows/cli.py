@@ -214,14 +214,19 @@ def demo(quick, owners, partition, out, workspace, want_json, verbose):
 @click.argument("source")
 @click.option("--license", help="license of the data (overrides owner.yaml)")
 @click.option("--cron", help="schedule of this owner's ingestion under `cdm serve` (default: daily at 03:00)")
+@click.option("--token-stdin", is_flag=True, help="read the owner's token from stdin's first line (or set "
+              "CDM_OWNER_TOKEN): needed to change an existing owner's source")
+@click.option("--operator", is_flag=True, help="change an existing owner's source without their token, as the "
+              "workspace's operator (recorded in the ledger)")
 @common
-def ingest(owner, source, license, cron, workspace, want_json, verbose):
+def ingest(owner, source, license, cron, token_stdin, operator, workspace, want_json, verbose):
     """Validate OWNER's batch from SOURCE (a folder or s3://bucket/prefix in <label>/<file>.png layout, optional
     owner.yaml) and commit it; exit 2 and no change if any file is bad. PNG only, each side between
     data.min_dimension and data.max_dimension pixels (params.yaml), converted to data.image_size."""
     from flows import commands
 
-    run("ingest", workspace, want_json, verbose, commands.ingest, workspace, owner, source, license, cron)
+    run("ingest", workspace, want_json, verbose, commands.ingest, workspace, owner, source, license, cron,
+        token_stdin, operator)
 
 
 @cli.command()

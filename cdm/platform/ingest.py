@@ -56,6 +56,12 @@ class IngestResult:
         return dict(self.__dict__)
 
 
+def absolute_source(source: str) -> str:
+    """A source as recorded: s3:// URLs as they are, folders absolute (schedules must not depend on the current
+    folder)."""
+    return source if source.startswith("s3://") else str(Path(source).expanduser().resolve())
+
+
 @contextlib.contextmanager
 def requested(ctx: Context, owner: str, source: str, license: str | None = None, cron: str | None = None):
     """Record an ingestion request in the owner record (raw id, absolute source, license, schedule) and yield the
@@ -65,8 +71,7 @@ def requested(ctx: Context, owner: str, source: str, license: str | None = None,
     if before is None:
         check_new_owner_id(owner)
     owner_records.require_consent(before, key)
-    if not source.startswith("s3://"):
-        source = str(Path(source).expanduser().resolve())  # schedules must not depend on the current folder
+    source = absolute_source(source)
     fields = {"owner": owner, "source": source, **({"license": license} if license else {}),
               **({"cron": cron} if cron else {})}
     owner_records.update(ctx.ws, key, **fields)

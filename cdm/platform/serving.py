@@ -152,7 +152,8 @@ def build_composite(spec: dict, unets: list | ShardSet, router=None, allowed_own
     return comp, sampler, subset
 
 
-def sample_composite(comp, sampler, spec: dict, labels: torch.Tensor, seed: int, progress: bool = False) -> dict:
+def sample_composite(comp, sampler, spec: dict, labels: torch.Tensor, seed: int, progress: bool = False,
+                     callback_on_step_end=None) -> dict:
     """Run the pipeline; returns images [n, C, H, W] and per-sample attribution per owner key."""
     from cdm.attribution import attribute
     from cdm.pipeline import CDMPipeline
@@ -160,7 +161,8 @@ def sample_composite(comp, sampler, spec: dict, labels: torch.Tensor, seed: int,
     cfg = spec["model_config"]
     pipe = CDMPipeline(comp, sampler, (cfg["channels"], cfg["image_size"], cfg["image_size"]))
     images = pipe(labels, spec["num_inference_steps"], eta=spec["eta"],
-                  generator=torch.Generator().manual_seed(seed), progress=progress)
+                  generator=torch.Generator().manual_seed(seed), progress=progress,
+                  callback_on_step_end=callback_on_step_end)
     weights = comp.attribution()
     owners = [s["owners"] for s in spec["shards"]]
     return {"images": images, "attribution": attribute(weights["mean"], owners),
@@ -233,6 +235,13 @@ class ShardModel(PythonModel):
 
 
 REQUEST_ATTEMPTS = 3
+# How often a request that is sampling asks the registry whether a revocation arrived (one call, ~10 ms): a
+# trajectory that uses a shard revoked meanwhile is abandoned at once rather than finished and thrown away.
+CHECK_EVERY_SECONDS = 0.25
+
+
+class _RevokedWhileSampling(Exception):
+    """A component this trajectory uses was revoked: sample again without it."""
 
 
 class CompositeModel(PythonModel):
@@ -279,11 +288,31 @@ class CompositeModel(PythonModel):
             held = {y for i in subset for y, count in enumerate(self.spec["shards"][i]["class_counts"]) if count}
             if labels[0] < self.spec["model_config"]["num_classes"] and int(labels[0]) not in held:
                 raise PermissionError(f"no shard this request may use holds label {int(labels[0])}")
-            out = sample_composite(comp, sampler, self.spec, labels, seed)
+            try:
+                out = sample_composite(comp, sampler, self.spec, labels, seed,
+                                       callback_on_step_end=self._watch_during(revoked))
+            except _RevokedWhileSampling:
+                continue
             if self._revoked() == revoked:  # nothing was revoked while it sampled (a router sees every shard)
                 return {"images": out["images"].numpy(), "attribution": out["attribution"],
                         "shards": [self.spec["shards"][i]["id"] for i in subset]}
         raise PermissionError("revocations kept arriving while this request sampled; ask again")
+
+    def _watch_during(self, revoked: set[int]):
+        """A step callback that asks the registry every CHECK_EVERY_SECONDS and abandons the trajectory when the
+        revoked set moved."""
+        import time
+
+        last = [time.monotonic()]
+
+        def check(step: int, t: int) -> None:
+            if time.monotonic() - last[0] < CHECK_EVERY_SECONDS:
+                return
+            last[0] = time.monotonic()
+            if self._revoked() != revoked:
+                raise _RevokedWhileSampling()
+
+        return check
 
     def _revoked(self) -> set[int]:
         revoked = self.watch.check()

@@ -16,7 +16,8 @@ def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: 
     return {"workspace": str(ws.root), "tracking_uri": uri}, f"workspace ready: {ws.root} (MLflow store {uri})"
 
 
-def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None):
+def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None,
+           token_stdin: bool = False, operator: bool = False):
     from cdm.platform.ingest import IngestionRejected
     from cdm.platform.sources import SourceError
     from cdm.platform.workspace import check_owner_id
@@ -24,6 +25,9 @@ def ingest(workspace: str, owner: str, source: str, license: str | None, cron: s
 
     check_owner_id(owner)
     ctx = _ctx(workspace)
+    from flows.commands.revocation import read_token
+
+    changed_by = _source_change(ctx, owner, source, read_token(None, token_stdin), operator)
     try:
         result = run_ingestion(ctx, owner, source, license, cron)
     except IngestionRejected as e:
@@ -31,11 +35,37 @@ def ingest(workspace: str, owner: str, source: str, license: str | None, cron: s
                             result={"owner": owner, "rejected": e.report.as_dict()}) from None
     except SourceError as e:
         raise WorkspaceError(f"{source}: {e}") from None
+    if changed_by:  # recorded once the batch from the new source is in (a refused batch changes nothing)
+        from cdm.platform import ledger, registry
+        from cdm.platform.workspace import now
+
+        _, head = ledger.record(ctx.ws, {"event": "source-changed", "owner_key": result["owner_key"],
+                                         "by": changed_by, "received": now()})
+        registry.anchor_ledger(ctx.client, head)
+        result["source_changed_by"] = changed_by
     text = (f"ingested {result['added']} new samples for {owner} ({result['total']} in all; owner key "
             f"{result['owner_key']}); data {result['data_hash']}")
     if result.get("token"):
         text += f"\nowner token (shown once; proves `cdm revoke {owner} --token ...`): {result['token']}"
     return result, text
+
+
+def _source_change(ctx, owner: str, source: str, token: str | None, operator: bool) -> str | None:
+    """Who changes an existing owner's recorded source: the owner (their token) or an operator who says so
+    (`--operator`, written in the ledger); anyone else is refused — whoever could re-point a source could feed the
+    workspace data in the owner's name. None when the source is new or unchanged."""
+    from cdm.platform import owner_records
+    from cdm.platform.ingest import absolute_source
+
+    _, rec = owner_records.record_of(ctx.ws, owner)
+    if rec is None or not rec.source or rec.source == absolute_source(source):
+        return None
+    if token:
+        return owner_records.authorize(ctx.ws, owner, token)  # PermissionError (exit 2) for another's token
+    if operator:
+        return "operator"
+    raise PermissionError(f"{owner!r} already ingests from another source; changing it needs the owner's token "
+                          "(--token-stdin or CDM_OWNER_TOKEN) or --operator (recorded in the ledger)")
 
 
 def consent(workspace: str, owner: str):

@@ -18,6 +18,11 @@ def test_params_round_trip_and_clear_errors(tmp_path):
         Params.load(p)
     with pytest.raises(ConfigError, match="not found"):
         Params.load(tmp_path / "missing.yaml")
+    p.write_text("train:\n  compartment: lora\n")  # an adapter needs the shared base to adapt
+    with pytest.raises(ConfigError, match="train.init: public"):
+        Params.load(p)
+    p.write_text("train:\n  compartment: lora\n  init: public\n  lora_rank: 4\n")
+    assert Params.load(p).train.lora_rank == 4
 
 
 def test_consumers_policy(tmp_path):

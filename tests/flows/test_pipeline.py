@@ -485,3 +485,30 @@ def test_a_new_consent_lets_a_revoked_owner_in_again(story, capsys):
     capsys.readouterr()
     assert cli(["status", "--workspace", str(ws.root), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ledger"]["entries"] == 2
+
+
+def test_changing_an_owners_source_needs_their_token_or_the_operator(story, capsys, monkeypatch, tmp_path):
+    """Whoever re-points an owner's source feeds the workspace data in their name: the owner's token or an operator
+    who says so (in the ledger); a refusal changes nothing."""
+    ws = story["ws"]
+    key = ws.owner_key("bob")
+    recorded = owner_records.record(ws, key).source
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(story["sources"]["bob"], elsewhere)
+    entries = len(ledger.read(ws.ledger_path))
+    monkeypatch.delenv("CDM_OWNER_TOKEN", raising=False)
+    capsys.readouterr()
+    assert cli(["ingest", "bob", str(elsewhere), "--workspace", str(ws.root)]) == 2
+    assert "needs the owner's token" in capsys.readouterr().err
+    monkeypatch.setenv("CDM_OWNER_TOKEN", story["ingest"]["alice"]["token"])  # another owner's token
+    assert cli(["ingest", "bob", str(elsewhere), "--workspace", str(ws.root)]) == 2
+    assert owner_records.record(ws, key).source == recorded and len(ledger.read(ws.ledger_path)) == entries
+    monkeypatch.setenv("CDM_OWNER_TOKEN", story["ingest"]["bob"]["token"])
+    assert cli(["ingest", "bob", str(elsewhere), "--workspace", str(ws.root)]) == 0
+    assert owner_records.record(ws, key).source == str(elsewhere.resolve())
+    monkeypatch.delenv("CDM_OWNER_TOKEN")
+    assert cli(["ingest", "bob", recorded, "--operator", "--workspace", str(ws.root)]) == 0  # and back
+    assert owner_records.record(ws, key).source == recorded
+    changes = [e for e in ledger.read(ws.ledger_path)[entries:] if e["event"] == "source-changed"]
+    assert [(e["owner_key"], e["by"]) for e in changes] == [(key, "owner"), (key, "operator")]
+    assert "bob" not in json.dumps(changes)

@@ -66,3 +66,42 @@ def test_a_served_composite_loads_only_the_shards_a_request_uses(evaluation):
     again = build_composite(spec, shards, allowed_owner_keys=["c"], evaluation=evaluation)
     sample_composite(*again[:2], spec, torch.full((2,), 10), 0)
     assert loads == before  # kept, not loaded again
+
+
+def test_a_request_abandons_its_trajectory_as_soon_as_a_shard_it_uses_is_revoked(monkeypatch):
+    """A revocation accepted while a request samples is seen within the request (the registry is asked every
+    CHECK_EVERY_SECONDS), not after the trajectory: the request starts again without the shard and answers with
+    the others only."""
+    from cdm.platform import serving
+
+    cfg = ModelConfig.preset("tiny")
+    torch.manual_seed(0)
+    unets = [build_unet(cfg).eval() for _ in range(2)]
+    steps: list[int] = []
+
+    class Counting(serving.ShardSet):  # counts the network calls (one per step: the shards' grouped network)
+        def __call__(self, *args, **kwargs):
+            steps.append(1)
+            return super().__call__(*args, **kwargs)
+
+    class Watch:  # the registry's answer: shard 0 revoked from the second look on
+        looks = 0
+
+        def check(self):
+            Watch.looks += 1
+            return {0} if Watch.looks > 1 else set()
+
+    model = serving.CompositeModel()
+    model.spec = {"shards": [{"id": f"s{i}", "owners": {k: 5}, "class_counts": [1] * 10} for i, k in enumerate("ab")],
+                  "model_config": json.loads(cfg.to_json()), "sampler": "ddpm", "estimator": "average",
+                  "eta": 1.0, "num_inference_steps": 50, "threshold": 0.0}
+    model.watch, model._dropped, model.router = Watch(), set(), None
+    model.shards = Counting([serving.LazyShard(lambda u=u: u, cfg.null_label) for u in unets])
+    monkeypatch.setattr(serving, "CHECK_EVERY_SECONDS", 0.0)
+    out = model.predict(None, {"n": 2, "seed": 0})
+    assert out["shards"] == ["s1"] and out["images"].shape == (2, 1, 8, 8)
+    # The first trajectory stopped after its first step (checked then), the second ran its 50 steps: 51 network
+    # calls, not the 100 of a request that finishes a trajectory before looking.
+    assert len(steps) == 1 + 50, len(steps)
+    with pytest.raises(PermissionError):
+        model.shards[0].denoiser()  # the revoked shard's weights are gone from this process
