@@ -43,9 +43,12 @@ def cdm(*args: str, timeout: float = 1800) -> tuple[subprocess.CompletedProcess,
 
 
 # A serving process as a team runs one: the registered pyfunc loaded once, then requests answered in a loop; each
-# response is stamped (end time) with the shards it used.
+# response is stamped (end time) with the shards it used. One torch thread: on this 2-core machine the other core
+# runs the revocation, and two OpenMP threads sharing a busy core make every denoising step wait for the slower one
+# (a 0.1 s request took 3.5 s while the revocation's background process started).
 SERVER = """
-import json, sys, time, mlflow
+import json, sys, time, mlflow, torch
+torch.set_num_threads(1)
 model = mlflow.pyfunc.load_model("models:/cdm-composite@production")
 watch = model.unwrap_python_model().watch
 out = open(sys.argv[1], "a")

@@ -269,12 +269,30 @@ def pretrain(source, steps, workspace, want_json, verbose):
 @click.option("--estimator", type=click.Choice(["path", "router", "prior", "average"]),
               help="composition weights (default: params.yaml compose.estimator)")
 @click.option("--out", help="also write the result to this JSON file (the DVC compose stage's output)")
+@click.option("--candidate", is_flag=True, help="register it as `candidate` (not served) for an evaluation to "
+              "decide: `cdm evaluate --candidate`, then `cdm promote --candidate`")
 @common
-def compose(estimator, out, workspace, want_json, verbose):
+def compose(estimator, out, candidate, workspace, want_json, verbose):
     """Register a composite of the latest shards and make it production."""
     from flows import commands
 
-    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json), out)
+    run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json), out,
+        candidate)
+
+
+@cli.command()
+@click.option("--candidate", "candidate", is_flag=True, required=True,
+              help="promote the `candidate` composite (the only kind of promotion there is)")
+@click.option("--metrics", default="metrics.json", show_default=True,
+              help="its evaluation: it must be of the candidate's version and have passed")
+@common
+def promote(candidate, metrics, workspace, want_json, verbose):
+    """Make the candidate composite production, once its evaluation passed (the CI job's last step on the
+    default branch). A compare-and-set through the serving gate: refused if production moved meanwhile or the
+    candidate saw an owner under revocation."""
+    from flows import commands
+
+    run("promote", workspace, want_json, verbose, commands.promote, workspace, metrics)
 
 
 @cli.command()
@@ -327,14 +345,15 @@ def finish_revocation(owner_key, token_stdin, workspace, want_json, verbose):
 @click.option("--out", help="also write the metrics to this file (e.g. metrics.json)")
 @click.option("--history", help="also add this evaluation's figures (with intervals) to a CSV, one row per "
               "composite version (for `dvc plots`)")
-@click.option("--grid", help="also write a sample grid of production to this PNG")
+@click.option("--grid", help="also write a sample grid of the evaluated composite to this PNG")
+@click.option("--candidate", is_flag=True, help="evaluate the `candidate` composite instead of production")
 @common
-def evaluate(fail_on_regression, out, history, grid, workspace, want_json, verbose):
+def evaluate(fail_on_regression, out, history, grid, candidate, workspace, want_json, verbose):
     """FID/KID, ratio to the paragon, attribution, memorization, membership AUC of revoked owners."""
     from flows import commands
 
     run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression, history,
-        grid)
+        grid, candidate)
 
 
 @cli.command("ci-report")

@@ -12,5 +12,5 @@ from tasks.compose import compose as compose_task
 
 @flow(name="cdm-compose")
 def compose(workspace: str, estimator: Literal["path", "router", "prior", "average"] | None = None,
-            progress: bool = False) -> dict:
-    return compose_task(Context.load(workspace), estimator, progress)
+            progress: bool = False, candidate: bool = False) -> dict:
+    return compose_task(Context.load(workspace), estimator, progress, candidate)

@@ -12,13 +12,14 @@ from tasks.evaluate import evaluate_production
 
 
 @flow(name="cdm-evaluate")
-def evaluate(workspace: str, out: str | None = None) -> dict:
-    """Evaluate production; the figures with their intervals stay on the flow run as a Markdown artifact."""
+def evaluate(workspace: str, out: str | None = None, alias: str = "production") -> dict:
+    """Evaluate production (or the composite `alias` names); the figures with their intervals stay on the flow
+    run as a Markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
     from cdm.platform.reports import evaluation_markdown
 
-    metrics = evaluate_production(Context.load(workspace))
+    metrics = evaluate_production(Context.load(workspace), alias)
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     create_markdown_artifact(evaluation_markdown(metrics), key="cdm-evaluation",

@@ -11,7 +11,7 @@ from cdm.platform.context import Context
 
 
 @task(cache_policy=NO_CACHE)
-def compose(ctx: Context, estimator: str | None = None, progress: bool = False) -> dict:
+def compose(ctx: Context, estimator: str | None = None, progress: bool = False, candidate: bool = False) -> dict:
     cleanup.sweep_dead_runs(ctx.client, ctx.backend, ctx.experiment_id)  # after a killed run
     spec = build_spec(ctx, estimator or ctx.params.compose.estimator)
-    return register(ctx, spec, progress=progress)
+    return register(ctx, spec, progress=progress, candidate=candidate)

@@ -10,7 +10,7 @@ from cdm.platform.evaluate import evaluate, log_evaluation
 
 
 @task(cache_policy=NO_CACHE)
-def evaluate_production(ctx: Context) -> dict:
-    metrics = evaluate(ctx)
+def evaluate_production(ctx: Context, alias: str = "production") -> dict:
+    metrics = evaluate(ctx, alias)
     metrics["mlflow_run"] = log_evaluation(ctx, metrics)
     return metrics

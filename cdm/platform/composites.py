@@ -109,11 +109,14 @@ def version_tags(spec: dict) -> dict[str, str]:
     }
 
 
-def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected: object = gate.ANY) -> dict:
+def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True, expected: object = gate.ANY,
+             previous: dict | None = None, candidate: bool = False) -> dict:
     """Log and register a composite version for `spec` and make it `production` through `gate.promote` (a
     compare-and-set against `expected`: a version, or None for "no production"; `gate.ANY` moves it from whatever
     it is); log a sample grid (`grid`). A version the gate refuses is deleted with its run before the refusal is
-    raised: nothing unservable is left registered."""
+    raised: nothing unservable is left registered. `previous`: the spec it replaces (its description says what
+    changed; default: production's). `candidate`: alias `candidate` instead of production — registered for an
+    evaluation that decides (`cdm promote --candidate`), served by nothing."""
     import mlflow
 
     from cdm.platform import cleanup
@@ -129,15 +132,21 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
         tags = version_tags(spec)
         from cdm.platform.reports import composite_description
 
-        previous = production(ctx)  # what this version changes, for the registry's description
+        if previous is None:
+            prod = production(ctx)  # what this version changes, for the registry's description
+            previous = prod[1] if prod else None
         logged = registry.log_model(
             c, run, registry.COMPOSITE, model_code="composite.py", artifacts=artifacts,
             params={"estimator": spec["estimator"], "shards": len(spec["shards"]), "sampler": spec["sampler"],
                     "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
             metrics=None, files=[], version_tags=tags,
-            description=composite_description(spec, previous[1] if previous else None))
+            description=composite_description(spec, previous))
         try:
-            gate.promote(ctx, logged.version, expected)
+            if candidate:
+                gate.check_servable(ctx, logged.version)
+                c.set_registered_model_alias(registry.COMPOSITE, registry.CANDIDATE, logged.version)
+            else:
+                gate.promote(ctx, logged.version, expected)
         except (gate.Refused, gate.ProductionMoved):
             mlflow.end_run("KILLED")
             cleanup.purge(c, ctx.backend, [(registry.COMPOSITE, logged.version)], [])
@@ -163,19 +172,20 @@ def spec_of(ctx: Context, version: str) -> dict:
         return json.loads((files / "spec.json").read_text())
 
 
-def production(ctx: Context) -> tuple[str, dict] | None:
-    """(version, spec) of the production composite, or None."""
-    mv = registry.alias_version(ctx.client, registry.COMPOSITE)
+def production(ctx: Context, alias: str = registry.PRODUCTION) -> tuple[str, dict] | None:
+    """(version, spec) of the production composite (or of the one `alias` names), or None."""
+    mv = registry.alias_version(ctx.client, registry.COMPOSITE, alias)
     return None if mv is None else (str(mv.version), spec_of(ctx, str(mv.version)))
 
 
 @contextlib.contextmanager
-def load_production(ctx: Context):
-    """The production composite as an MLflow pyfunc, its files in the workspace's temporary folder while it is in
-    use (removed on exit)."""
+def load_production(ctx: Context, alias: str = registry.PRODUCTION):
+    """The production composite (or the one `alias` names) as an MLflow pyfunc, its files in the workspace's
+    temporary folder while it is in use (removed on exit)."""
     import mlflow
 
-    if registry.alias_version(ctx.client, registry.COMPOSITE) is None:
-        raise WorkspaceError("no production composite; run `cdm compose` first")
+    if registry.alias_version(ctx.client, registry.COMPOSITE, alias) is None:
+        raise WorkspaceError(f"no {alias} composite; run `cdm compose" + (" --candidate" if alias != registry.PRODUCTION
+                                                                          else "") + "` first")
     with ctx.ws.tempdir() as tmp:
-        yield mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{registry.PRODUCTION}", dst_path=tmp)
+        yield mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{alias}", dst_path=tmp)

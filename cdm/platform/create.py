@@ -13,19 +13,23 @@ GITIGNORE = """\
 /.cdm/
 /.dvc-storage/
 /outputs/
+/pipeline/samples.png
 """
 
 DVC_YAML = """\
 # The evaluation pipeline a CI job runs (`dvc repro`): each stage is the `cdm` command a user runs, re-run only when
-# its data, params or upstream output changed. `dvc metrics diff main` compares metrics.json (tracked in git) with
-# the base branch; `dvc plots show` draws FID and NLL with their intervals per composite version, the shards'
-# training losses and production's sample grid. `cdm ci-report` writes the Markdown a CI job shows.
+# its data, params or upstream output changed. The composite is registered as a *candidate* and evaluated; nothing
+# is served until `cdm promote --candidate` (the CI job's last step, on the default branch, after a passing
+# evaluation). `dvc metrics diff main` compares metrics.json (tracked in git) with the base branch; `dvc plots show`
+# draws FID and NLL with their intervals per composite version and the shards' training losses. `cdm ci-report`
+# writes the Markdown a CI job shows (with the candidate's sample grid, pipeline/samples.png, kept out of git).
 stages:
   train:
-    cmd: cdm train --workspace . --out pipeline/train.json --curves pipeline/train_loss
+    cmd: cdm train --paragon --workspace . --out pipeline/train.json --curves pipeline/train_loss
     deps:
       - data
     params:
+      - data
       - train
     outs:
       - pipeline/train.json:
@@ -36,7 +40,7 @@ stages:
           x: step
           y: loss
   compose:
-    cmd: cdm compose --workspace . --out pipeline/compose.json
+    cmd: cdm compose --candidate --workspace . --out pipeline/compose.json
     deps:
       - pipeline/train.json
     params:
@@ -46,7 +50,7 @@ stages:
           cache: false
   evaluate:
     cmd: >-
-      cdm evaluate --workspace . --fail-on-regression --out metrics.json
+      cdm evaluate --candidate --workspace . --fail-on-regression --out metrics.json
       --history pipeline/evaluations.csv --grid pipeline/samples.png
     deps:
       - pipeline/compose.json
@@ -59,8 +63,6 @@ stages:
       - pipeline/evaluations.csv:  # one row per composite version, kept across runs
           cache: false
           persist: true
-      - pipeline/samples.png:
-          cache: false
 plots:
   - fid:
       title: FID per composite version, with its 95% interval and the real-vs-real floor
@@ -72,7 +74,6 @@ plots:
       x: composite_version
       y:
         pipeline/evaluations.csv: [nll_bpd, nll_bpd_low, nll_bpd_high]
-  - pipeline/samples.png
 """
 
 CONSUMERS_YAML = """\

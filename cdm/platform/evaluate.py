@@ -193,20 +193,21 @@ def likelihood(m: Models, data: Dataset, e: EvaluateParams) -> dict:
     return out
 
 
-def evaluate(ctx: Context) -> dict:
-    """Metrics of the production composite against the owners' current data (`measure`), with the attribution by
-    owner key, the revoked owners' membership figures and the gate's verdict."""
+def evaluate(ctx: Context, alias: str = "production") -> dict:
+    """Metrics of the production composite (or of the one `alias` names, e.g. a candidate) against the owners'
+    current data (`measure`), with the attribution by owner key, the revoked owners' membership figures and the
+    gate's verdict."""
     from cdm.attribution import attribute
     from cdm.compose import class_priors
     from cdm.platform.composites import load_production, production
     from cdm.platform.serving import build_composite
     from cdm.schedulers import sampling_scheduler
 
-    prod = production(ctx)
+    prod = production(ctx, alias)
     if prod is None:
-        raise WorkspaceError("no production composite; run `cdm compose` first")
+        raise WorkspaceError(f"no {alias} composite; run `cdm compose` first")
     version, spec = prod
-    with load_production(ctx) as model:
+    with load_production(ctx, alias) as model:
         served = model.unwrap_python_model()
         unets = served.unets  # every shard, loaded while its files are here
     cfg, schedule = spec["model_config"], NoiseSchedule(**spec.get("schedule", {}))
@@ -224,13 +225,15 @@ def evaluate(ctx: Context) -> dict:
     # an owner not yet composed (ingested after the last `cdm compose`) is no quality loss of the composite.
     served_keys = {k for s in spec["shards"] for k in s["owners"]}
     metrics = measure(models, owners_data(ctx, served_keys), unseen(ctx), feature_net(ctx), e)
+    served.require_unrevoked()  # a revocation accepted while it measured: no figures from the revoked weights
     composites = metrics.pop("_composites")
     share: dict[str, float] = {}
     rows = attribute(composites[e.seed].attribution()["mean"], [s["owners"] for s in spec["shards"]])
     for row in rows:
         for k, v in row.items():
             share[k] = share.get(k, 0.0) + v / len(rows)
-    metrics.update(composite_version=version, estimator=spec["estimator"], shards=len(spec["shards"]),
+    metrics.update(composite_version=version, composite_alias=alias, estimator=spec["estimator"],
+                   shards=len(spec["shards"]),
                    attribution={k: round(v, 4) for k, v in sorted(share.items())},  # by owner key
                    paragon_version=paragon_version)
     metrics["nll"]["shards_bpd"] = dict(zip([s["id"] for s in spec["shards"]], metrics["nll"]["shards_bpd"]))

@@ -136,6 +136,13 @@ def promote(ctx: Context, version: str, expected: str | None | object = ANY) -> 
         c.set_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION, version)
 
 
+def check_servable(ctx: Context, version: str) -> None:
+    """Refuse (Refused) a composite version that may not be served: what a candidate must pass to be registered."""
+    why = why_unservable(ctx, ctx.client.get_model_version(registry.COMPOSITE, version))
+    if why:
+        raise Refused(why)
+
+
 def unpromote(ctx: Context, expected: str) -> None:
     """Serve nothing (a revocation that leaves no shard), if production is still `expected`."""
     c = ctx.client

@@ -2,13 +2,15 @@
 a stage asks, so that `dvc repro` skips what did not change, `dvc metrics diff` compares evaluations and
 `dvc plots show` draws them. The commands are the same a user runs; these are only their outputs as files.
 
-    pipeline/train.json        the training result (versions, skipped shards)           train stage out
+    pipeline/train.json        the version of each shard and of the paragon             train stage out
     pipeline/train_loss/       <shard>.csv (step, loss): the smoothed training loss of   train stage plots
                                each shard's newest servable version
-    pipeline/compose.json      the composite registered                                 compose stage out
+    pipeline/compose.json      the candidate composite registered                       compose stage out
     metrics.json               the evaluation (tracked in git: `dvc metrics diff main`)  evaluate stage metric
     pipeline/evaluations.csv   one row per evaluation: FID and NLL with their intervals  evaluate stage plot
-    pipeline/samples.png       a sample grid of production                              evaluate stage out
+    pipeline/samples.png       a sample grid of the candidate: not tracked (generated   evaluate side file
+                               from owners' data, it must not outlive a revocation in
+                               git history; the purge deletes it)
 """
 
 from __future__ import annotations
@@ -54,6 +56,26 @@ def write_loss_curves(ctx: Context, folder: str | Path) -> Path:
             writer.writerow(["step", "loss"])
             writer.writerows([m.step, round(m.value, 6)] for m in history)
     return folder
+
+
+def write_grid(ctx: Context, path: str | Path, alias: str = "production") -> Path:
+    """A grid of 20 samples (seed 0) of the composite `alias` names."""
+    import torch
+
+    from cdm.data import save_grid
+    from cdm.platform.composites import load_production
+
+    with load_production(ctx, alias) as model:
+        out = model.predict({"n": 20, "seed": 0})
+    return save_grid(torch.from_numpy(out["images"]), Path(path), nrow=10)
+
+
+def train_record(result: dict) -> dict:
+    """What the train stage hands to the next: the versions each shard (and the paragon) is at. No times or
+    hosts: a re-run that changed no version leaves the file as it was, and `compose` is skipped."""
+    shards = {sid: r.get("version") for sid, r in result["shards"].items()}
+    paragon = result.get("paragon") or {}
+    return {"shards": shards, "paragon": paragon.get("version")}
 
 
 def evaluation_row(m: dict) -> dict:

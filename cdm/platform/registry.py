@@ -19,6 +19,7 @@ PARAGON = "cdm-paragon"
 COMPOSITE = "cdm-composite"
 INIT = "cdm-init"  # the shared initialization (public data only), see cdm.platform.pretrain
 PRODUCTION = "production"  # alias of the served composite
+CANDIDATE = "candidate"  # alias of a composite registered for evaluation, not served (`cdm compose --candidate`)
 CURRENT = "current"  # alias of the shared initialization shards start from
 LEDGER_HEAD = "cdm.ledger_head"  # registered-model tag on cdm-composite: the audit ledger's anchor
 # Version tag: the request id of the revocation that made this version unservable (it saw a revoked owner's data,

@@ -10,6 +10,7 @@ each shard (pseudonymous keys with sample counts), class counts, the estimator a
 from __future__ import annotations
 
 import json
+import threading
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,11 @@ class ShardSet:
         self._grouped.cache_clear()
 
 
+class ShardRevoked(PermissionError):
+    """A shard a trajectory uses was revoked (seen by the watch, or by a concurrent request that dropped it):
+    `CompositeModel.predict` samples again without it."""
+
+
 class RevokedShard(LazyShard):
     """The place of a shard a revocation took out of a running server: refuses to load."""
 
@@ -89,7 +95,7 @@ class RevokedShard(LazyShard):
         super().__init__(None, null_label)
 
     def denoiser(self):
-        raise PermissionError("this shard was revoked; it is not served")
+        raise ShardRevoked("this shard was revoked; it is not served")
 
 
 class RevocationWatch:
@@ -240,9 +246,6 @@ REQUEST_ATTEMPTS = 3
 CHECK_EVERY_SECONDS = 0.25
 
 
-class _RevokedWhileSampling(Exception):
-    """A component this trajectory uses was revoked: sample again without it."""
-
 
 class CompositeModel(PythonModel):
     """The composite: `predict({"n", "label", "allowed_owners", "estimator", "seed"})`.
@@ -262,6 +265,7 @@ class CompositeModel(PythonModel):
         self.spec = json.loads(Path(context.artifacts["spec"]).read_text())
         null_label = self.spec["model_config"]["num_classes"]
         self.watch, self._dropped = RevocationWatch(self.spec["shards"]), set()
+        self._lock = threading.Lock()  # requests run on several threads (MLflow's scoring server): one drops at a time
         self.shards = ShardSet([LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]])
         self.router = None
         if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
@@ -279,28 +283,34 @@ class CompositeModel(PythonModel):
         # without the shards it took out (REQUEST_ATTEMPTS times at most, then refused).
         for _ in range(REQUEST_ATTEMPTS):
             revoked = self._revoked()
+            router = self.router  # read once: a concurrent request may drop it
             estimator = _first(model_input, "estimator") or self.spec["estimator"]
-            if estimator == "router" and self.router is None and revoked:
+            if estimator == "router" and router is None and revoked:
                 estimator = "prior"  # the router saw the revoked shards' data: training-free until recomposed
-            comp, sampler, subset = build_composite(self.spec, self.shards, self.router,
+            comp, sampler, subset = build_composite(self.spec, self.shards, router,
                                                     list(allowed) if allowed is not None else None,
                                                     estimator, seed, evaluation="auto", revoked=revoked)
             held = {y for i in subset for y, count in enumerate(self.spec["shards"][i]["class_counts"]) if count}
             if labels[0] < self.spec["model_config"]["num_classes"] and int(labels[0]) not in held:
                 raise PermissionError(f"no shard this request may use holds label {int(labels[0])}")
+
+            def stale(now: set[int], subset=subset, estimator=estimator, revoked=revoked) -> bool:
+                """Whether a revocation reached this trajectory: one of its shards (a router weighs them all)."""
+                return now != revoked if estimator == "router" else bool(now & set(subset))
+
             try:
                 out = sample_composite(comp, sampler, self.spec, labels, seed,
-                                       callback_on_step_end=self._watch_during(revoked))
-            except _RevokedWhileSampling:
+                                       callback_on_step_end=self._watch_during(stale))
+            except ShardRevoked:  # seen during sampling, here or by a concurrent request that dropped the shard
                 continue
-            if self._revoked() == revoked:  # nothing was revoked while it sampled (a router sees every shard)
+            if not stale(self._revoked()):  # nothing it used was revoked while it sampled
                 return {"images": out["images"].numpy(), "attribution": out["attribution"],
                         "shards": [self.spec["shards"][i]["id"] for i in subset]}
         raise PermissionError("revocations kept arriving while this request sampled; ask again")
 
-    def _watch_during(self, revoked: set[int]):
-        """A step callback that asks the registry every CHECK_EVERY_SECONDS and abandons the trajectory when the
-        revoked set moved."""
+    def _watch_during(self, stale):
+        """A step callback that asks the registry every CHECK_EVERY_SECONDS and abandons the trajectory once a
+        revocation reaches it (`stale`)."""
         import time
 
         last = [time.monotonic()]
@@ -309,25 +319,30 @@ class CompositeModel(PythonModel):
             if time.monotonic() - last[0] < CHECK_EVERY_SECONDS:
                 return
             last[0] = time.monotonic()
-            if self._revoked() != revoked:
-                raise _RevokedWhileSampling()
+            if stale(self._revoked()):
+                raise ShardRevoked("a shard this request used was revoked while it sampled")
 
         return check
 
     def _revoked(self) -> set[int]:
-        revoked = self.watch.check()
-        if revoked:
-            self.router = None  # trained on every component's data, the revoked ones' too
-        self.shards.drop(revoked - self._dropped)
-        self._dropped = revoked | self._dropped
-        return revoked
+        with self._lock:
+            revoked = self.watch.check()
+            if revoked:
+                self.router = None  # trained on every component's data, the revoked ones' too
+            self.shards.drop(revoked - self._dropped)
+            self._dropped = revoked | self._dropped
+            return revoked
 
     @property
     def unets(self) -> list:
         """Every component UNet (loads those not loaded yet): for evaluation, which uses them all. Refused while a
         component is revoked: its weights are not used again, for samples or for figures."""
+        self.require_unrevoked()
+        return [s.denoiser().unet for s in self.shards]
+
+    def require_unrevoked(self) -> None:
+        """Refuse (ShardRevoked) while a component is revoked; an evaluation asks again before it reports."""
         revoked = self._revoked()
         if revoked:
-            raise PermissionError(f"{len(revoked)} component(s) of this composite were revoked; production moves "
-                                  "to a composite without them once the revocation goes live (`cdm status`)")
-        return [s.denoiser().unet for s in self.shards]
+            raise ShardRevoked(f"{len(revoked)} component(s) of this composite were revoked; production moves to a "
+                               "composite without them once the revocation goes live (`cdm status`)")

@@ -260,16 +260,16 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
 def stored_weights(result, tcfg, init: dict | None, tmp: Path) -> tuple[Path, dict]:
     """What a trained shard registers: the full UNet folder, or a LoRA compartment's adapter alone with the base
     it needs. -> (folder, its record for `meta.json`: kind, weights_sha256 [, base, parameters, bytes])."""
-    from cdm.adapters import ADAPTER_WEIGHTS, save_adapter, size
+    from cdm.adapters import save_adapter, size
     from cdm.platform import registry
-    from cdm.platform.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT, WEIGHTS_FILE, sha256_file
+    from cdm.platform.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT, WEIGHTS_FILE, adapter_sha256, sha256_file
 
     if result.adapter is None:
         folder = save_unet(result.unet, tmp / UNET_ARTIFACT)
         return folder, {"kind": "full", "weights_sha256": sha256_file(folder / WEIGHTS_FILE)}
     folder = save_adapter(result.adapter, tcfg.adapter, tmp / ADAPTER_ARTIFACT)
-    return folder, {"kind": "lora", "weights_sha256": sha256_file(folder / ADAPTER_WEIGHTS),
-                    "base": {"model": registry.INIT, "version": init["version"], "state_sha256": init["sha256"]},
+    base = {"model": registry.INIT, "version": init["version"], "state_sha256": init["sha256"]}
+    return folder, {"kind": "lora", "weights_sha256": adapter_sha256(folder, base), "base": base,
                     **size(result.adapter)}
 
 

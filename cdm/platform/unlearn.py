@@ -211,7 +211,7 @@ def go_live(ctx: Context, rev: Revocation, plan: Plan) -> Live:
             except NothingToCompose:
                 gate.unpromote(ctx, expected=version)
                 return Live(composite_live=None, estimator=None, seconds_to_live=time.time() - rev.received_ts)
-            live = register(ctx, live_spec, grid=False, expected=version)["version"]  # the grid waits: speed first
+            live = register(ctx, live_spec, grid=False, expected=version, previous=spec)["version"]  # no grid: speed
         except gate.ProductionMoved:
             continue
         return Live(composite_live=live, estimator=estimator, seconds_to_live=time.time() - rev.received_ts)
@@ -250,7 +250,8 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
         estimator = plan.estimator if as_live else prod[1]["estimator"]
         try:
             spec = spec_with_shards(ctx, base, sorted(shards), estimator, [rev.request_id])
-            after = register(ctx, spec, progress=progress, expected=prod[0] if prod else None)["version"]
+            after = register(ctx, spec, progress=progress, expected=prod[0] if prod else None,
+                             previous=prod[1] if prod else None)["version"]
         except NothingToCompose:
             return Retrained(shards=shards, composite_after=None, router_retrained=False)
         except gate.ProductionMoved:
@@ -309,6 +310,8 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
     whole = [registry.SHARD_PREFIX + sid for sid in plan.exclusive_shards if sid not in load_plan(ws)]
     runs = sorted(r.info.run_id for r in registry.runs_of_owner(c, key))
     paths = [str((ws.checkpoints_dir / sid).relative_to(ws.root)) for sid in plan.exclusive_shards]
+    # The DVC pipeline's files derived from the owner's shards: their loss curves, and the last sample grid.
+    paths += [f"pipeline/train_loss/{sid}.csv" for sid in plan.exclusive_shards] + ["pipeline/samples.png"]
     paths += [str(p.relative_to(ws.root)) for p in ws.reports_dir.glob(f"ingest-{key}-*")] \
         if ws.reports_dir.exists() else []
     if rev.purge_intent is not None:  # an interrupted run's intent: whatever it named is deleted too
@@ -382,12 +385,13 @@ def _remove(ws: Workspace, path: Path) -> list[str]:
 
 def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
     from cdm.platform.evaluate import evaluate
+    from cdm.platform.serving import ShardRevoked
 
     if retrained.composite_after is None:
         return {"skipped": "nothing is served"}
     try:
         m = evaluate(ctx)
-    except PermissionError as e:  # another revocation accepted meanwhile has not gone live yet
+    except ShardRevoked as e:  # another revocation accepted meanwhile has not gone live yet
         return {"skipped": str(e)}
     out = {k: m[k] for k in ("fid", "fid_ci", "floor_real", "kid", "fid_ratio", "fid_ratio_ci", "memorization",
                              "composite_version", "regressions") if k in m}
@@ -398,11 +402,16 @@ def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
 def shared_base(ctx: Context) -> dict | None:
     """The shared initialization as it stands after the purge (None without one): trained on public data only, it
     holds no owner's data, so a revocation deletes compartments (full shards or LoRA adapters) and never it."""
+    from cdm.platform.weights import UNET_ARTIFACT, WEIGHTS_FILE, sha256_file
+
     mv = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
     if mv is None:
         return None
-    return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": mv.tags.get("cdm.weights_sha256"),
-            "public_manifest_sha256": mv.tags.get("cdm.public_manifest_sha256"), "touched": False}
+    with registry.model_files(ctx.client, registry.INIT, str(mv.version), ctx.ws.tmp_dir) as files:
+        weights = sha256_file(files / UNET_ARTIFACT / WEIGHTS_FILE)  # as stored now, not as the tag says
+    return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": weights,
+            "public_manifest_sha256": mv.tags.get("cdm.public_manifest_sha256"),
+            "touched": weights != mv.tags.get("cdm.weights_sha256")}
 
 
 def certificate(rev: Revocation, base: dict | None = None) -> dict:

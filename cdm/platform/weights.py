@@ -52,7 +52,7 @@ def load_compartment(c, files: Path, weights_sha256: str | None, tmp_root: Path 
     """The UNet of a registered shard from its model's `artifacts/` folder: a full UNet (`unet/`), or a LoRA
     adapter (`adapter/`) merged into the `cdm-init` version its `meta.json` names — the adapter's weights checked
     against `weights_sha256`, the base's against its own record and the state hash the adapter was trained on."""
-    from cdm.adapters import ADAPTER_WEIGHTS, merged
+    from cdm.adapters import merged
     from cdm.platform import registry
     from cdm.safetensors_io import state_sha256
 
@@ -60,12 +60,25 @@ def load_compartment(c, files: Path, weights_sha256: str | None, tmp_root: Path 
     if not (files / ADAPTER_ARTIFACT).is_dir():
         return load_verified_unet(files / UNET_ARTIFACT, weights_sha256)
     adapter = files / ADAPTER_ARTIFACT
-    if weights_sha256 is not None and sha256_file(adapter / ADAPTER_WEIGHTS) != weights_sha256:
-        raise ValueError(f"{adapter}: adapter sha256 does not match the recorded {weights_sha256[:12]}…; refusing")
     base = json.loads((files / "meta.json").read_text())["base"]
+    if weights_sha256 is not None and adapter_sha256(adapter, base) != weights_sha256:
+        raise ValueError(f"{adapter}: the adapter (weights, config or base) does not match the recorded "
+                         f"{weights_sha256[:12]}…; refusing to load")
     mv = c.get_model_version(base["model"], base["version"])
     with registry.model_files(c, base["model"], base["version"], tmp_root) as base_files:
         unet = load_verified_unet(base_files / UNET_ARTIFACT, mv.tags.get("cdm.weights_sha256"))
     if state_sha256(unet.state_dict()) != base["state_sha256"]:
         raise ValueError(f"{base['model']} v{base['version']} is not the base this adapter was trained on")
     return merged(unet, adapter)
+
+
+def adapter_sha256(folder: Path, base: dict) -> str:
+    """The recorded hash of a LoRA compartment: its weights, its config (alpha scales the update) and the base it
+    adapts (model, version, state hash) — a change to any of them is a different network."""
+    from cdm.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
+
+    h = hashlib.sha256()
+    for part in (sha256_file(folder / ADAPTER_WEIGHTS), sha256_file(folder / ADAPTER_CONFIG),
+                 json.dumps(base, sort_keys=True)):
+        h.update(part.encode())
+    return h.hexdigest()

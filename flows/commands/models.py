@@ -29,7 +29,7 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out
     keys = _owner_keys(ctx, owners)
     result = run_training(ctx, keys, paragon, progress=progress)
     if out:
-        pipeline_files.write_json(out, result)
+        pipeline_files.write_json(out, pipeline_files.train_record(result))
     if curves:
         pipeline_files.write_loss_curves(ctx, curves)
     lines = [f"{s}: " + ("unchanged" if r["skipped"] else f"v{r['version']} ({r['seconds']} s, final train_loss "
@@ -40,16 +40,43 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out
     return result, "\n".join(lines + [f"total {result['seconds']} s"])
 
 
-def compose(workspace: str, estimator: str | None, progress: bool, out: str | None = None):
+def compose(workspace: str, estimator: str | None, progress: bool, out: str | None = None, candidate: bool = False):
     from cdm.platform import pipeline_files
     from flows.composition import compose as run_compose
 
     ctx = _ctx(workspace)
     with _status("composing: registering the composite and sampling its preview grid", progress):
-        result = run_compose(str(ctx.ws.root), estimator, progress)
+        result = run_compose(str(ctx.ws.root), estimator, progress, candidate)
+    result["alias"] = "candidate" if candidate else "production"
     if out:
-        pipeline_files.write_json(out, result)
-    return result, f"cdm-composite v{result['version']} is production ({result['estimator']}, {len(result['shards'])} shards)"
+        pipeline_files.write_json(out, {k: result[k] for k in ("version", "alias", "estimator", "shards", "left_out")})
+    return result, (f"cdm-composite v{result['version']} is {result['alias']} ({result['estimator']}, "
+                    f"{len(result['shards'])} shards)" + ("; `cdm promote --candidate` serves it" if candidate else ""))
+
+
+def promote(workspace: str, metrics: str):
+    """The candidate goes to production, only with an evaluation of that very version that passed."""
+    import json
+
+    from cdm.platform import gate, registry
+    from cdm.platform.composites import production
+
+    ctx = _ctx(workspace)
+    cand = production(ctx, registry.CANDIDATE)
+    if cand is None:
+        raise WorkspaceError("no candidate composite; run `cdm compose --candidate` first")
+    try:
+        m = json.loads(Path(metrics).read_text())
+    except (OSError, ValueError) as e:
+        raise WorkspaceError(f"{metrics}: no evaluation to promote on ({e})") from None
+    if str(m.get("composite_version")) != cand[0]:
+        raise WorkspaceError(f"{metrics} evaluates v{m.get('composite_version')}, not the candidate v{cand[0]}")
+    if m.get("regressions"):
+        raise WorkspaceError(f"the candidate v{cand[0]} failed its evaluation: " + "; ".join(m["regressions"]))
+    before = production(ctx)
+    gate.promote(ctx, cand[0], expected=before[0] if before else None)  # refused if production moved meanwhile
+    return ({"version": cand[0], "previous": before[0] if before else None},
+            f"cdm-composite v{cand[0]} is production (was " + (f"v{before[0]})" if before else "none)"))
 
 
 def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed: int, out: str | None):
@@ -104,16 +131,17 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
 
 
 def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history: str | None = None,
-             grid: str | None = None):
+             grid: str | None = None, candidate: bool = False):
     from cdm.platform import pipeline_files
     from flows.evaluation import evaluate as run_evaluation
 
     ctx = _ctx(workspace)
-    metrics = run_evaluation(str(ctx.ws.root), out)
+    alias = "candidate" if candidate else "production"
+    metrics = run_evaluation(str(ctx.ws.root), out, alias)
     if history:
         pipeline_files.append_evaluation(history, metrics)
     if grid:
-        sample(workspace, 20, None, None, 0, grid)
+        pipeline_files.write_grid(ctx, grid, alias)
     text = evaluation_text(metrics)
     if fail_on_regression and metrics["regressions"]:
         raise CommandFailed(f"{len(metrics['regressions'])} regression(s): " + "; ".join(metrics["regressions"]),

@@ -90,9 +90,6 @@ def _revoked(owner: str, cert: dict):
 def finish_revocation(workspace: str, owner_key: str, token_stdin: bool):
     from flows.unlearning import known_token, unlearn_owner
 
-    # The background half of a revocation (retraining, scans, the evaluation) yields the CPU to serving processes:
-    # the owner is already out of serving, and a starved server answers late.
-    os.nice(10)
     ctx = _ctx(workspace)
     token = sys.stdin.readline().strip() if token_stdin else None
     marker = known_token.set(token or None)

@@ -1,6 +1,8 @@
 """The CI workflow's steps in order on a small workspace (`.github/workflows/evaluate.yml`): `dvc repro` runs the
-train, compose and evaluate stages; unchanged, every stage is skipped; a params change re-runs only what depends on
-it and `dvc metrics diff` shows what it did; a shard left untrained fails the job with the regression named.
+train, compose and evaluate stages on a *candidate* composite, and `cdm promote --candidate` serves it once its
+evaluation passed; unchanged, every stage is skipped; a params change re-runs only what depends on it and
+`dvc metrics diff` shows what it did; shards left untrained fail the job with the regression named, and production
+stays what it was.
 
 Slow (each stage is a `cdm` process): `make test-slow`."""
 
@@ -16,6 +18,7 @@ import pytest
 import yaml
 
 from cdm.config import Params
+from cdm.platform import registry
 from cdm.platform.context import Context
 from cdm.platform.create import init_workspace
 from cdm.platform.gitrepo import commit
@@ -46,6 +49,7 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
 
     p = small_params()
     p.evaluate.sets = 4
+    p.evaluate.fid_ratio_max = 50.0  # 40-step shards against a 40-step paragon: the gate here is fid_max (below)
     ws = init_workspace(tmp_path / "ws", params=p)
     sources = digit_owners(tmp_path / "sources")
     for owner in ("alice", "dave"):
@@ -55,10 +59,17 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     first = step(root, "dvc", "repro")
     assert first.returncode == 0, first.stdout[-2000:] + first.stderr[-2000:]
     metrics = json.loads((root / "metrics.json").read_text())
-    assert metrics["regressions"] == []
+    assert metrics["regressions"] == [] and metrics["composite_alias"] == "candidate"
+    assert metrics["paragon_version"] is not None and metrics["fid_ratio"] is not None  # the stage trains it
     assert sorted(p.name for p in (root / "pipeline" / "train_loss").iterdir()) and (root / "pipeline" /
                                                                                    "samples.png").exists()
+    c = registry.client(ws.tracking_uri())
+    assert registry.alias_version(c, registry.COMPOSITE) is None  # evaluated, not served
+    promoted = step(root, "cdm", "promote", "--candidate", "--workspace", ".")
+    assert promoted.returncode == 0, promoted.stderr
+    assert registry.alias_version(c, registry.COMPOSITE).version == str(metrics["composite_version"])
     commit(root, "ci: first evaluation", "dvc.lock", "metrics.json", "pipeline", "params.yaml")
+    assert "samples.png" not in step(root, "git", "ls-files", "pipeline").stdout  # generated images stay out of git
 
     # Unchanged: every stage is skipped.
     again = step(root, "dvc", "repro")
@@ -81,7 +92,10 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     assert report.returncode == 0 and "dvc metrics diff HEAD" in report.stdout and "| fid" in report.stdout
     good = json.loads((root / "metrics.json").read_text())
 
-    # Shards left almost untrained: the job fails, and says why.
+    assert step(root, "cdm", "promote", "--candidate", "--workspace", ".").returncode == 0
+    served = registry.alias_version(c, registry.COMPOSITE).version
+
+    # Shards left almost untrained: the job fails, says why, and nothing is served from it.
     set_params(root, train={"steps": 2}, evaluate={"fid_max": round(good["fid_ci"][1], 3)})
     failed = step(root, "dvc", "repro")
     assert failed.returncode != 0
@@ -90,4 +104,7 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     assert "regression" in failed.stderr and "fid" in failed.stderr
     report = step(root, "cdm", "ci-report", "--workspace", ".", "--base", "HEAD")
     assert "**FAILED**" in report.stdout and bad["regressions"][0] in report.stdout
+    refused = step(root, "cdm", "promote", "--candidate", "--workspace", ".")
+    assert refused.returncode == 2 and "failed its evaluation" in refused.stderr
+    assert registry.alias_version(c, registry.COMPOSITE).version == served
     assert yaml.safe_load((root / "dvc.yaml").read_text())["stages"].keys() == {"train", "compose", "evaluate"}

@@ -1,4 +1,5 @@
 import json
+import threading
 
 import pytest
 import torch
@@ -95,7 +96,7 @@ def test_a_request_abandons_its_trajectory_as_soon_as_a_shard_it_uses_is_revoked
     model.spec = {"shards": [{"id": f"s{i}", "owners": {k: 5}, "class_counts": [1] * 10} for i, k in enumerate("ab")],
                   "model_config": json.loads(cfg.to_json()), "sampler": "ddpm", "estimator": "average",
                   "eta": 1.0, "num_inference_steps": 50, "threshold": 0.0}
-    model.watch, model._dropped, model.router = Watch(), set(), None
+    model.watch, model._dropped, model.router, model._lock = Watch(), set(), None, threading.Lock()
     model.shards = Counting([serving.LazyShard(lambda u=u: u, cfg.null_label) for u in unets])
     monkeypatch.setattr(serving, "CHECK_EVERY_SECONDS", 0.0)
     out = model.predict(None, {"n": 2, "seed": 0})
@@ -105,3 +106,9 @@ def test_a_request_abandons_its_trajectory_as_soon_as_a_shard_it_uses_is_revoked
     assert len(steps) == 1 + 50, len(steps)
     with pytest.raises(PermissionError):
         model.shards[0].denoiser()  # the revoked shard's weights are gone from this process
+    # A request that never used the revoked shard (a consumer allowed only b's) is not started again.
+    Watch.looks, steps[:] = 0, []
+    model.watch, model._dropped = Watch(), set()
+    model.shards = Counting([serving.LazyShard(lambda u=u: u, cfg.null_label) for u in unets])
+    out = model.predict(None, {"n": 2, "seed": 0, "allowed_owners": ["b"]})
+    assert out["shards"] == ["s1"] and len(steps) == 50
