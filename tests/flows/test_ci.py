@@ -67,7 +67,7 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     assert registry.alias_version(c, registry.COMPOSITE) is None  # evaluated, not served
     promoted = step(root, "cdm", "promote", "--candidate", "--workspace", ".")
     assert promoted.returncode == 0, promoted.stderr
-    assert registry.alias_version(c, registry.COMPOSITE).version == str(metrics["composite_version"])
+    assert str(registry.alias_version(c, registry.COMPOSITE).version) == str(metrics["composite_version"])
     commit(root, "ci: first evaluation", "dvc.lock", "metrics.json", "pipeline", "params.yaml")
     assert "samples.png" not in step(root, "git", "ls-files", "pipeline").stdout  # generated images stay out of git
 
@@ -93,7 +93,7 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     good = json.loads((root / "metrics.json").read_text())
 
     assert step(root, "cdm", "promote", "--candidate", "--workspace", ".").returncode == 0
-    served = registry.alias_version(c, registry.COMPOSITE).version
+    served = str(registry.alias_version(c, registry.COMPOSITE).version)
 
     # Shards left almost untrained: the job fails, says why, and nothing is served from it.
     set_params(root, train={"steps": 2}, evaluate={"fid_max": round(good["fid_ci"][1], 3)})
@@ -106,5 +106,5 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     assert "**FAILED**" in report.stdout and bad["regressions"][0] in report.stdout
     refused = step(root, "cdm", "promote", "--candidate", "--workspace", ".")
     assert refused.returncode == 2 and "failed its evaluation" in refused.stderr
-    assert registry.alias_version(c, registry.COMPOSITE).version == served
+    assert str(registry.alias_version(c, registry.COMPOSITE).version) == served
     assert yaml.safe_load((root / "dvc.yaml").read_text())["stages"].keys() == {"train", "compose", "evaluate"}
