@@ -86,7 +86,9 @@ def test_the_ci_workflow_skips_reruns_with_a_diff_and_fails_on_a_regression(tmp_
     diff = json.loads(step(root, "dvc", "metrics", "diff", "HEAD", "--json").stdout)
     assert "fid" in diff["metrics.json"] and "composite_version" in diff["metrics.json"]
     plots = step(root, "dvc", "plots", "show", "--json")
-    assert plots.returncode == 0 and "pipeline/evaluations.csv" in plots.stdout
+    assert plots.returncode == 0, plots.stderr
+    drawn = json.loads(plots.stdout)["data"]  # the two interval plots and one loss curve per shard
+    assert {"fid", "nll"} <= set(drawn) and any("train_loss" in k for k in drawn), sorted(drawn)
     assert len((root / "pipeline" / "evaluations.csv").read_text().strip().splitlines()) == 3  # header + 2 versions
     report = step(root, "cdm", "ci-report", "--workspace", ".", "--base", "HEAD", "--out", str(tmp_path / "sum.md"))
     assert report.returncode == 0 and "dvc metrics diff HEAD" in report.stdout and "| fid" in report.stdout
