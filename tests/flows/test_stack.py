@@ -84,7 +84,15 @@ def story(small_params, digit_owners):
         TIMINGS["revocation by event"] = round(time.perf_counter() - started, 1)
         out["unauthenticated"] = unauthenticated_requests(stack)
         with patched_env(client_env(ws, stack)):  # this test process reads the registry and the API as cdm does
-            out["flow_runs"] = flow_runs(stack.prefect_api_url)
+            # The record says `completed` inside the run's last task; the run itself ends a moment later (it
+            # leaves its certificate artifact first): wait for it to reach a final state.
+            deadline = time.time() + 300
+            while True:
+                out["flow_runs"] = flow_runs(stack.prefect_api_url)
+                if time.time() > deadline or not [r for r in out["flow_runs"] if r["deployment"] == "on-revocation"
+                                                  and r["state"] in ("Scheduled", "Pending", "Running")]:
+                    break
+                time.sleep(1)
             out["versions"] = registry_versions(stack.mlflow_tracking_uri)
             out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
                               for o in page.get("Contents", [])]
