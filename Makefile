@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install postgres test test-slow demo bench bench-v1 clean
+.PHONY: install postgres test test-slow demo bench bench-sweep bench-v2 bench-v1 clean
 
 install: $(STAMP)
 
@@ -34,7 +34,15 @@ demo: install
 	rm -rf demo-workspace demo-workspace.sources
 	$(VENV)/bin/cdm demo --quick --out demo-workspace
 
+# Benchmark v3's headline (~80 min on 2 cores): bench/regime.json and bench/REGIME.md.
 bench: install
+	$(PY) bench/regime.py
+
+# The equal-compute budget sweep with scratch, full and LoRA compartments (its own, longer run).
+bench-sweep: install
+	$(PY) bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --no-memorization --out-name sweep
+
+bench-v2: install
 	$(PY) bench/quality.py
 
 bench-v1: install

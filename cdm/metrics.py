@@ -207,6 +207,18 @@ def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Te
     return float(roc_auc_score(np.r_[np.ones(len(pos)), np.zeros(len(neg))], np.r_[pos, neg]))
 
 
+def auc_interval(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor):
+    """AUC with its 95% interval (Hanley and McNeil 1982: the standard error from the AUC and the two sample sizes),
+    as a `cdm.quality.Interval` whose n is the number of scored items. An attack "fires" when the interval lies
+    above 0.5; an interval that holds 0.5 says the two sets cannot be told apart at this sample size."""
+    from cdm.quality import Interval
+
+    a, n1, n2 = auc(scores_pos, scores_neg), len(scores_pos), len(scores_neg)
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    se = float(np.sqrt(max(a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a), 0.0) / (n1 * n2)))
+    return Interval(a, max(0.0, a - 1.96 * se), min(1.0, a + 1.96 * se), n1 + n2)
+
+
 def membership_auc(loss_members: torch.Tensor, loss_heldout: torch.Tensor) -> float:
     """Membership-inference AUC: lower loss means "member". 0.5 = the model cannot tell them apart."""
     return auc(-loss_members.numpy(), -loss_heldout.numpy())

