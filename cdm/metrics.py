@@ -175,7 +175,6 @@ def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, a
 # does not drown the signal (a handful of draws at mid t gave AUC 0.55 on a paragon trained on the images).
 MEMBERSHIP_TIMESTEPS = (5, 10, 20, 40)
 MEMBERSHIP_DRAWS = 32
-MEMBERSHIP_POWER = 0.7  # the positive control: the attack must reach this AUC before any "after" AUC means anything
 
 
 def membership_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
@@ -185,16 +184,24 @@ def membership_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, 
                           MEMBERSHIP_DRAWS // len(MEMBERSHIP_TIMESTEPS), seed)
 
 
-def membership_verdict(auc_before: float | None, auc_after: float | None, auc_max: float) -> str:
-    """`met` only when the attack fired on the owner before the revocation and no longer does after it."""
+def membership_verdict(auc_before: float | None, auc_after: float | None, n_members: int, n_nonmembers: int) -> str:
+    """A revocation's membership check, read from 95% intervals (`auc_interval_of`), not from a cut-off:
+
+    - `inconclusive` when the attack had no power on the owner before the revocation (the positive control did
+      not fire: its interval holds 0.5), so the AUC after it is no evidence of forgetting;
+    - `failed` when the attack still tells the owner's images from unseen ones after (the interval lies above 0.5);
+    - `met` when it fired before and cannot tell them apart after."""
     if auc_before is None or auc_after is None:
         return "not measured"
-    if auc_before < MEMBERSHIP_POWER:
-        return (f"inconclusive: the attack had no power on this owner before the revocation (AUC {auc_before:.3f} "
-                f"< {MEMBERSHIP_POWER}), so the AUC after it is no evidence of forgetting")
-    if auc_after > auc_max:
-        return f"failed: AUC {auc_after:.3f} after the revocation > {auc_max}"
-    return f"met: AUC {auc_before:.3f} before (the attack fires), {auc_after:.3f} after (<= {auc_max})"
+    before = auc_interval_of(auc_before, n_members, n_nonmembers)
+    after = auc_interval_of(auc_after, n_members, n_nonmembers)
+    n = f"{n_members} vs {n_nonmembers} images"
+    if before.low <= 0.5:
+        return (f"inconclusive: the attack had no power on this owner before the revocation (AUC {before} holds 0.5, "
+                f"{n}), so the AUC after it is no evidence of forgetting")
+    if after.low > 0.5:
+        return f"failed: the attack still separates the owner's images after the revocation (AUC {after}, {n})"
+    return f"met: the attack fired before the revocation (AUC {before}) and cannot tell after it (AUC {after}, {n})"
 
 
 def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor) -> float:
@@ -208,15 +215,20 @@ def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Te
 
 
 def auc_interval(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor):
-    """AUC with its 95% interval (Hanley and McNeil 1982: the standard error from the AUC and the two sample sizes),
-    as a `cdm.quality.Interval` whose n is the number of scored items. An attack "fires" when the interval lies
-    above 0.5; an interval that holds 0.5 says the two sets cannot be told apart at this sample size."""
+    """AUC with its 95% interval (`auc_interval_of`). An attack "fires" when the interval lies above 0.5; an
+    interval that holds 0.5 says the two sets cannot be told apart at this sample size."""
+    return auc_interval_of(auc(scores_pos, scores_neg), len(scores_pos), len(scores_neg))
+
+
+def auc_interval_of(a: float, n_pos: int, n_neg: int):
+    """The 95% interval of an AUC measured on n_pos positives and n_neg negatives (Hanley and McNeil 1982: the
+    standard error from the AUC and the two sample sizes), as a `cdm.quality.Interval` (n: the items scored)."""
     from cdm.quality import Interval
 
-    a, n1, n2 = auc(scores_pos, scores_neg), len(scores_pos), len(scores_neg)
     q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
-    se = float(np.sqrt(max(a * (1 - a) + (n1 - 1) * (q1 - a * a) + (n2 - 1) * (q2 - a * a), 0.0) / (n1 * n2)))
-    return Interval(a, max(0.0, a - 1.96 * se), min(1.0, a + 1.96 * se), n1 + n2)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    se = float(np.sqrt(max(var, 0.0)))
+    return Interval(a, max(0.0, a - 1.96 * se), min(1.0, a + 1.96 * se), n_pos + n_neg)
 
 
 def membership_auc(loss_members: torch.Tensor, loss_heldout: torch.Tensor) -> float:

@@ -283,7 +283,7 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     versions = {tag: v for tag, v in (("before", plan.composite_before), ("after", retrained.composite_after))
                 if v is not None}
     aucs = composite_membership_auc(ctx, versions, members, nonmembers)
-    verdict = membership_verdict(aucs.get("before"), aucs.get("after"), ctx.params.evaluate.membership_auc_max)
+    verdict = membership_verdict(aucs.get("before"), aucs.get("after"), n, n)
     return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"), verdict=verdict)
 
 

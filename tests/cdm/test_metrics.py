@@ -31,12 +31,29 @@ def test_memorization_flags_copies_only():
 
 
 def test_membership_is_met_only_when_the_attack_fired_before():
-    from cdm.metrics import MEMBERSHIP_POWER, membership_verdict
+    from cdm.metrics import membership_verdict
 
-    assert membership_verdict(0.95, 0.52, 0.6).startswith("met")
-    assert membership_verdict(0.55, 0.50, 0.6).startswith("inconclusive")  # no power: "after" proves nothing
-    assert membership_verdict(0.95, 0.80, 0.6).startswith("failed")
-    assert membership_verdict(None, 0.5, 0.6) == "not measured" and MEMBERSHIP_POWER == 0.7
+    assert membership_verdict(0.95, 0.52, 100, 100).startswith("met")
+    # No power: 0.58 on 40 + 40 images has an interval that holds 0.5 (on 1,000 + 1,000 it would fire).
+    assert membership_verdict(0.58, 0.50, 40, 40).startswith("inconclusive")
+    assert membership_verdict(0.58, 0.50, 1000, 1000).startswith("met")
+    assert membership_verdict(0.95, 0.80, 100, 100).startswith("failed")
+    assert membership_verdict(None, 0.5, 100, 100) == "not measured"
+
+
+def test_the_auc_interval_covers_the_truth_at_its_stated_rate():
+    """Hanley-McNeil's interval on two normal score sets with a known AUC (Phi(d / sqrt 2)) covers it in ~95% of
+    draws, and an attack on identical distributions is called "cannot tell" about as often."""
+    from scipy import stats
+
+    from cdm.metrics import auc_interval
+
+    rng = np.random.default_rng(0)
+    for d, n in ((0.0, 60), (0.8, 60), (0.8, 300)):
+        truth = float(stats.norm.cdf(d / np.sqrt(2)))
+        hits = [(i.low <= truth <= i.high) for i in (auc_interval(rng.normal(d, 1, n), rng.normal(0, 1, n))
+                                                      for _ in range(400))]
+        assert 0.9 <= np.mean(hits) <= 0.99, (d, n, np.mean(hits))
 
 
 def test_the_membership_score_separates_an_overfitted_denoiser():

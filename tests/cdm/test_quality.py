@@ -90,3 +90,43 @@ def test_ratio_until_draws_sets_until_the_stated_precision():
     assert relative_half_width(tight) <= 0.05 or tight.n == 40
     capped, _, _ = ratio_until(ref, draw("a", 1.0), draw("b", 0.5), target=1e-6, min_sets=3, max_sets=9, step=4)
     assert capped.n == 9 and relative_half_width(capped) > 1e-6
+
+
+def test_the_ratio_of_means_has_no_jensen_bias_and_its_interval_covers():
+    from cdm.quality import ratio_of_means
+
+    rng = np.random.default_rng(0)
+    b = rng.uniform(5, 15, 8)
+    r = ratio_of_means(1.2 * b, b)  # a constant ratio: exact, with no width
+    assert r.mean == pytest.approx(1.2) and r.high - r.low == pytest.approx(0, abs=1e-12)
+    hits, per_pair = [], []
+    for _ in range(300):  # noisy pairs with true ratio of means 1.1: the interval covers it ~95% of the time
+        b = rng.normal(10, 2, 6)
+        a = rng.normal(11, 1, 6)
+        i = ratio_of_means(a, b)
+        hits.append(i.low <= 1.1 <= i.high)
+        per_pair.append(np.mean(a / b))
+    assert 0.9 <= np.mean(hits) <= 0.99
+    assert np.mean(per_pair) > 1.1 * 1.02  # the mean of per-pair ratios is biased upwards (what this replaces)
+
+
+def test_kid_is_zero_on_one_distribution_and_grows_with_a_shift():
+    from cdm.quality import kid
+
+    rng = np.random.default_rng(1)
+    same = [kid(rng.normal(0, 1, (300, 16)), rng.normal(0, 1, (300, 16))) for _ in range(20)]
+    assert abs(np.mean(same)) < 3 * np.std(same) / np.sqrt(20) + 1e-6  # unbiased: centred on 0
+    assert kid(rng.normal(0, 1, (300, 16)), rng.normal(0.5, 1, (300, 16))) > 10 * np.std(same)
+
+
+def test_precision_and_recall_tell_a_collapsed_model_from_a_good_one():
+    from cdm.quality import precision_recall
+
+    rng = np.random.default_rng(2)
+    real = rng.normal(0, 1, (500, 8))
+    good = precision_recall(real, rng.normal(0, 1, (500, 8)))
+    collapsed = precision_recall(real, rng.normal(0, 0.2, (500, 8)))  # all samples near the mode: no diversity
+    off = precision_recall(real, rng.normal(4, 1, (500, 8)))  # off the data manifold
+    assert good[0] > 0.8 and good[1] > 0.8
+    assert collapsed[0] > 0.9 and collapsed[1] < 0.3
+    assert off[0] < 0.2

@@ -185,8 +185,10 @@ def test_revocation_certificate(story):
     assert all(n > 0 for store, n in v["scan"]["scanned"].items() if store != "owner record"), v["scan"]["scanned"]
     assert cert["composite_after"] != cert["composite_before"]
     f = cert["forgetting"]
-    expected = "met" if f["auc_before"] >= 0.7 and f["auc_after"] <= 0.6 else "inconclusive" if f["auc_before"] < 0.7 \
-        else "failed"
+    from cdm.metrics import auc_interval_of
+
+    before, after = (auc_interval_of(f[k], f["n"], f["n"]) for k in ("auc_before", "auc_after"))
+    expected = "inconclusive" if before.low <= 0.5 else "failed" if after.low > 0.5 else "met"
     assert f["verdict"].startswith(expected), f  # 40-step shards: the attack has no power, and the record says so
     assert not re.search(r"\bcarol\b", json.dumps(cert))
     assert cert["ledger"]["seq"] == 0
