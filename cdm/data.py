@@ -241,17 +241,25 @@ def write_class_folders(images: np.ndarray, labels: np.ndarray, root: str | Path
 
 
 def write_demo_owners(
-    out: str | Path, n_owners: int, kind: PartitionName = "iid", seed: int = 0, heldout_fraction: float = 0.2
+    out: str | Path, n_owners: int, kind: PartitionName = "iid", seed: int = 0, heldout_fraction: float = 0.2,
+    public_fraction: float = 0.0,
 ) -> dict[str, Path]:
-    """Write the digits as owner folders `out/owner-XX/<label>/*.png` plus `out/heldout/` (no owner).
+    """Write the digits as owner folders `out/owner-XX/<label>/*.png` plus `out/heldout/` (no owner) and, with
+    `public_fraction`, `out/public/`: a stratified share of the non-held-out digits that belongs to no owner (the
+    shared base's pretraining data).
 
     Returns:
-        {owner id or "heldout": folder}.
+        {owner id, "heldout" or "public": folder}.
     """
     images, labels = digits_uint8()
     own, held = heldout_split(labels, heldout_fraction, seed=0)  # the held-out split is fixed, whatever the seed
     out = Path(out)
     folders = {}
+    if public_fraction > 0:
+        mine, pub = heldout_split(labels[own], public_fraction, seed=1)
+        write_class_folders(images[own][pub], labels[own][pub], out / "public")
+        folders["public"] = out / "public"
+        own = own[mine]
     for i, part in enumerate(partition(labels[own], n_owners, kind, seed)):
         owner = f"owner-{i:02d}"
         write_class_folders(images[own][part], labels[own][part], out / owner)

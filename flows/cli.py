@@ -201,12 +201,15 @@ def init(dir, remote, endpoint_url, artifact_root, workspace, want_json, verbose
 @click.option("--partition", type=click.Choice(["iid", "by-class"]), default="iid", show_default=True,
               help="how the digits are split between owners")
 @click.option("--out", default="demo-workspace", show_default=True, help="workspace folder to create")
+@click.option("--base/--no-base", default=False, show_default=True,
+              help="the paper's recipe: pretrain a shared base on a public fifth of the digits (no owner's) and "
+                   "fine-tune every shard and the paragon from it")
 @common
-def demo(quick, owners, partition, out, workspace, want_json, verbose):
+def demo(quick, owners, partition, out, base, workspace, want_json, verbose):
     """The whole story on scikit-learn's digits in a fresh workspace (owners' sources go to OUT.sources/)."""
     from flows import commands
 
-    run("demo", out, want_json, verbose, commands.demo, out, quick, owners, partition, bars(want_json))
+    run("demo", out, want_json, verbose, commands.demo, out, quick, owners, partition, bars(want_json), base)
 
 
 @cli.command()

@@ -40,7 +40,10 @@ def _corrupt_copy(src: Path, dst: Path) -> None:
 
 @flow(name="cdm-demo")
 def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, partition: str = "iid",
-         progress: bool = False) -> dict:
+         progress: bool = False, base: bool = False) -> dict:
+    """The story in a fresh workspace. `base`: the paper's recipe — a fifth of the non-held-out digits becomes
+    public data that belongs to no owner, `cdm pretrain` trains the shared base on it, and every shard and the
+    paragon fine-tune from it (`train.init: public`)."""
     import hashlib
 
     import torch
@@ -54,7 +57,7 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     from flows.composition import compose
     from flows.evaluation import evaluate
     from flows.ingestion import ingest
-    from flows.training import run_training
+    from flows.training import pretrain, run_training
     from flows.unlearning import unlearn_owner
 
     t0 = time.perf_counter()
@@ -63,13 +66,22 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     if root.exists() and any(p for p in root.iterdir() if p.name != ".cdm"):
         raise FileExistsError(f"{root} exists and is not empty; choose another --out or remove it")
     # The owners' side: their folders live beside the workspace, not in it (nothing of theirs is ours to keep).
-    sources = write_demo_owners(root.parent / f"{root.name}.sources", owners, partition)
+    sources = write_demo_owners(root.parent / f"{root.name}.sources", owners, partition,
+                                public_fraction=0.2 if base else 0.0)
+    owner_ids = sorted(o for o in sources if o not in ("heldout", "public"))
     params = demo_params(quick)
-    sizes = sorted(sum(1 for _ in f.glob("*/*.png")) for o, f in sources.items() if o != "heldout")
+    if base:
+        params.train.init = "public"
+        params.train.init_steps = params.train.steps * 2  # the base sees the public digits at least as long
+    sizes = sorted(sum(1 for _ in sources[o].glob("*/*.png")) for o in owner_ids)
     if len(sizes) >= 3:
         params.train.min_shard_samples = sizes[1] + 1  # the two smallest owners share a shard
     init_workspace(root, params=params)
     ctx = Context.load(root)
+    if base:  # 0. The shared base, on public data only (registered as cdm-init; no owner's data in it).
+        t = time.perf_counter()
+        pretrain(str(root), str(sources["public"]), progress=progress)
+        times["pretrain"] = time.perf_counter() - t
 
     # 1. Ingestion: one batch with a corrupt file is rejected first, then every owner's good batch.
     t = time.perf_counter()
@@ -81,7 +93,7 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     except IngestionRejected as e:
         rejection = e.summary()
     tokens = {}
-    for owner in sorted(o for o in sources if o != "heldout"):
+    for owner in owner_ids:
         r = ingest(ctx, owner, str(sources[owner]), "cc-by" if owner != "owner-00" else "proprietary")
         tokens[owner] = r["token"]
     times["ingest"] = time.perf_counter() - t
@@ -125,6 +137,8 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
 
     summary = {
         "workspace": str(root), "owners": owners, "partition": partition, "quick": quick,
+        "shared_base": ({"public_images": sum(1 for _ in sources["public"].glob("*/*.png")),
+                         "steps": params.train.init_steps} if base else None),
         "rejected_batch": rejection, "shards": {s: len(o) for s, o in plan.items()},
         "revoked_key": victim_key, "request_id": cert["request_id"],
         "fid_before": before["fid"], "fid_after": after["fid"],
@@ -187,6 +201,9 @@ def report(s: dict, ctx, names: dict[str, str]) -> str:
     lines = [
         "", "cdm demo summary", "================",
         f"workspace: {s['workspace']}  ({s['owners']} owners, {s['partition']}, shards: {s['shards']})",
+        ("shared base: pretrained on {public_images} public digits (no owner's) for {steps} steps; every shard and the "
+         "paragon fine-tuned from it".format(**s["shared_base"]) if s["shared_base"] else
+         "shared base: none (shards and paragon from random weights; `--base` for the paper's recipe)"),
         f"rejected batch: {s['rejected_batch']}",
         f"revoked: {victim} ({s['request_id']}), verification {'ok' if s['verification_ok'] else 'FAILED'} "
         f"({len(s['stores_scanned'] or {})} stores scanned)",

@@ -153,17 +153,22 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
             raise
         if grid:
             # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
-            from cdm.data import save_grid
-
             (Path(tmp) / "loaded").mkdir()
             model = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}",
                                              dst_path=str(Path(tmp) / "loaded"))
-            out = model.predict({"n": 20, "seed": 0})
-            png = save_grid(torch.from_numpy(out["images"]), Path(tmp) / "samples.png", nrow=10)
-            mlflow.log_artifact(str(png))
+            mlflow.log_artifact(str(sample_grid(model, Path(tmp) / "samples.png")))
     return {"name": registry.COMPOSITE, "version": logged.version, "run_id": logged.run_id,
             "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"],
             "left_out": spec.get("left_out", [])}
+
+
+def sample_grid(model, path: Path) -> Path:
+    """A PNG grid of 20 samples (seed 0, two rows) of a loaded composite: the one every composite's run logs and
+    `cdm compose --out` writes."""
+    from cdm.data import save_grid
+
+    out = model.predict({"n": 20, "seed": 0})
+    return save_grid(torch.from_numpy(out["images"]), path, nrow=10)
 
 
 def spec_of(ctx: Context, version: str) -> dict:

@@ -59,15 +59,11 @@ def write_loss_curves(ctx: Context, folder: str | Path) -> Path:
 
 
 def write_grid(ctx: Context, path: str | Path, alias: str = "production") -> Path:
-    """A grid of 20 samples (seed 0) of the composite `alias` names."""
-    import torch
-
-    from cdm.data import save_grid
-    from cdm.platform.composites import load_production
+    """The sample grid (`composites.sample_grid`) of the composite `alias` names."""
+    from cdm.platform.composites import load_production, sample_grid
 
     with load_production(ctx, alias) as model:
-        out = model.predict({"n": 20, "seed": 0})
-    return save_grid(torch.from_numpy(out["images"]), Path(path), nrow=10)
+        return sample_grid(model, Path(path))
 
 
 def train_record(result: dict) -> dict:

@@ -50,10 +50,10 @@ def status(workspace: str):
     return result, "\n".join(lines)
 
 
-def demo(out: str, quick: bool, owners: int, partition: str, progress: bool):
+def demo(out: str, quick: bool, owners: int, partition: str, progress: bool, base: bool = False):
     from flows.demo import demo as run_demo
 
-    result = run_demo(out, quick=quick, owners=owners, partition=partition, progress=progress)
+    result = run_demo(out, quick=quick, owners=owners, partition=partition, progress=progress, base=base)
     return result, result["report"]
 
 
