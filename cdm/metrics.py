@@ -190,7 +190,8 @@ def membership_verdict(auc_before: float | None, auc_after: float | None, n_memb
     - `inconclusive` when the attack had no power on the owner before the revocation (the positive control did
       not fire: its interval holds 0.5), so the AUC after it is no evidence of forgetting;
     - `failed` when the attack still tells the owner's images from unseen ones after (the interval lies above 0.5);
-    - `met` when it fired before and cannot tell them apart after."""
+    - `met` when it fired before, cannot tell them apart after, and the drop is larger than both intervals;
+      an AUC that fell less than that is `inconclusive` too."""
     if auc_before is None or auc_after is None:
         return "not measured"
     before = auc_interval_of(auc_before, n_members, n_nonmembers)
@@ -201,6 +202,9 @@ def membership_verdict(auc_before: float | None, auc_after: float | None, n_memb
                 f"{n}), so the AUC after it is no evidence of forgetting")
     if after.low > 0.5:
         return f"failed: the attack still separates the owner's images after the revocation (AUC {after}, {n})"
+    if after.high >= before.low:
+        return (f"inconclusive: the attack fired before the revocation (AUC {before}) but the AUC after it ({after}) "
+                f"did not drop by more than the two intervals' noise ({n})")
     return f"met: the attack fired before the revocation (AUC {before}) and cannot tell after it (AUC {after}, {n})"
 
 

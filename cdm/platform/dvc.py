@@ -88,29 +88,38 @@ def add_and_push(workspace: str | Path, push: bool = True, retry_delays: Sequenc
 def repo(workspace: str | Path):
     """The workspace's DVC repository, opened in this process through DVC's Python API (`dvc.repo.Repo`): the
     same code the `dvc` command runs, without a new interpreter per call (~1 s each, most of an ingestion's DVC
-    time). Its site cache is the workspace's own (`site_cache_dir`), as for the commands `run` starts."""
+    time). Its site cache and its cache are the workspace's own (`site_cache_dir`, `cache_dir`), whatever a global
+    or system DVC configuration says: the purge looks for the owners' files there and nowhere else."""
     from dvc.repo import Repo
 
-    ours = str(site_cache_dir(workspace))
-    if os.environ.get("DVC_SITE_CACHE_DIR", ours) != ours:
-        # DVC prefers the variable to any configuration: in this process it would index the workspace's files in
-        # a folder no purge of this workspace sees. Refuse rather than leak.
-        raise DvcError(f"DVC_SITE_CACHE_DIR is set to {os.environ['DVC_SITE_CACHE_DIR']}; unset it (cdm keeps "
-                       f"DVC's site cache in {ours})")
-    with Repo(str(Path(workspace).resolve()), config={"core": {"site_cache_dir": ours}}) as r:
+    check_site_cache(workspace)
+    with Repo(str(Path(workspace).resolve()), config={"core": {"site_cache_dir": str(site_cache_dir(workspace))},
+                                                      "cache": {"dir": str(cache_dir(workspace).resolve())}}) as r:
         yield r
 
 
+def check_site_cache(workspace: str | Path) -> None:
+    """DVC prefers the DVC_SITE_CACHE_DIR variable to any configuration: in this process it would index the
+    workspace's files in a folder no purge of this workspace sees. Refuse rather than leak."""
+    ours = str(site_cache_dir(workspace))
+    if os.environ.get("DVC_SITE_CACHE_DIR", ours) != ours:
+        raise DvcError(f"DVC_SITE_CACHE_DIR is set to {os.environ['DVC_SITE_CACHE_DIR']}; unset it (cdm keeps "
+                       f"DVC's site cache in {ours})")
+
+
 @contextlib.contextmanager
-def api_errors(what: str):
-    """DVC's exceptions, and the storage layer's below it (s3fs raises `OSError`s, botocore its own), as one
-    `DvcError` line: what failed and why (the retries and the caller's rollback key on it)."""
-    from botocore.exceptions import BotoCoreError, ClientError
+def api_errors(what: str, storage: bool = False):
+    """DVC's exceptions, and the file system's, as one `DvcError` line: what failed and why (the retries and the
+    caller's rollback key on it). `storage`: the call talks to the remote, whose client stack (s3fs, aiobotocore,
+    aiohttp) raises more than `OSError` (a parser error on a proxy's HTML answer, a truncated payload): every
+    `Exception` counts then."""
     from dvc.exceptions import DvcException
 
     try:
         yield
-    except (DvcException, OSError, BotoCoreError, ClientError) as e:
+    except DvcError:
+        raise
+    except (DvcException, OSError) if not storage else Exception as e:
         cause = f" ({e.__cause__})" if e.__cause__ and str(e.__cause__) not in str(e) else ""
         raise DvcError(f"dvc {what} failed: {type(e).__name__}: {e}{cause}") from e
 
@@ -124,6 +133,7 @@ def push_with_retries(workspace: str | Path, retry_delays: Sequence[float] = (1.
     """
     from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_chain, wait_fixed
 
+    check_site_cache(workspace)  # a configuration error: no retry
     delays = list(retry_delays)
 
     def warn(state) -> None:
@@ -136,7 +146,7 @@ def push_with_retries(workspace: str | Path, retry_delays: Sequence[float] = (1.
                         retry=retry_if_exception_type(DvcError))
     try:
         for attempt in retrying:
-            with attempt, api_errors("push"), repo(workspace) as r:
+            with attempt, api_errors("push", storage=True), repo(workspace) as r:
                 r.push()
     except DvcError as e:
         raise RemoteError(f"the DVC remote did not accept the push after {len(delays) + 1} attempts "

@@ -156,6 +156,12 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
             git_commit(ws.root, f"data: ingest {owner_key}", "data.dvc", ".gitignore")
             _end_journal(journal)
         except BaseException as failure:
+            if not isinstance(failure, Exception):
+                # Interrupted (Ctrl-C, a cancellation, an exit): DVC's uploads run on fsspec's event-loop thread and
+                # may still land after this thread stopped waiting for them, so an undo now could delete objects
+                # before they arrive. The journal stays: the next command, under the workspace lock, undoes the
+                # batch as it does after kill -9.
+                raise
             try:
                 recover_interrupted(ctx)
             except Exception as cleanup:  # e.g. the remote is still down: local state is restored, the journal stays

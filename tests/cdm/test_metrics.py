@@ -38,6 +38,8 @@ def test_membership_is_met_only_when_the_attack_fired_before():
     assert membership_verdict(0.58, 0.50, 40, 40).startswith("inconclusive")
     assert membership_verdict(0.58, 0.50, 1000, 1000).startswith("met")
     assert membership_verdict(0.95, 0.80, 100, 100).startswith("failed")
+    # Fired, and "cannot tell" after, but the AUC barely moved: no evidence that the revocation changed anything.
+    assert membership_verdict(0.62, 0.55, 150, 150).startswith("inconclusive")
     assert membership_verdict(None, 0.5, 100, 100) == "not measured"
 
 

@@ -185,11 +185,7 @@ def test_revocation_certificate(story):
     assert all(n > 0 for store, n in v["scan"]["scanned"].items() if store != "owner record"), v["scan"]["scanned"]
     assert cert["composite_after"] != cert["composite_before"]
     f = cert["forgetting"]
-    from cdm.metrics import auc_interval_of
-
-    before, after = (auc_interval_of(f[k], f["n"], f["n"]) for k in ("auc_before", "auc_after"))
-    expected = "inconclusive" if before.low <= 0.5 else "failed" if after.low > 0.5 else "met"
-    assert f["verdict"].startswith(expected), f  # 40-step shards: the attack has no power, and the record says so
+    assert f["verdict"].startswith("inconclusive"), f  # 40-step shards: the attack has no power, and the record says so
     assert not re.search(r"\bcarol\b", json.dumps(cert))
     assert cert["ledger"]["seq"] == 0
     # Where operators look: the certificate on the flow run, in the Prefect UI (owner key only).
