@@ -98,3 +98,17 @@ def test_bundled_mnist_has_256_levels_and_a_disjoint_three_way_split():
     assert abs(len(public) - 1000) <= 10 and abs(len(held) - 1000) <= 10
     for part in (public, owners, held):  # stratified: every class in every part
         assert set(labels[part]) == set(range(10))
+
+
+def test_demo_owners_with_a_public_share_keep_it_apart_from_owners_and_heldout(tmp_path):
+    from cdm.data import sha256_bytes
+
+    folders = write_demo_owners(tmp_path / "src", 4, "iid", public_fraction=0.2)
+    ids = {name: {sha256_bytes(f.read_bytes()) for f in folder.glob("*/*.png")} for name, folder in folders.items()}
+    owners = set().union(*(v for k, v in ids.items() if k.startswith("owner-")))
+    assert not ids["public"] & owners and not ids["public"] & ids["heldout"] and not owners & ids["heldout"]
+    plain = write_demo_owners(tmp_path / "plain", 4, "iid")
+    assert set(plain) == set(folders) - {"public"}
+    total = sum(len(v) for v in ids.values())
+    assert len(ids["public"]) == pytest.approx(0.2 * (total - len(ids["heldout"])), abs=10)
+    assert {len(list(f.glob("*"))) for f in (folders["public"],)} == {10}  # every digit is public

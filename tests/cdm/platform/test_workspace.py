@@ -70,3 +70,25 @@ def test_dvc_deletes_exactly_the_given_objects_from_cache_and_remote(ws, tmp_pat
     assert deleted == {"cache": [b], "remote": [b]}
     listing = dvc.list_objects(ws.root)
     assert a in listing["cache"] and a in listing["remote"] and b not in listing["cache"] | listing["remote"]
+
+
+def test_dvc_keeps_its_caches_in_the_workspace_whatever_the_global_config_says(ws, tmp_path, monkeypatch):
+    """A global DVC configuration that moves the cache, and a DVC_SITE_CACHE_DIR elsewhere, would put owners' file
+    hashes where no purge of this workspace looks: the in-process calls ignore the one and refuse the other."""
+    import subprocess
+
+    elsewhere = tmp_path / "elsewhere"
+    monkeypatch.setenv("DVC_GLOBAL_CONFIG_DIR", str(tmp_path / "global"))
+    (tmp_path / "global").mkdir()
+    (tmp_path / "global" / "config").write_text(f"[cache]\n    dir = {elsewhere / 'cache'}\n")
+    subprocess.run(["git", "init", "-q"], cwd=ws.root, check=True)
+    dvc.init(ws.root, str(tmp_path / "remote"))
+    (ws.owners_dir / "alice" / "1").mkdir(parents=True)
+    (ws.owners_dir / "alice" / "1" / "x.png").write_bytes(b"a-bytes")
+    dvc.add_and_push(ws.root, retry_delays=())
+    assert dvc.md5_bytes(b"a-bytes") in dvc.list_objects(ws.root)["cache"]
+    assert not elsewhere.exists()
+    monkeypatch.setenv("DVC_SITE_CACHE_DIR", str(elsewhere / "site"))
+    with pytest.raises(dvc.DvcError, match="DVC_SITE_CACHE_DIR"):
+        dvc.add_and_push(ws.root, retry_delays=())
+    assert not elsewhere.exists()
