@@ -5,7 +5,8 @@ Every step is a real `cdm` command in its own process, as a user runs them: inge
 → train on a Dask cluster of worker processes → compose → the owner revokes by event → the worker (not
 `serve`) runs the unlearning flow → purge → verification that asks the MLflow server, dumps both PostgreSQL
 databases, reads the cluster's files and the bucket → re-evaluation → 16 samples from the production pyfunc the
-tracking server serves → `cdm stack down`.
+tracking server serves → `cdm stack down`. That story runs in `make test-slow`; `make test` runs a smoke test
+of the same stack (up, one ingestion from its S3, authentication, down).
 """
 
 from __future__ import annotations
@@ -48,8 +49,25 @@ def cdm(*args: str, timeout: float = 600) -> dict:
 
 
 @pytest.fixture(scope="module")
+def smoke(small_params, digit_owners):
+    """`make test`'s run: stack up, one owner ingested from the stack's S3, the unauthenticated requests, down."""
+    yield from run_stack(small_params, digit_owners, full=False)
+
+
+@pytest.fixture(scope="module")
 def story(small_params, digit_owners):
-    from cdm.platform.stack import Stack, client_env, s3_client
+    """`make test-slow`'s run: the whole story of the module docstring."""
+    yield from run_stack(small_params, digit_owners, full=True)
+
+
+@pytest.fixture(params=["smoke", pytest.param("story", marks=pytest.mark.slow)])
+def stack_run(request):
+    """What both runs show (the stack's services, its authentication, its shutdown), checked on each."""
+    return request.getfixturevalue(request.param)
+
+
+def run_stack(small_params, digit_owners, full: bool):
+    from cdm.platform.stack import Stack, s3_client
     from tests.flows.test_pipeline import upload
 
     # PostgreSQL runs as the `postgres` user when we are root: the workspace must be reachable by it.
@@ -68,41 +86,50 @@ def story(small_params, digit_owners):
         s3 = s3_client(ws, stack)
         s3.create_bucket(Bucket="owners")
         upload(s3, sources["alice"], "owners", "alice")
-        out["ingest"] = {"alice": cdm("ingest", "alice", "s3://owners/alice", "--workspace", str(ws.root)),
-                         "bob": cdm("ingest", "bob", str(sources["bob"]), "--workspace", str(ws.root))}
-        out["train"] = cdm("train", "--workspace", str(ws.root))
-        out["compose"] = cdm("compose", "--workspace", str(ws.root))
-        # bob revokes by event: the stack's automation creates a flow run of `on-revocation` on the work pool.
-        bob = out["ingest"]["bob"]
-        emit = ("from prefect.events import emit_event; import sys; "
-                "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
-                "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
-        subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
-                       check=True, env={**env(), **client_env(ws, stack)}, timeout=120)
-        started = time.perf_counter()
-        out["revocation"] = wait_for_revocation(ws.root, timeout=600)
-        TIMINGS["revocation by event"] = round(time.perf_counter() - started, 1)
+        out["ingest"] = {"alice": cdm("ingest", "alice", "s3://owners/alice", "--workspace", str(ws.root))}
         out["unauthenticated"] = unauthenticated_requests(stack)
-        with patched_env(client_env(ws, stack)):  # this test process reads the registry and the API as cdm does
-            # The record says `completed` inside the run's last task; the run itself ends a moment later (it
-            # leaves its certificate artifact first): wait for it to reach a final state.
-            deadline = time.time() + 300
-            while True:
-                out["flow_runs"] = flow_runs(stack.prefect_api_url)
-                if time.time() > deadline or not [r for r in out["flow_runs"] if r["deployment"] == "on-revocation"
-                                                  and r["state"] in ("Scheduled", "Pending", "Running")]:
-                    break
-                time.sleep(1)
-            out["versions"] = registry_versions(stack.mlflow_tracking_uri)
-            out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
-                              for o in page.get("Contents", [])]
-            probe = sample_and_probe(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
-        out["probe"], out["sample"] = probe["stores"], probe
+        if full:
+            whole_story(out, ws, stack, s3, sources)
     finally:
         out["down"] = cdm("stack", "down", "--workspace", str(ws.root))
-        print("stack story, seconds:", TIMINGS)
+        print(f"stack {'story' if full else 'smoke test'}, seconds:", TIMINGS)
     yield out
     shutil.rmtree(tmp, ignore_errors=True)
+
+
+def whole_story(out: dict, ws, stack, s3, sources) -> None:
+    """After one ingestion: a second owner, training on Dask, compose, bob's revocation by event on the work pool,
+    the registry and the bucket as they are after it, and a probe of every store for alice's key."""
+    from cdm.platform.stack import client_env
+
+    out["ingest"]["bob"] = cdm("ingest", "bob", str(sources["bob"]), "--workspace", str(ws.root))
+    out["train"] = cdm("train", "--workspace", str(ws.root))
+    out["compose"] = cdm("compose", "--workspace", str(ws.root))
+    # bob revokes by event: the stack's automation creates a flow run of `on-revocation` on the work pool.
+    bob = out["ingest"]["bob"]
+    emit = ("from prefect.events import emit_event; import sys; "
+            "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
+            "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
+    subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
+                   check=True, env={**env(), **client_env(ws, stack)}, timeout=120)
+    started = time.perf_counter()
+    out["revocation"] = wait_for_revocation(ws.root, timeout=600)
+    TIMINGS["revocation by event"] = round(time.perf_counter() - started, 1)
+    with patched_env(client_env(ws, stack)):  # this test process reads the registry and the API as cdm does
+        # The record says `completed` inside the run's last task; the run itself ends a moment later (it
+        # leaves its certificate artifact first): wait for it to reach a final state.
+        deadline = time.time() + 300
+        while True:
+            out["flow_runs"] = flow_runs(stack.prefect_api_url)
+            if time.time() > deadline or not [r for r in out["flow_runs"] if r["deployment"] == "on-revocation"
+                                              and r["state"] in ("Scheduled", "Pending", "Running")]:
+                break
+            time.sleep(1)
+        out["versions"] = registry_versions(stack.mlflow_tracking_uri)
+        out["objects"] = [o["Key"] for page in s3.get_paginator("list_objects_v2").paginate(Bucket="cdm-mlflow")
+                          for o in page.get("Contents", [])]
+        probe = sample_and_probe(ws.root, alice_key=out["ingest"]["alice"]["owner_key"])
+    out["probe"], out["sample"] = probe["stores"], probe
 
 
 @contextlib.contextmanager
@@ -188,25 +215,31 @@ def sample_and_probe(root: Path, alice_key: str) -> dict:
                                      text=True, check=True, env={**env(), **os.environ}, cwd=REPO).stdout)
 
 
-def test_stack_up_prints_where_each_service_is_and_no_secret(story):
-    up = story["up"]
+def test_stack_up_prints_where_each_service_is_and_no_secret(stack_run):
+    up = stack_run["up"]
     assert up["mlflow_tracking_uri"].startswith("http://127.0.0.1:")
     assert up["prefect_api_url"].startswith("http://127.0.0.1:") and up["work_pool"] == "cdm"
     assert up["s3_endpoint_url"].startswith("http://127.0.0.1:") and "on-revocation" in up["deployments"]
-    secrets = json.loads((story["ws"].root / ".cdm" / "stack" / "credentials.json").read_text())
+    secrets = json.loads((stack_run["ws"].root / ".cdm" / "stack" / "credentials.json").read_text())
     assert not any(secrets[k] in json.dumps(up) for k in ("postgres_password", "aws_access_key_id",
                                                           "aws_secret_access_key"))
-    assert oct((story["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
+    assert oct((stack_run["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
 
 
-def test_an_unauthenticated_request_to_the_prefect_or_mlflow_api_is_refused(story):
-    codes = story["unauthenticated"]
+def test_an_owner_is_ingested_from_the_stacks_s3(stack_run):
+    alice = stack_run["ingest"]["alice"]
+    assert alice["added"] > 0 and alice["token"] and alice["owner_key"] != "alice"
+
+
+def test_an_unauthenticated_request_to_the_prefect_or_mlflow_api_is_refused(stack_run):
+    codes = stack_run["unauthenticated"]
     assert codes["mlflow search"] == 401 and codes["prefect flows"] == 401 and codes["prefect deployment run"] == 401
     assert codes["mlflow health"] == 200 and codes["prefect health"] == 200  # the positive control: they answer
-    ini = story["ws"].root / ".cdm" / "stack" / "mlflow-auth.ini"
+    ini = stack_run["ws"].root / ".cdm" / "stack" / "mlflow-auth.ini"
     assert oct(ini.stat().st_mode)[-3:] == "600"
 
 
+@pytest.mark.slow
 def test_shards_train_on_dask_workers_against_the_tracking_server(story):
     shards = story["train"]["shards"]
     assert len(shards) == 2 and all(not s["skipped"] for s in shards.values())
@@ -216,6 +249,7 @@ def test_shards_train_on_dask_workers_against_the_tracking_server(story):
     assert story["sample"]["images"][0] == 16 and story["sample"]["attribution"] == 16
 
 
+@pytest.mark.slow
 def test_the_revocation_event_runs_on_the_work_pool_worker(story):
     rev = story["revocation"]
     assert rev["requested_via"] == "event" and rev["completed"]
@@ -223,6 +257,7 @@ def test_the_revocation_event_runs_on_the_work_pool_worker(story):
     assert runs and all(r["work_pool"] == "cdm" and r["state"] == "Completed" for r in runs), story["flow_runs"]
 
 
+@pytest.mark.slow
 def test_the_purge_check_asks_the_server_and_the_bucket_and_finds_nothing(story):
     rev = story["revocation"]
     verify = rev["verify"]
@@ -242,10 +277,10 @@ def test_the_purge_check_asks_the_server_and_the_bucket_and_finds_nothing(story)
     assert rev["reevaluate"]["fid"] > 0 and rev["reevaluate"]["composite_version"]
 
 
-def test_stack_down_stops_every_process(story):
-    stack = story["stack"]
-    assert set(story["down"]["stopped"]) >= {"worker", "prefect", "mlflow", "s3", "postgres"}
+def test_stack_down_stops_every_process(stack_run):
+    stack = stack_run["stack"]
+    assert set(stack_run["down"]["stopped"]) >= {"worker", "prefect", "mlflow", "s3", "postgres"}
     from cdm.platform.stack import alive
 
     assert not [name for name, pid in stack.pids.items() if alive(pid)]
-    assert not (story["ws"].root / ".cdm" / "stack" / "pg" / "postmaster.pid").exists()
+    assert not (stack_run["ws"].root / ".cdm" / "stack" / "pg" / "postmaster.pid").exists()
