@@ -257,15 +257,19 @@ def train(owners, paragon, out, curves, workspace, want_json, verbose):
 
 
 @cli.command()
-@click.argument("source")
+@click.argument("source", required=False)
 @click.option("--steps", type=click.IntRange(min=1), help="optimizer steps (default: params.yaml train.init_steps)")
+@click.option("--from", "brought", metavar="DIR", help="register your own base instead of training one: a diffusers "
+              "UNet folder (save_pretrained layout) that fits the workspace's data and model")
+@click.option("--trained-on", help="with --from: what that base was trained on (recorded; certificates quote it)")
 @common
-def pretrain(source, steps, workspace, want_json, verbose):
-    """Train the shared initialization (cdm-init@current) on public data that belongs to no owner; refused if any
-    sample is also an owner's."""
+def pretrain(source, steps, brought, trained_on, workspace, want_json, verbose):
+    """Train the shared initialization (cdm-init@current) on public data at SOURCE that belongs to no owner (refused
+    if any sample is also an owner's), or register a base you already have (--from DIR --trained-on TEXT)."""
     from flows import commands
 
-    run("pretrain", workspace, want_json, verbose, commands.pretrain, workspace, source, steps, bars(want_json))
+    run("pretrain", workspace, want_json, verbose, commands.pretrain, workspace, source, steps, bars(want_json),
+        brought, trained_on)
 
 
 @cli.command()

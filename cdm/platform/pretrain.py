@@ -4,7 +4,9 @@ With `train.init: public` every shard and the paragon start from it instead of r
 at equal total compute it is what brings the composite close to the paragon). It holds no owner's data, so forgetting
 an owner never touches it and the deletion rules of docs/design.md §5 are unchanged; for that reason a public sample that
 an owner also holds is refused. Provenance: registered as `cdm-init` with the source, the sha256 of the list of
-public samples (logged as `public_manifest.json`), the training config and the weights' hashes.
+public samples (logged as `public_manifest.json`), the training config and the weights' hashes. A team that already
+has a base brings it instead (`register_brought_init`): a diffusers UNet folder, checked against the workspace's
+data and model, registered with its hashes and the team's statement of what it was trained on.
 """
 
 from __future__ import annotations
@@ -94,3 +96,78 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
         c.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
     return {"name": registry.INIT, "version": logged.version, "samples": len(data), "steps": tcfg.steps,
             "seconds": round(result.seconds, 2), "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}
+
+
+def check_brought_unet(folder: str | Path, params: Params):
+    """A user's diffusers UNet folder (`save_pretrained` layout) as a UNet the workspace's shards can start from.
+
+    Raises:
+        WorkspaceError: one line naming what does not fit (not a diffusers UNet folder, sample size, channels,
+            class embedding, or an architecture other than the workspace's model).
+    """
+    from cdm.config import model_config
+    from cdm.model import build_unet, load_unet
+
+    folder = Path(folder)
+    config_file, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        config = None
+    if not isinstance(config, dict) or config.get("_class_name") != "UNet2DModel" or not weights.is_file():
+        raise WorkspaceError(f"{folder} is not a diffusers UNet folder (save_pretrained layout: config.json naming "
+                             "UNet2DModel and diffusion_pytorch_model.safetensors)")
+    d, cfg = params.data, model_config(params)
+    checks = (("sample size", config.get("sample_size"), d.image_size),
+              ("input channels", config.get("in_channels"), d.channels),
+              ("output channels", config.get("out_channels"), d.channels),
+              ("class embeddings (labels + the null label)", config.get("num_class_embeds"), cfg.num_classes + 1))
+    wrong = [f"{what} {got} where the workspace's data need {want}" for what, got, want in checks if got != want]
+    if wrong:
+        raise WorkspaceError(f"{folder}: the UNet does not fit this workspace: {'; '.join(wrong)}")
+    try:
+        unet = load_unet(folder)
+    except Exception as e:  # noqa: BLE001 - a corrupt or foreign file, named in one line
+        raise WorkspaceError(f"{folder}: the UNet does not load: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+    ours = {k: v.shape for k, v in build_unet(cfg, seed=0).state_dict().items()}
+    theirs = {k: v.shape for k, v in unet.state_dict().items()}
+    missing, unexpected = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
+    reshaped = [k for k in ours.keys() & theirs.keys() if ours[k] != theirs[k]]
+    if missing or unexpected or reshaped:
+        raise WorkspaceError(f"{folder}: the UNet's architecture is not the workspace's model ({cfg.to_json()}): "
+                             f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} differently "
+                             "shaped weights; set model in params.yaml to match it")
+    return unet
+
+
+def register_brought_init(ctx: Context, folder: str | Path, trained_on: str) -> dict:
+    """Register a user's own base (a diffusers UNet folder that fits the workspace, `check_brought_unet`) as a new
+    `cdm-init` version: its weights' hashes, where it came from and the user's statement of its training data
+    (`cdm.trained_on`), which cdm cannot check; the certificate of every revocation quotes it."""
+    from cdm.config import model_config
+    from cdm.platform.weights import WEIGHTS_FILE, sha256_file
+
+    if not trained_on.strip():
+        raise WorkspaceError("say what the base was trained on (--trained-on): the certificate quotes it")
+    unet = check_brought_unet(folder, ctx.params)
+    cfg = model_config(ctx.params)
+    with registry.start_run(ctx.experiment_id, "pretrain-brought", {"cdm.kind": "init"}) as run, \
+            ctx.ws.tempdir() as tmp:
+        unet_dir = save_unet(unet, Path(tmp) / "unet")
+        weights_sha = sha256_file(unet_dir / WEIGHTS_FILE)
+        meta = Path(tmp) / "meta.json"
+        meta.write_text(json.dumps({"weights_sha256": weights_sha, "model_config": json.loads(cfg.to_json())}))
+        statement = Path(tmp) / "trained_on.txt"
+        statement.write_text(trained_on.strip() + "\n")
+        tags = {"cdm.public": "true", "cdm.brought": "true", "cdm.source": str(Path(folder).resolve()),
+                "cdm.trained_on": trained_on.strip()[:5000],
+                "cdm.trained_on_sha256": hashlib.sha256(statement.read_bytes()).hexdigest(),
+                "cdm.source_weights_sha256": sha256_file(Path(folder) / "diffusion_pytorch_model.safetensors"),
+                "cdm.weights_sha256": weights_sha, "cdm.state_sha256": state_sha256(unet.state_dict())}
+        logged = registry.log_model(
+            ctx.client, run, registry.INIT, model_code="shard.py", artifacts={"unet": str(unet_dir), "meta": str(meta)},
+            params={"model": cfg.to_json(), "source": str(folder)}, metrics=None, files=[statement],
+            version_tags=tags)
+        ctx.client.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
+    return {"name": registry.INIT, "version": logged.version, "brought": True, "trained_on": trained_on.strip(),
+            "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}

@@ -49,8 +49,9 @@ def certificate_markdown(cert: dict) -> str:
              f"- ledger entry {cert.get('ledger', {}).get('seq')} ({str(cert.get('ledger', {}).get('hash'))[:16]}…)"]
     base = cert.get("shared_base")
     if base:
-        lines.append(f"- shared base {base['model']} v{base['version']} untouched (public manifest "
-                     f"{str(base['public_manifest_sha256'])[:16]}…)")
+        origin = (f"public manifest {str(base['public_manifest_sha256'])[:16]}…" if base.get("public_manifest_sha256")
+                  else f"brought, trained on: {base.get('trained_on')}")
+        lines.append(f"- shared base {base['model']} v{base['version']} untouched ({origin})")
     lines += ["", "| store | items scanned | findings |", "|---|---|---|"]
     lines += [f"| {store} | {n} | {findings.get(store, 0)} |" for store, n in scan.get("scanned", {}).items()]
     return "\n".join(lines) + "\n"

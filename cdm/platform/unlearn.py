@@ -411,6 +411,7 @@ def shared_base(ctx: Context) -> dict | None:
         weights = sha256_file(files / UNET_ARTIFACT / WEIGHTS_FILE)  # as stored now, not as the tag says
     return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": weights,
             "public_manifest_sha256": mv.tags.get("cdm.public_manifest_sha256"),
+            "trained_on": mv.tags.get("cdm.trained_on"),  # a brought base: its owners' statement
             "touched": weights != mv.tags.get("cdm.weights_sha256")}
 
 

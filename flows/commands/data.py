@@ -93,11 +93,21 @@ def consent(workspace: str, owner: str):
             f"data in again\nowner token (shown once): {token}")
 
 
-def pretrain(workspace: str, source: str, steps: int | None, progress: bool):
+def pretrain(workspace: str, source: str | None, steps: int | None, progress: bool, brought: str | None = None,
+             trained_on: str | None = None):
     from cdm.platform.ingest import IngestionRejected
     from flows.training import pretrain as run_pretrain
 
-    _ctx(workspace)
+    ctx = _ctx(workspace)
+    if brought is not None or source is None:
+        if brought is None or source is not None or steps is not None or trained_on is None:
+            raise WorkspaceError("give either SOURCE (public data to train the base on) or --from DIR with "
+                                 "--trained-on TEXT (a base you already have), not both")
+        from cdm.platform.pretrain import register_brought_init
+
+        result = register_brought_init(ctx, brought, trained_on)
+        return result, (f"cdm-init v{result['version']} (alias current): brought from {brought}, trained on: "
+                        f"{result['trained_on']}; set `train.init: public` in params.yaml to start shards from it")
     try:
         result = run_pretrain(str(Path(workspace).resolve()), source, steps, progress=progress)
     except IngestionRejected as e:

@@ -1,0 +1,42 @@
+"""Bringing your own base: `cdm pretrain --from DIR --trained-on TEXT` (no training, so it runs in `make test`)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from cdm.config import model_config
+from cdm.model import build_unet, load_unet, save_unet
+from cdm.platform import registry
+from cdm.platform.create import init_workspace
+from cdm.safetensors_io import state_sha256
+from flows.cli import main as cli
+
+
+def test_a_brought_base_is_registered_with_its_statement_and_a_misfit_is_refused(tmp_path, small_params, capsys):
+    p = small_params()
+    ws = init_workspace(tmp_path / "ws", params=p)
+    c = registry.client(ws.tracking_uri())
+    cfg = model_config(p)
+    not_unet = tmp_path / "not-a-unet"
+    not_unet.mkdir()
+    (not_unet / "config.json").write_text('{"_class_name": "AutoencoderKL"}')
+    misfits = {
+        not_unet: "not a diffusers UNet folder",
+        save_unet(build_unet(replace(cfg, image_size=16), seed=0), tmp_path / "bigger"): "sample size 16",
+        save_unet(build_unet(replace(cfg, num_classes=5), seed=0), tmp_path / "fewer-labels"): "null label) 6 where the workspace's data need 11",
+        save_unet(build_unet(replace(cfg, block_out_channels=(32, 64), norm_num_groups=16), seed=0),
+                  tmp_path / "wider"): "architecture is not the workspace's model",
+    }
+    for folder, reason in misfits.items():
+        capsys.readouterr()
+        assert cli(["pretrain", "--from", str(folder), "--trained-on", "x", "--workspace", str(ws.root)]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and reason in err[0], err
+        assert registry.alias_version(c, registry.INIT, registry.CURRENT) is None  # nothing registered
+    good = save_unet(build_unet(cfg, seed=3), tmp_path / "ours")
+    assert cli(["pretrain", "--from", str(good), "--workspace", str(ws.root)]) == 2  # the statement is required
+    statement = "public-domain digits we drew ourselves (no owner's data)"
+    assert cli(["pretrain", "--from", str(good), "--trained-on", statement, "--workspace", str(ws.root)]) == 0
+    mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
+    assert mv.tags["cdm.trained_on"] == statement and mv.tags["cdm.brought"] == "true"
+    assert mv.tags["cdm.state_sha256"] == state_sha256(load_unet(good).state_dict())
