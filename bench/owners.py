@@ -1,6 +1,6 @@
 """Growth with the number of data owners: what each step costs at N owners, in one served process.
 
-    python bench/owners.py --owners 8,64 [--images 10] [--steps 4]      # -> bench/owners.json
+    python bench/owners.py --owners 8,64 [--images 30] [--steps 4]      # -> bench/owners.json
 
 For each N, a fresh workspace (embedded stores) gets N owners of `--images` digits each, ingested one after
 another by one process (imports, the Prefect API and the MLflow client paid once, as a worker or `cdm serve`
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -99,7 +100,7 @@ def run_n(n: int, images: int, steps: int, root: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--owners", default="8,64")
-    ap.add_argument("--images", type=int, default=10)
+    ap.add_argument("--images", type=int, default=30)
     ap.add_argument("--steps", type=int, default=4)
     ap.add_argument("--out", default=str(Path(__file__).with_name("owners.json")))
     args = ap.parse_args()
@@ -114,14 +115,16 @@ def main() -> None:
     rows = []
     for n in (int(v) for v in args.owners.split(",")):
         rows.append(run_n(n, args.images, args.steps, root))
-        Path(args.out).write_text(json.dumps({"rows": rows, "machine": f"{os.cpu_count()} cores"}, indent=2))
+        Path(args.out).write_text(json.dumps({"command": "python bench/owners.py " + " ".join(sys.argv[1:]),
+                                              "rows": rows, "machine": f"{os.cpu_count()} cores"}, indent=2))
     if len(rows) > 1:
         a, b = rows[0], rows[-1]
         growth = {k: round(b[k] / a[k], 2) for k in ("compose_s", "revoke_to_live_s", "status_s")}
         growth["ingest_per_owner"] = round(b["ingest"]["per_owner_median_s"] / a["ingest"]["per_owner_median_s"], 2)
         growth["sample16_warm"] = round(b["sample16"]["warm_request_s"] / a["sample16"]["warm_request_s"], 2)
         print(f"growth from N={a['owners']} to N={b['owners']} (x{b['owners'] / a['owners']:.0f} owners): {growth}")
-        Path(args.out).write_text(json.dumps({"rows": rows, "growth": growth,
+        Path(args.out).write_text(json.dumps({"command": "python bench/owners.py " + " ".join(sys.argv[1:]),
+                                              "rows": rows, "growth": growth,
                                               "machine": f"{os.cpu_count()} cores"}, indent=2))
 
 
