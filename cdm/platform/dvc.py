@@ -93,9 +93,21 @@ def repo(workspace: str | Path):
     from dvc.repo import Repo
 
     check_site_cache(workspace)
+    quiet_dvc_logging()
     with Repo(str(Path(workspace).resolve()), config={"core": {"site_cache_dir": str(site_cache_dir(workspace))},
                                                       "cache": {"dir": str(cache_dir(workspace).resolve())}}) as r:
         yield r
+
+
+def quiet_dvc_logging() -> None:
+    """`import dvc` gives DVC's loggers console handlers of their own; in this process they would print DVC's
+    warnings (which can name `data/owners/<owner id>/…` paths) past cdm's handlers, which redact owner ids. They
+    go to cdm's handlers instead, warnings and above."""
+    for name in ("dvc", "dvc_objects", "dvc_data"):
+        logger = logging.getLogger(name)
+        for handler in list(logger.handlers):
+            logger.removeHandler(handler)
+        logger.propagate, logger.level = True, max(logger.level, logging.WARNING)
 
 
 def check_site_cache(workspace: str | Path) -> None:

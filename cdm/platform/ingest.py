@@ -158,9 +158,10 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
         except BaseException as failure:
             if not isinstance(failure, Exception):
                 # Interrupted (Ctrl-C, a cancellation, an exit): DVC's uploads run on fsspec's event-loop thread and
-                # may still land after this thread stopped waiting for them, so an undo now could delete objects
-                # before they arrive. The journal stays: the next command, under the workspace lock, undoes the
-                # batch as it does after kill -9.
+                # may still land after this thread stopped waiting for them, so deleting objects now could race
+                # them. The owner's folder and data.dvc are put back at once (no reader sees the batch); the journal
+                # stays, and the next command under the workspace lock deletes the objects, as after kill -9.
+                _restore_files(ws, json.loads(journal.read_text()))
                 raise
             try:
                 recover_interrupted(ctx)
@@ -236,6 +237,17 @@ def _end_journal(journal: Path) -> None:
         shutil.rmtree(state["backup"], ignore_errors=True)
 
 
+def _restore_files(ws: Workspace, state: dict) -> Path:
+    """Put an interrupted batch's owner folder and data.dvc back as the journal recorded them (idempotent)."""
+    target = ws.owner_dir(state["owner"])
+    shutil.rmtree(target, ignore_errors=True)
+    if state["backup"] and Path(state["backup"]).exists():
+        shutil.copytree(state["backup"], target)
+    if state["data_dvc"] is not None:
+        (ws.root / "data.dvc").write_text(state["data_dvc"])
+    return target
+
+
 def recover_interrupted(ctx: Context) -> list[str]:
     """Undo ingestions that did not reach their git commit (crash, kill -9, failed push). The caller holds the
     workspace lock, so no ingestion is in flight: every journal left is an interrupted one. Returns owner keys."""
@@ -243,12 +255,7 @@ def recover_interrupted(ctx: Context) -> list[str]:
     for journal in sorted(ws.staging_dir.glob("journal-*.json")) if ws.staging_dir.exists() else []:
         state = json.loads(journal.read_text())
         owner = state["owner"]  # the journal may outlive the record of a first ingestion that failed
-        target = ws.owner_dir(owner)
-        shutil.rmtree(target, ignore_errors=True)
-        if state["backup"] and Path(state["backup"]).exists():
-            shutil.copytree(state["backup"], target)
-        if state["data_dvc"] is not None:
-            (ws.root / "data.dvc").write_text(state["data_dvc"])
+        target = _restore_files(ws, state)
         # Objects of the aborted batch that no remaining file holds leave the cache and the remote.
         held = {dvc.md5_bytes(p.read_bytes()) for p in ws.owners_dir.rglob("*") if p.is_file()}
         current = dvc.data_hash(ws.root)

@@ -110,9 +110,10 @@ def check_brought_unet(folder: str | Path, params: Params):
 
     folder = Path(folder)
     config_file, weights = folder / "config.json", folder / "diffusion_pytorch_model.safetensors"
-    try:
-        config = json.loads(config_file.read_text())
-    except (OSError, ValueError):
+    try:  # a regular, small file (not a FIFO or a link to a device), parsed without trusting its depth
+        small = config_file.is_file() and config_file.stat().st_size < 1_000_000
+        config = json.loads(config_file.read_text()) if small else None
+    except (OSError, ValueError, RecursionError):
         config = None
     if not isinstance(config, dict) or config.get("_class_name") != "UNet2DModel" or not weights.is_file():
         raise WorkspaceError(f"{folder} is not a diffusers UNet folder (save_pretrained layout: config.json naming "
@@ -125,10 +126,18 @@ def check_brought_unet(folder: str | Path, params: Params):
     wrong = [f"{what} {got} where the workspace's data need {want}" for what, got, want in checks if got != want]
     if wrong:
         raise WorkspaceError(f"{folder}: the UNet does not fit this workspace: {'; '.join(wrong)}")
+    expected = {k: v for k, v in build_unet(cfg, seed=0).config.items() if not k.startswith("_")}
+    differ = sorted(k for k in expected.keys() | {k for k in config if not k.startswith("_")}
+                    if _plain(config.get(k)) != _plain(expected.get(k)))
+    if differ:  # checked before anything is built: a hostile config could ask for any size
+        raise WorkspaceError(f"{folder}: the UNet's architecture is not the workspace's model: "
+                             f"{', '.join(f'{k} {config.get(k)!r} (ours {expected.get(k)!r})' for k in differ[:6])}"
+                             f"{' …' if len(differ) > 6 else ''}; set model in params.yaml to match it")
     try:
         unet = load_unet(folder)
     except Exception as e:  # noqa: BLE001 - a corrupt or foreign file, named in one line
-        raise WorkspaceError(f"{folder}: the UNet does not load: {type(e).__name__}: {str(e).splitlines()[0]}") from None
+        raise WorkspaceError(f"{folder}: the UNet does not load: {type(e).__name__}: "
+                             f"{(str(e).splitlines() or [''])[0]}") from None
     ours = {k: v.shape for k, v in build_unet(cfg, seed=0).state_dict().items()}
     theirs = {k: v.shape for k, v in unet.state_dict().items()}
     missing, unexpected = ours.keys() - theirs.keys(), theirs.keys() - ours.keys()
@@ -138,6 +147,11 @@ def check_brought_unet(folder: str | Path, params: Params):
                              f"{len(missing)} missing, {len(unexpected)} unexpected, {len(reshaped)} differently "
                              "shaped weights; set model in params.yaml to match it")
     return unet
+
+
+def _plain(v):
+    """A config value as JSON would hold it (tuples as lists), for comparing a brought config with ours."""
+    return json.loads(json.dumps(v)) if v is not None else None
 
 
 def register_brought_init(ctx: Context, folder: str | Path, trained_on: str) -> dict:
@@ -160,7 +174,7 @@ def register_brought_init(ctx: Context, folder: str | Path, trained_on: str) -> 
         statement = Path(tmp) / "trained_on.txt"
         statement.write_text(trained_on.strip() + "\n")
         tags = {"cdm.public": "true", "cdm.brought": "true", "cdm.source": str(Path(folder).resolve()),
-                "cdm.trained_on": trained_on.strip()[:5000],
+                "cdm.trained_on": " ".join(trained_on.split())[:5000],
                 "cdm.trained_on_sha256": hashlib.sha256(statement.read_bytes()).hexdigest(),
                 "cdm.source_weights_sha256": sha256_file(Path(folder) / "diffusion_pytorch_model.safetensors"),
                 "cdm.weights_sha256": weights_sha, "cdm.state_sha256": state_sha256(unet.state_dict())}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdm.platform.errors import CommandFailed, WorkspaceError
-from flows.commands.common import _ctx, preload
+from flows.commands.common import _ctx
 
 
 def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: str | None):
@@ -25,7 +25,6 @@ def ingest(workspace: str, owner: str, source: str, license: str | None, cron: s
 
     check_owner_id(owner)
     ctx = _ctx(workspace)
-    preload("great_expectations", "dvc.repo", "cdm.platform.validation")
     from flows.commands.revocation import read_token
 
     changed_by = _source_change(ctx, owner, source, read_token(None, token_stdin), operator)

@@ -213,3 +213,31 @@ def test_rejection_survives_pickling_with_its_report():
     e = IngestionRejected("ok-1234", ValidationReport(False, 1, [Problem("3/a.png", "empty file (0 bytes)")]))
     back = pickle.loads(pickle.dumps(e))
     assert isinstance(back, IngestionRejected) and back.report.problems[0].file == "3/a.png" and str(back) == str(e)
+
+
+def test_ctrl_c_during_the_push_restores_the_files_at_once_and_leaves_the_objects_to_the_next_command(
+        ctx, ws, tmp_path, monkeypatch):
+    """An interrupt (not an error) stops the command: nothing of the batch stays visible, and its journal stays
+    until the next command under the lock deletes the objects fsspec may still have been uploading."""
+    from cdm.platform import dvc
+    from cdm.platform.ingest import recover_interrupted
+
+    before = snapshot(ws)
+    src = tmp_path / "src" / "5"
+    src.mkdir(parents=True)
+    (src / "a.png").write_bytes(good_png(777))
+
+    def interrupted(workspace, retry_delays=()):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dvc, "push_with_retries", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        ingest(ctx, "owner-ctrl-c", str(tmp_path / "src"))
+    monkeypatch.undo()
+    files, head, data_dvc, _ = snapshot(ws)
+    assert (files, head, data_dvc) == before[:3]  # the folder and data.dvc are back at once
+    assert list(ws.staging_dir.glob("journal-*.json"))  # the objects are the next command's to delete
+    with ws.lock():
+        recover_interrupted(ctx)
+    assert snapshot(ws) == before and not list(ws.staging_dir.glob("journal-*.json"))
+    assert dvc.md5_bytes(good_png(777)) not in dvc.list_objects(ws.root)["cache"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 
 from cdm.config import model_config
@@ -27,12 +28,22 @@ def test_a_brought_base_is_registered_with_its_statement_and_a_misfit_is_refused
         save_unet(build_unet(replace(cfg, block_out_channels=(32, 64), norm_num_groups=16), seed=0),
                   tmp_path / "wider"): "architecture is not the workspace's model",
     }
+    # A setting that changes no weight's shape changes the network all the same: named, refused.
+    other_act = save_unet(build_unet(cfg, seed=0), tmp_path / "other-activation")
+    config = json.loads((other_act / "config.json").read_text())
+    (other_act / "config.json").write_text(json.dumps({**config, "act_fn": "relu"}))
+    misfits[other_act] = "act_fn 'relu'"
+    listed = tmp_path / "config-is-a-list"
+    listed.mkdir()
+    (listed / "config.json").write_text("[1, 2]")
+    misfits[listed] = "not a diffusers UNet folder"
     for folder, reason in misfits.items():
         capsys.readouterr()
         assert cli(["pretrain", "--from", str(folder), "--trained-on", "x", "--workspace", str(ws.root)]) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and reason in err[0], err
         assert registry.alias_version(c, registry.INIT, registry.CURRENT) is None  # nothing registered
+    assert not c.search_registered_models()
     good = save_unet(build_unet(cfg, seed=3), tmp_path / "ours")
     assert cli(["pretrain", "--from", str(good), "--workspace", str(ws.root)]) == 2  # the statement is required
     statement = "public-domain digits we drew ourselves (no owner's data)"
@@ -40,3 +51,8 @@ def test_a_brought_base_is_registered_with_its_statement_and_a_misfit_is_refused
     mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
     assert mv.tags["cdm.trained_on"] == statement and mv.tags["cdm.brought"] == "true"
     assert mv.tags["cdm.state_sha256"] == state_sha256(load_unet(good).state_dict())
+    # The evaluation's unseen split keeps every held-out digit: a brought base comes with no sample list.
+    from cdm.platform.context import Context
+    from cdm.platform.evaluate import heldout, unseen
+
+    assert len(unseen(Context.load(ws.root))) == len(heldout(p))
