@@ -201,7 +201,7 @@ def init(dir, remote, endpoint_url, artifact_root, workspace, want_json, verbose
 @click.option("--partition", type=click.Choice(["iid", "by-class"]), default="iid", show_default=True,
               help="how the digits are split between owners")
 @click.option("--out", default="demo-workspace", show_default=True, help="workspace folder to create")
-@click.option("--base/--no-base", default=False, show_default=True,
+@click.option("--base/--no-base", default=True, show_default=True,
               help="the paper's recipe: a fifth of the digits not held out becomes public (no owner's), pretrains a shared base, and "
                    "every shard and the paragon fine-tune from it")
 @common

@@ -40,7 +40,7 @@ def _corrupt_copy(src: Path, dst: Path) -> None:
 
 @flow(name="cdm-demo")
 def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, partition: str = "iid",
-         progress: bool = False, base: bool = False) -> dict:
+         progress: bool = False, base: bool = True) -> dict:
     """The story in a fresh workspace. `base`: the paper's recipe — a fifth of the non-held-out digits becomes
     public data that belongs to no owner, `cdm pretrain` trains the shared base on it, and every shard and the
     paragon fine-tune from it (`train.init: public`)."""

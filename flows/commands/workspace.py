@@ -50,7 +50,7 @@ def status(workspace: str):
     return result, "\n".join(lines)
 
 
-def demo(out: str, quick: bool, owners: int, partition: str, progress: bool, base: bool = False):
+def demo(out: str, quick: bool, owners: int, partition: str, progress: bool, base: bool = True):
     from flows.demo import demo as run_demo
 
     result = run_demo(out, quick=quick, owners=owners, partition=partition, progress=progress, base=base)
