@@ -98,7 +98,7 @@ def pretrain(workspace: str, source: str | None, steps: int | None, progress: bo
     from flows.training import pretrain as run_pretrain
 
     ctx = _ctx(workspace)
-    if brought is not None or source is None:
+    if brought is not None or source is None or trained_on is not None:
         if brought is None or source is not None or steps is not None or trained_on is None:
             raise WorkspaceError("give either SOURCE (public data to train the base on) or --from DIR with "
                                  "--trained-on TEXT (a base you already have), not both")

@@ -46,6 +46,7 @@ def test_a_brought_base_is_registered_with_its_statement_and_a_misfit_is_refused
     assert not c.search_registered_models()
     good = save_unet(build_unet(cfg, seed=3), tmp_path / "ours")
     assert cli(["pretrain", "--from", str(good), "--workspace", str(ws.root)]) == 2  # the statement is required
+    assert cli(["pretrain", str(tmp_path), "--trained-on", "x", "--workspace", str(ws.root)]) == 2  # not both
     statement = "public-domain digits we drew ourselves (no owner's data)"
     assert cli(["pretrain", "--from", str(good), "--trained-on", statement, "--workspace", str(ws.root)]) == 0
     mv = registry.alias_version(c, registry.INIT, registry.CURRENT)
