@@ -202,8 +202,8 @@ def init(dir, remote, endpoint_url, artifact_root, workspace, want_json, verbose
               help="how the digits are split between owners")
 @click.option("--out", default="demo-workspace", show_default=True, help="workspace folder to create")
 @click.option("--base/--no-base", default=True, show_default=True,
-              help="the paper's recipe: a fifth of the digits not held out becomes public (no owner's), pretrains a shared base, and "
-                   "every shard and the paragon fine-tune from it")
+              help="the paper's recipe: a fifth of the digits not held out becomes public (no owner's), "
+                   "pretrains a shared base, and every shard and the paragon fine-tune from it")
 @common
 def demo(quick, owners, partition, out, base, workspace, want_json, verbose):
     """The whole story on scikit-learn's digits in a fresh workspace (owners' sources go to OUT.sources/)."""

@@ -80,7 +80,7 @@ def unseen(ctx: Context) -> Dataset:
     mv = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
     if mv is None or mv.tags.get("cdm.brought") == "true":
         # A brought base (`cdm pretrain --from`) comes with a statement of its training data, not a sample list:
-        # nothing to remove, and the evaluation says so (`base_data`).
+        # there is nothing to remove.
         return held
     with ctx.ws.tempdir() as tmp:
         manifest = Path(mlflow.artifacts.download_artifacts(run_id=mv.run_id, artifact_path="public_manifest.json",

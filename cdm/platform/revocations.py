@@ -39,7 +39,7 @@ class Forgetting(BaseModel):
     n: int = 0
     auc_before: float | None = None
     auc_after: float | None = None
-    verdict: str = "not measured"  # `membership_verdict`: met only with the positive control (AUC before) firing, from intervals
+    verdict: str = "not measured"  # `membership_verdict` (95% intervals): met only if the attack fired before
     skipped: str | None = None
 
 
