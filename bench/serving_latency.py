@@ -62,7 +62,7 @@ def main() -> None:
                    "shards_loaded_after_first": sum(s.loaded for s in served.shards)}
 
     # 2. Warm requests through the pyfunc, and the paragon on the same labels and steps.
-    paragon, _ = paragon_unet(ctx)
+    paragon, _ = paragon_unet(ctx, {k for s in served.spec["shards"] for k in s["owners"]})
     if paragon is None:  # trained before a revocation: its data differ, its cost does not
         from cdm.platform import registry
 

@@ -12,7 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass, field
 
-from cdm.platform.registry import model_id_of, pages, run_exists
+from cdm.platform.registry import absent, model_id_of, pages, run_exists
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,9 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
     for name, version in versions_to_delete:
         try:
             mv = c.get_model_version(name, version)
-        except MlflowException:
+        except MlflowException as e:
+            if not absent(e):
+                raise  # an outage: a purge that skipped what it could not read would certify it gone
             continue
         if mv.run_id:
             runs.add(mv.run_id)
@@ -98,14 +100,16 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
     for mid in sorted(models):
         try:
             c.delete_logged_model(mid)
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            if not absent(e):  # gone already (a rerun after a crash); anything else is a failed purge
+                raise
     runs = {rid for rid in runs if run_exists(c, rid)}  # a rerun after a crash: gc'd runs are gone
     for rid in sorted(runs):
         try:
             c.delete_run(rid)
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            if not absent(e):  # gone already (a rerun after a crash); anything else is a failed purge
+                raise
     if runs or models:
         gc(backend, sorted(runs), sorted(models))
     # Deleting a version is soft in MLflow: its row and tags stay. Remove tags and aliases first.
@@ -117,15 +121,17 @@ def purge(c, backend: Backend, versions_to_delete: list[tuple[str, str]], regist
             for key in mv.tags:
                 c.delete_model_version_tag(name, version, key)
             c.delete_model_version(name, version)
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            if not absent(e):  # gone already (a rerun after a crash); anything else is a failed purge
+                raise
     for name in registered_to_delete:
         try:
             for key in c.get_registered_model(name).tags:
                 c.delete_registered_model_tag(name, key)
             c.delete_registered_model(name)
-        except MlflowException:
-            pass
+        except MlflowException as e:
+            if not absent(e):  # gone already (a rerun after a crash); anything else is a failed purge
+                raise
     return {"versions": [f"{n}/{v}" for n, v in versions_to_delete], "runs": sorted(runs),
             "logged_models": sorted(models), "registered_models": list(registered_to_delete)}
 

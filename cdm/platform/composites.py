@@ -154,8 +154,7 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
         if grid:
             # A sample grid of the new composite, logged to its run (a derived artifact: purged with it).
             (Path(tmp) / "loaded").mkdir()
-            model = mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}/{logged.version}",
-                                             dst_path=str(Path(tmp) / "loaded"))
+            model = registry.load_pyfunc(c, f"models:/{registry.COMPOSITE}/{logged.version}", Path(tmp) / "loaded")
             mlflow.log_artifact(str(sample_grid(model, Path(tmp) / "samples.png")))
     return {"name": registry.COMPOSITE, "version": logged.version, "run_id": logged.run_id,
             "shards": [s["id"] for s in spec["shards"]], "estimator": spec["estimator"],
@@ -186,11 +185,9 @@ def production(ctx: Context, alias: str = registry.PRODUCTION) -> tuple[str, dic
 @contextlib.contextmanager
 def load_production(ctx: Context, alias: str = registry.PRODUCTION):
     """The production composite (or the one `alias` names) as an MLflow pyfunc, its files in the workspace's
-    temporary folder while it is in use (removed on exit)."""
-    import mlflow
-
+    temporary folder while it is in use (removed on exit); its code checked against the installed copy first."""
     if registry.alias_version(ctx.client, registry.COMPOSITE, alias) is None:
         raise WorkspaceError(f"no {alias} composite; run `cdm compose" + (" --candidate" if alias != registry.PRODUCTION
                                                                           else "") + "` first")
     with ctx.ws.tempdir() as tmp:
-        yield mlflow.pyfunc.load_model(f"models:/{registry.COMPOSITE}@{alias}", dst_path=tmp)
+        yield registry.load_pyfunc(ctx.client, f"models:/{registry.COMPOSITE}@{alias}", tmp)

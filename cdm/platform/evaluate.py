@@ -59,17 +59,23 @@ def owners_data(ctx: Context, keys: set[str] | None = None) -> Dataset:
                            if keys is None or ws.owner_key(o) in keys])
 
 
-def paragon_unet(ctx: Context):
-    """The latest paragon's UNet if it was trained on exactly the current owners, else (None, reason)."""
-    import mlflow
+def paragon_unet(ctx: Context, owner_keys: set[str]):
+    """The newest paragon version trained on exactly `owner_keys` (the composite's owners, read from the registry's
+    tags) that may be served (`gate.why_unservable`: not marked by a revocation, naming no owner under one), as
+    (UNet, version); (None, None) when there is none. Chosen by registry tags only: the data folders of an owner
+    under revocation exist until the purge and say nothing about what may be used."""
+    from cdm.platform import gate
 
-    mv = registry.latest(ctx.client, registry.PARAGON)
-    active_keys = sorted(ctx.ws.owner_key(o) for o in ctx.ws.owners())
-    if mv is None or json.loads(mv.tags.get("cdm.owner_keys", "[]")) != active_keys:
-        return None, None
-    with ctx.ws.tempdir() as tmp:
-        model = mlflow.pyfunc.load_model(f"models:/{registry.PARAGON}/{mv.version}", dst_path=tmp)
-        return model.unwrap_python_model().unet, str(mv.version)
+    revoked = gate.revoked_owner_keys(ctx.ws)
+    for mv in reversed(registry.versions(ctx.client, registry.PARAGON)):
+        if set(json.loads(mv.tags.get("cdm.owner_keys", "[]"))) != set(owner_keys):
+            continue
+        if gate.why_unservable(ctx, mv, revoked) is not None:
+            continue
+        with ctx.ws.tempdir() as tmp:
+            model = registry.load_pyfunc(ctx.client, f"models:/{registry.PARAGON}/{mv.version}", tmp)
+            return model.unwrap_python_model().unet, str(mv.version)
+    return None, None
 
 
 def unseen(ctx: Context) -> Dataset:
@@ -213,7 +219,10 @@ def evaluate(ctx: Context, alias: str = "production") -> dict:
         served = model.unwrap_python_model()
         unets = served.unets  # every shard, loaded while its files are here
     cfg, schedule = spec["model_config"], NoiseSchedule(**spec.get("schedule", {}))
-    paragon, paragon_version = paragon_unet(ctx)
+    # The reference is the data of the owners the composite serves: a label no shard holds cannot be sampled, and
+    # an owner not yet composed (ingested after the last `cdm compose`) is no quality loss of the composite.
+    served_keys = {k for s in spec["shards"] for k in s["owners"]}
+    paragon, paragon_version = paragon_unet(ctx, served_keys)
     models = Models(
         composite_for=lambda seed: build_composite(spec, unets, served.router, seed=seed)[0],
         shards=unets, priors=class_priors(torch.tensor([s["class_counts"] for s in spec["shards"]],
@@ -223,9 +232,6 @@ def evaluate(ctx: Context, alias: str = "production") -> dict:
         image_shape=(cfg["channels"], cfg["image_size"], cfg["image_size"]), null_label=cfg["num_classes"],
         schedule=schedule)
     e = ctx.params.evaluate
-    # The reference is the data of the owners the composite serves: a label no shard holds cannot be sampled, and
-    # an owner not yet composed (ingested after the last `cdm compose`) is no quality loss of the composite.
-    served_keys = {k for s in spec["shards"] for k in s["owners"]}
     metrics = measure(models, owners_data(ctx, served_keys), unseen(ctx), feature_net(ctx), e)
     served.require_unrevoked()  # a revocation accepted while it measured: no figures from the revoked weights
     composites = metrics.pop("_composites")
@@ -240,7 +246,7 @@ def evaluate(ctx: Context, alias: str = "production") -> dict:
                    paragon_version=paragon_version)
     metrics["nll"]["shards_bpd"] = dict(zip([s["id"] for s in spec["shards"]], metrics["nll"]["shards_bpd"]))
     if paragon is None:
-        metrics["paragon_note"] = "no paragon trained on exactly the current owners (`cdm train --paragon`)"
+        metrics["paragon_note"] = "no servable paragon trained on exactly the composite's owners (`cdm train --paragon`)"
     checks = revoked_membership(ctx)
     metrics["membership_auc"] = {k: f.auc_after for k, f in checks.items()}
     metrics["membership_verdict"] = {k: f.verdict for k, f in checks.items()}

@@ -29,7 +29,7 @@ REVOKED = "cdm.revoked"
 # before and after each request and re-reads its components' tags only when it changed (docs/design.md §5).
 REVOCATION_EPOCH = "cdm.revocation_epoch"
 EXPERIMENT = "cdm"
-PIP_REQUIREMENTS = ["torch", "diffusers", "safetensors", "cdm"]
+DISTRIBUTION = "cdm-compartments"  # our distribution's name: PyPI's `cdm` is an unrelated project
 MODELS_DIR = Path(__file__).parent.parent / "mlflow_models"
 
 
@@ -75,6 +75,32 @@ def signature():
     ]), params=ParamSchema([]))
 
 
+def pip_requirements() -> list[str]:
+    """What a served model's environment installs (MLflow's virtualenv or conda environment managers): the
+    versions in use now, and cdm itself from the repository at the commit that logged it (`CDM_REPO`, default
+    this checkout's `origin`), never by name from a package index. Without a repository URL, the exact
+    version of our own distribution name, which no index serves: such an environment fails instead of
+    installing a stranger's package."""
+    import importlib.metadata as md
+    import subprocess
+
+    import cdm
+
+    def version(name: str) -> str:
+        try:
+            return f"{name}=={md.version(name).split('+')[0]}"  # no local tag (+cpu): indexes do not serve it
+        except md.PackageNotFoundError:
+            return name
+
+    src = Path(cdm.__file__).resolve().parent.parent
+    git = lambda *args: subprocess.run(["git", *args], cwd=src, capture_output=True, text=True)  # noqa: E731
+    repo = os.environ.get("CDM_REPO") or git("remote", "get-url", "origin").stdout.strip()
+    commit = git("rev-parse", "HEAD").stdout.strip()
+    own = (f"{DISTRIBUTION} @ git+{repo}@{commit}" if repo and len(commit) == 40
+           else f"{DISTRIBUTION}=={cdm.__version__}")
+    return [version("torch"), version("diffusers"), version("safetensors"), version("peft"), own]
+
+
 def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
     """An MLflow run tagged with this process (for `sweep_dead_runs`); open it before the work it times."""
     import mlflow
@@ -107,7 +133,7 @@ def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], par
     for f in files:
         mlflow.log_artifact(str(f))
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
-                                   artifacts=artifacts, pip_requirements=PIP_REQUIREMENTS,
+                                   artifacts=artifacts, pip_requirements=pip_requirements(),
                                    signature=signature())
     # The client's create_model_version (not mlflow.register_model, which prints to stderr): the version and its
     # provenance tags are created together, so a crash never leaves an untagged version.
@@ -139,12 +165,25 @@ def pages(search):
             return
 
 
+def absent(e) -> bool:
+    """Whether an MlflowException says the thing asked for does not exist (a model, version, run, or alias), as
+    opposed to an outage, a refusal or a bug: only the former may be read as "none". Everything else propagates,
+    so that no caller concludes "nothing is served" or "no production" from a registry it could not read."""
+    code = getattr(e, "error_code", None)
+    if code == "RESOURCE_DOES_NOT_EXIST":
+        return True
+    # A missing alias: MLflow answers INVALID_PARAMETER_VALUE "Registered model alias <a> not found."
+    return code == "INVALID_PARAMETER_VALUE" and "alias" in str(e) and "not found" in str(e)
+
+
 def ensure_registered(c, name: str) -> None:
     from mlflow.exceptions import MlflowException
 
     try:
         c.get_registered_model(name)
-    except MlflowException:
+    except MlflowException as e:
+        if not absent(e):
+            raise
         try:
             c.create_registered_model(name, tags={"cdm.kind": name.split("-")[1]})
         except MlflowException:  # created meanwhile by another process
@@ -177,7 +216,9 @@ def version_exists(c, name: str, version: str) -> bool:
     try:
         c.get_model_version(name, version)
         return True
-    except MlflowException:
+    except MlflowException as e:
+        if not absent(e):
+            raise  # an outage is not "gone": a verification must not pass on it
         return False
 
 
@@ -187,7 +228,9 @@ def run_exists(c, run_id: str) -> bool:
     try:
         c.get_run(run_id)
         return True
-    except MlflowException:
+    except MlflowException as e:
+        if not absent(e):
+            raise  # an outage is not "gone": a verification must not pass on it
         return False
 
 
@@ -210,7 +253,9 @@ def ledger_anchor(c) -> str | None:
 
     try:
         return c.get_registered_model(COMPOSITE).tags.get(LEDGER_HEAD)
-    except MlflowException:
+    except MlflowException as e:
+        if not absent(e):
+            raise
         return None
 
 
@@ -227,11 +272,15 @@ def log_certificate(c, artifact_root: str, cert: dict) -> str:
     return run.info.run_id
 
 def alias_version(c, name: str, alias: str = PRODUCTION):
+    """The version `alias` names, or None when the model or the alias does not exist. A registry that cannot be
+    read raises: "no production" is a fact to act on (serve nothing, expect nothing), never a guess."""
     from mlflow.exceptions import MlflowException
 
     try:
         return c.get_model_version_by_alias(name, alias)
-    except MlflowException:
+    except MlflowException as e:
+        if not absent(e):
+            raise
         return None
 
 
@@ -257,7 +306,7 @@ def revocation_epoch(c) -> str | None:
     try:
         return c.get_registered_model(COMPOSITE).tags.get(REVOCATION_EPOCH)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not absent(e):
             raise  # an outage is not "no revocation": a server must not answer on it
         return None
 
@@ -278,7 +327,7 @@ def revoked_by(c, name: str, version: str) -> str | None:
     try:
         return c.get_model_version(name, version).tags.get(REVOKED)
     except MlflowException as e:
-        if e.error_code != "RESOURCE_DOES_NOT_EXIST":
+        if not absent(e):
             raise  # an outage: nobody may conclude anything from it
         return "deleted"
 
@@ -301,3 +350,37 @@ def model_files(c, name: str, version: str, tmp_root: Path | None):
 def model_id_of(c, name: str, version: str) -> str | None:
     mv = c.get_model_version(name, version)
     return getattr(mv, "model_id", None) or (mv.source.split("/")[-1] if mv.source.startswith("models:/m-") else None)
+
+
+MODEL_CODE_LOADER = "mlflow.pyfunc.loaders.code_model"
+
+
+def check_model_code(model_dir: Path) -> None:
+    """Refuse (ValueError) a downloaded pyfunc model whose code is not the installed copy. MLflow's models from
+    code *execute* the model's code file on load, and that file lives in the artifact store: anyone who could
+    write there would replace the revocation watch. So before cdm loads a model it checks that the `MLmodel`
+    names only the python_function flavor with MLflow's code-model loader and no extra code paths, and that the
+    code file is byte for byte `cdm/mlflow_models/<file>` of this installation."""
+    from mlflow.models import Model
+
+    flavors = Model.load(str(model_dir)).flavors
+    pf = flavors.get("python_function") or {}
+    name = Path(str(pf.get("model_code_path") or "")).name
+    installed = MODELS_DIR / name
+    if set(flavors) != {"python_function"} or pf.get("loader_module") != MODEL_CODE_LOADER or pf.get("code") \
+            or not name.endswith(".py") or not installed.is_file():
+        raise ValueError(f"{model_dir}: not a cdm model (its MLmodel names other code or loaders); refusing to load")
+    if (model_dir / name).read_bytes() != installed.read_bytes():
+        raise ValueError(f"{model_dir / name}: the model's code differs from the installed cdm/mlflow_models/{name} "
+                         "(rewritten in the artifact store?); refusing to load")
+
+
+def load_pyfunc(c, uri: str, dst: str | Path):
+    """A registered cdm pyfunc (`models:/name/version` or `models:/name@alias`), downloaded into `dst` and loaded
+    only after `check_model_code` passed."""
+    import mlflow
+
+    path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(dst), tracking_uri=c.tracking_uri))
+    check_model_code(path)
+    return mlflow.pyfunc.load_model(str(path))
+

@@ -17,6 +17,7 @@ from typing import Any
 
 import pandas as pd
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.pyfunc import PythonModel
 
 from cdm.platform.weights import load_compartment
@@ -203,41 +204,133 @@ def _first(model_input: Any, key: str, default=None):
     return value
 
 
-def _fetch_shard(shard: dict):
+def _fetch_shard(shard: dict, tmp_root: Path | None):
     """A component shard's UNet from the registry, its weights checked against the composite's record."""
     from mlflow import MlflowClient
 
     from cdm.platform.registry import model_files
 
-    # Into a temporary folder removed once the weights are in memory (no copy outlives the load).
+    # Into a temporary folder under `tmp_root` (beside the composite's own files: a workspace's `.cdm/tmp` when
+    # cdm loaded it, where the purge and the scan see it), removed once the weights are in memory.
     c = MlflowClient()
-    with model_files(c, shard["model"], shard["version"], None) as files:
-        return load_compartment(c, files, shard["weights_sha256"])
+    with model_files(c, shard["model"], shard["version"], tmp_root) as files:
+        return load_compartment(c, files, shard["weights_sha256"], tmp_root)
+
+
+class NotServed(MlflowException, PermissionError):
+    """A request refused by the serving invariant (docs/design.md §5). An MlflowException with its own message
+    and code, so that a client of MLflow's scoring server reads why (HTTP 403 with this message), and a
+    PermissionError for cdm's own callers (exit 2)."""
+
+    def __init__(self, message: str):
+        from mlflow.protos.databricks_pb2 import PERMISSION_DENIED
+
+        MlflowException.__init__(self, message, error_code=PERMISSION_DENIED)
+
+
+def model_dir_of(context) -> Path:
+    """The folder of a loaded pyfunc model (its `MLmodel` file): every artifact lies in `<dir>/artifacts/`."""
+    return Path(next(iter(context.artifacts.values()))).parent.parent
+
+
+def tmp_root_of(context) -> Path:
+    """Where a served model downloads what it loads later (shards, a LoRA base): beside its own files, so a
+    workspace's load (`.cdm/tmp/<pid>-*`) keeps every copy where the purge and the scan see it."""
+    return model_dir_of(context).parent
+
+
+class VersionWatch:
+    """What a served shard, paragon or base knows of revocations: the registered versions of its own logged
+    model (found by its run), whose `cdm.revoked` tags are read again whenever the registry's revocation epoch
+    moves. `check()` returns why the model may not be served (marked by a revocation, or no registered version
+    left: a purge deleted it), or None. With no registry to ask, the error propagates: nothing is served."""
+
+    def __init__(self, run_id: str | None, model_id: str | None):
+        self.run_id, self.model_id = run_id, model_id
+        self.epoch, self.why, self.checked = None, None, False
+
+    def check(self) -> str | None:
+        from mlflow import MlflowClient
+
+        from cdm.platform import registry
+
+        c = MlflowClient()
+        epoch = registry.revocation_epoch(c)
+        if self.checked and epoch == self.epoch and self.why is None:
+            return None
+        if self.run_id is None:
+            self.why = "this model names no training run; only registered cdm versions are served"
+        else:
+            mine = [mv for mv in registry.pages(lambda token: c.search_model_versions(
+                        f"run_id = '{self.run_id}'", page_token=token))
+                    if self.model_id is None or getattr(mv, "model_id", None) in (None, self.model_id)]
+            marked = [mv for mv in mine if mv.tags.get(registry.REVOKED)]
+            if marked:
+                self.why = (f"{marked[0].name} v{marked[0].version} was trained on an owner whose revocation was "
+                            f"accepted ({marked[0].tags[registry.REVOKED]}); it is not served")
+            elif not mine:
+                self.why = "this model has no registered version any more (deleted by a revocation's purge)"
+            else:
+                self.why = None
+        self.epoch, self.checked = epoch, True
+        return self.why
 
 
 class ShardModel(PythonModel):
-    """One shard served alone: `predict({"n", "label", "seed"})` -> images."""
+    """One shard, the paragon or the shared base served alone: `predict({"n", "label", "seed"})` -> images.
+
+    Served under the invariant like the composite: before sampling, every CHECK_EVERY_SECONDS while sampling and
+    again before answering, it asks the registry whether its own version was marked by a revocation (or deleted),
+    and refuses (`NotServed`) from then on; its weights are dropped at the first refusal."""
 
     def load_context(self, context):
         from mlflow import MlflowClient
+        from mlflow.models import Model
 
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        self.unet = load_compartment(MlflowClient(), Path(context.artifacts["meta"]).parent,
-                                     meta.get("weights_sha256")).eval()
+        meta_path = Path(context.artifacts["meta"])
+        meta = json.loads(meta_path.read_text())
+        logged = Model.load(str(model_dir_of(context)))
+        self.watch, self.unet = VersionWatch(logged.run_id, getattr(logged, "model_id", None)), None
+        self._refuse_if_revoked()  # before its weights are even read
+        self.unet = load_compartment(MlflowClient(), meta_path.parent, meta.get("weights_sha256"),
+                                     tmp_root_of(context)).eval()
         self.meta = meta
+
+    def _refuse_if_revoked(self) -> None:
+        why = self.watch.check()
+        if why:
+            self.unet = None  # never used again in this process
+            raise NotServed(why)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> dict:
         from cdm.model import UNetDenoiser, model_config_of
         from cdm.pipeline import CDMPipeline
         from cdm.schedulers import NoiseSchedule, sampling_scheduler
 
-        cfg = model_config_of(self.unet)
+        self._refuse_if_revoked()
+        unet = self.unet
+        cfg = model_config_of(unet)
         labels = _labels(int(_first(model_input, "n", 1)), _first(model_input, "label"), cfg.null_label)
         sched = sampling_scheduler(NoiseSchedule(), "ddpm")
         shape = (cfg.channels, cfg.image_size, cfg.image_size)
-        pipe = CDMPipeline(UNetDenoiser(self.unet, cfg.null_label), sched, shape)
+        pipe = CDMPipeline(UNetDenoiser(unet, cfg.null_label), sched, shape)
         seed = int(_first(model_input, "seed", 0))
-        return {"images": pipe(labels, 100, generator=torch.Generator().manual_seed(seed)).numpy()}
+        images = pipe(labels, 100, generator=torch.Generator().manual_seed(seed),
+                      callback_on_step_end=self._watch_during())
+        self._refuse_if_revoked()  # a revocation accepted while it sampled: these images are not returned
+        return {"images": images.numpy()}
+
+    def _watch_during(self):
+        import time
+
+        last = [time.monotonic()]
+
+        def check(step: int, t: int) -> None:
+            if time.monotonic() - last[0] >= CHECK_EVERY_SECONDS:
+                last[0] = time.monotonic()
+                self._refuse_if_revoked()
+
+        return check
 
 
 REQUEST_ATTEMPTS = 3
@@ -266,7 +359,9 @@ class CompositeModel(PythonModel):
         null_label = self.spec["model_config"]["num_classes"]
         self.watch, self._dropped = RevocationWatch(self.spec["shards"]), set()
         self._lock = threading.Lock()  # requests run on several threads (MLflow's scoring server): one drops at a time
-        self.shards = ShardSet([LazyShard(partial(_fetch_shard, shard), null_label) for shard in self.spec["shards"]])
+        tmp_root = tmp_root_of(context)
+        self.shards = ShardSet([LazyShard(partial(_fetch_shard, shard, tmp_root), null_label)
+                                for shard in self.spec["shards"]])
         self.router = None
         if "router" in context.artifacts and Path(context.artifacts["router"]).exists():
             state = load_tree(context.artifacts["router"])
@@ -275,6 +370,14 @@ class CompositeModel(PythonModel):
             self.router.eval()
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> dict:
+        try:
+            return self._predict(model_input)
+        except NotServed:
+            raise
+        except PermissionError as e:  # a refusal a scoring server's client must be able to read
+            raise NotServed(str(e)) from None
+
+    def _predict(self, model_input) -> dict:
         n = int(_first(model_input, "n", 1))
         labels = _labels(n, _first(model_input, "label"), self.spec["model_config"]["num_classes"])
         allowed = _first(model_input, "allowed_owners")

@@ -247,3 +247,38 @@ def test_promote_is_a_compare_and_set_that_refuses_revoked_versions(ctx):
     # build_spec leaves the shard out (every version saw her) and says so.
     spec = composites.build_spec(ctx, "prior")
     assert [s["id"] for s in spec["shards"]] == ["sb"] and spec["left_out"] == ["sa"]
+
+
+def test_a_registry_outage_is_an_error_in_promote_plan_and_go_live(ctx, monkeypatch, dead_registry):
+    """A registry that cannot be read is never "no production": promote's expect-no-production check, the
+    revocation's plan and go-live raise instead of acting on it (on the old code promote moved the alias with
+    expected=None and go-live recorded `composite_live=None`, "nothing is served", while production still named
+    the owner's shard)."""
+    from mlflow.exceptions import MlflowException
+
+    from cdm.platform.revocations import Plan, Revocation
+
+    reset(ctx)
+    save_plan(ctx.ws, {"sa": ["ann"], "sb": ["ben"]})
+    spec = {"shards": [composites._shard_entry(sid, ctx.client.get_model_version(registry.SHARD_PREFIX + sid, v))
+                       for sid, v in (("sa", register_shard(ctx, "sa", ["ann"])),
+                                      ("sb", register_shard(ctx, "sb", ["ben"])))],
+            "estimator": "prior", "revocations": []}
+    live = register_composite(ctx, spec)
+    down = Context(ctx.ws, ctx.params, ctx.config, ctx.stack)
+    down.__dict__["client"] = dead_registry  # the same workspace while its MLflow server is down
+    registry.ensure_registered(ctx.client, registry.COMPOSITE)
+    other = str(ctx.client.create_model_version(registry.COMPOSITE, source="file:///nowhere",
+                                                tags=composites.version_tags(spec)).version)
+    with pytest.raises(MlflowException):
+        gate.promote(down, other, expected=None)
+    with pytest.raises(MlflowException):
+        gate.unpromote(down, expected=live)
+    rev = Revocation(request_id="rev-outage", owner_key=ctx.ws.owner_key("ann"), received="now", received_ts=0.0,
+                     shards={"sa": [ctx.ws.owner_key("ann")]})
+    with pytest.raises(MlflowException):
+        unlearn.plan(down, rev)
+    with pytest.raises(MlflowException):
+        unlearn.go_live(down, rev, Plan(exclusive_shards=["sa"], shared_shards=[], composite_before=live,
+                                        estimator="prior"))
+    assert str(registry.alias_version(ctx.client, registry.COMPOSITE).version) == live  # nothing moved

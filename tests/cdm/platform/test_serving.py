@@ -112,3 +112,59 @@ def test_a_request_abandons_its_trajectory_as_soon_as_a_shard_it_uses_is_revoked
     model.shards = Counting([serving.LazyShard(lambda u=u: u, cfg.null_label) for u in unets])
     out = model.predict(None, {"n": 2, "seed": 0, "allowed_owners": ["b"]})
     assert out["shards"] == ["s1"] and len(steps) == 50
+
+
+@pytest.fixture
+def logged_paragon(tmp_path):
+    """A real tiny paragon registered in a SQLite registry with a file artifact store: (client, Logged, root)."""
+    from cdm.platform import registry
+
+    c = registry.client(f"sqlite:///{tmp_path}/mlflow.db")
+    exp = registry.experiment_id(c, (tmp_path / "artifacts").as_uri())
+    torch.manual_seed(0)
+    unet = save_unet(build_unet(ModelConfig.preset("tiny")), tmp_path / "unet")
+    meta = tmp_path / "meta.json"
+    meta.write_text(json.dumps({"weights_sha256": sha256_file(unet / WEIGHTS_FILE)}))
+    logged = registry.log_model_run(
+        c, exp, registry.PARAGON, run_name="train-paragon", model_code="shard.py",
+        artifacts={"unet": str(unet), "meta": str(meta)}, params={}, metrics=None, files=[],
+        version_tags={"cdm.owner_keys": json.dumps(["ok-a", "ok-b"])})
+    return c, logged, tmp_path
+
+
+def test_a_served_paragon_or_shard_refuses_once_a_revocation_marks_it(logged_paragon):
+    """`ShardModel` (shards, the paragon, the base) is served under the invariant like the composite: a process
+    that loaded it answers until a revocation marks its version, and refuses from the next request on, with a
+    message an MLflow scoring server's client can read; a new load is refused too (no watch on the old code)."""
+    from mlflow.exceptions import MlflowException
+
+    from cdm.platform import registry
+    from cdm.platform.serving import NotServed
+
+    c, logged, root = logged_paragon
+    model = registry.load_pyfunc(c, f"models:/{registry.PARAGON}/{logged.version}", root / "dl")
+    assert model.predict({"n": 1, "seed": 0})["images"].shape == (1, 1, 8, 8)  # served before
+    c.set_model_version_tag(registry.PARAGON, logged.version, registry.REVOKED, "rev-test")
+    registry.bump_revocation_epoch(c)
+    with pytest.raises(NotServed, match="rev-test") as refused:
+        model.predict({"n": 1, "seed": 0})
+    assert refused.value.get_http_status_code() == 403 and isinstance(refused.value, PermissionError)
+    with pytest.raises(MlflowException, match="revocation"):
+        registry.load_pyfunc(c, f"models:/{registry.PARAGON}/{logged.version}", root / "dl2")
+
+
+def test_a_model_whose_code_was_rewritten_in_the_store_is_not_loaded(logged_paragon):
+    """MLflow's models from code execute the code file stored with the model: cdm loads a model only when that
+    file is the installed copy (a planted file would have replaced the revocation watch)."""
+    from cdm.platform import registry
+
+    c, logged, root = logged_paragon
+    registry.load_pyfunc(c, f"models:/{registry.PARAGON}/{logged.version}", root / "ok")  # the control loads
+    # Its environment never installs PyPI's unrelated `cdm`: our own distribution name, pinned.
+    reqs = (root / "ok" / "requirements.txt").read_text().split()
+    assert not [r for r in reqs if r.split("==")[0].split("@")[0].strip() == "cdm"]
+    assert [r for r in reqs if r.startswith(registry.DISTRIBUTION)], reqs
+    (stored,) = [p for p in (root / "artifacts").rglob("shard.py")]
+    stored.write_text(stored.read_text() + "\nimport os  # planted\n")
+    with pytest.raises(ValueError, match="differs from the installed"):
+        registry.load_pyfunc(c, f"models:/{registry.PARAGON}/{logged.version}", root / "tampered")
