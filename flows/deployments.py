@@ -73,10 +73,13 @@ def deploy_to_pool(workspace: str, stack) -> list[str]:
         return names
 
 
-def start_local_server(port: int = 4200, timeout: float = 180) -> subprocess.Popen:
-    """`prefect server start` on loopback; returns the process once /api/health answers."""
+def start_local_server(auth: str, port: int = 4200, timeout: float = 180) -> subprocess.Popen:
+    """`prefect server start` on loopback with `auth` as its API auth string (every request but /health must
+    carry it: without it anyone on this machine could pause or delete `on-revocation`); returns the process
+    once /api/health answers."""
     proc = subprocess.Popen([sys.executable, "-m", "prefect", "server", "start", "--host", "127.0.0.1",
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
+                            env={**os.environ, "PREFECT_SERVER_API_AUTH_STRING": auth})
     url = f"http://127.0.0.1:{port}/api/health"
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -96,10 +99,15 @@ def serve(workspace: str) -> None:
     from flows import SERVED_WORKSPACES
 
     os.environ[SERVED_WORKSPACES] = workspace  # flow runs started here refuse any other workspace
+    from cdm.platform.stack import credentials
+    from cdm.platform.workspace import Workspace
+
     server = None
     if not os.environ.get("PREFECT_API_URL"):
-        server = start_local_server()
+        auth = credentials(Workspace(workspace))["prefect_auth"]  # generated, 0600
+        server = start_local_server(auth)
         os.environ["PREFECT_API_URL"] = "http://127.0.0.1:4200/api"
+        os.environ["PREFECT_API_AUTH_STRING"] = auth
         print("Prefect UI: http://127.0.0.1:4200", file=sys.stderr)
     try:
         prefect_serve(*deployments(workspace))

@@ -55,10 +55,21 @@ def placement(t: TrainParams) -> Placement:
     if t.dask_address:
         return Placement(DaskTaskRunner(address=t.dask_address), resources=resources)
     workers = torch.cuda.device_count() if gpu and cuda else t.max_workers
-    cluster = {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
-               "resources": resources}
-    return Placement(DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster),
+    return Placement(DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                                    cluster_kwargs=local_cluster(workers, resources)),
                      threads=max(1, cores // workers), resources=resources)
+
+
+def local_cluster(workers: int, resources: dict | None) -> dict:
+    """`LocalCluster` settings of a training run: worker processes on loopback that speak only mutual TLS with
+    a certificate authority made for this cluster alone (`Security.temporary()`, in memory): the workers run
+    with the workspace's MLflow and Prefect credentials, so a local user without the cluster's key must not be
+    able to submit code to them (a plain `tcp://` scheduler accepts any client). No dashboard port either."""
+    from distributed.security import Security
+
+    return {"n_workers": workers, "threads_per_worker": 1, "processes": True, "dashboard_address": None,
+            "resources": resources, "host": "127.0.0.1", "protocol": "tls://",
+            "security": Security.temporary()}
 
 
 @flow(name="cdm-train")

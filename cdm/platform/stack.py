@@ -77,11 +77,11 @@ def stack_dir(ws: Workspace) -> Path:
 
 
 def credentials(ws: Workspace) -> dict:
-    """The stack's generated secrets, made on first use (0600): PostgreSQL's password, S3 keys for moto."""
+    """The stack's generated secrets, made on first use (0600): PostgreSQL's password, the control plane's."""
     path = stack_dir(ws) / "credentials.json"
     # Created 0600 in one step (never readable by others, not even for a moment); a concurrent first use keeps one.
+    # (The S3 server's access key is not here: moto makes it at each start, `s3_keys`.)
     fresh = {"postgres_user": "cdm", "postgres_password": secrets.token_hex(16),
-             "aws_access_key_id": "cdm" + secrets.token_hex(8), "aws_secret_access_key": secrets.token_hex(20),
              # The control plane's own credentials: Prefect's API auth string and MLflow's basic-auth admin.
              "prefect_auth": "cdm:" + secrets.token_hex(16), "mlflow_user": "cdm-admin",
              "mlflow_password": secrets.token_hex(16), "mlflow_secret_key": secrets.token_hex(32)}
@@ -112,15 +112,35 @@ def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "post
 
 def s3_env(ws: Workspace, stack: Stack) -> dict[str, str]:
     """The S3 endpoint and keys for a process that talks to the stack's S3."""
-    c = credentials(ws)
     env = {"AWS_ENDPOINT_URL": stack.s3_endpoint_url, "MLFLOW_S3_ENDPOINT_URL": stack.s3_endpoint_url}
-    if stack.pids.get("s3"):  # moto: the generated keys; an existing S3 keeps the caller's
-        env |= {"AWS_ACCESS_KEY_ID": c["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": c["aws_secret_access_key"],
+    if stack.pids.get("s3"):  # moto: the key its server made for this stack; an existing S3 keeps the caller's
+        keys = s3_keys(ws)
+        env |= {"AWS_ACCESS_KEY_ID": keys["aws_access_key_id"], "AWS_SECRET_ACCESS_KEY": keys["aws_secret_access_key"],
                 "AWS_DEFAULT_REGION": "us-east-1"}
     return env
 
 
+def s3_keys_path(ws: Workspace) -> Path:
+    return stack_dir(ws) / "s3-keys.json"
+
+
+def s3_keys(ws: Workspace) -> dict[str, str]:
+    """The access key the stack's S3 server (`cdm.platform.s3_server`) made at its start (0600); every other
+    key, and every unsigned request, is refused there."""
+    path = s3_keys_path(ws)
+    if not path.is_file():
+        raise WorkspaceError("stack: the S3 server's access key is missing; run `cdm stack up` again")
+    return json.loads(path.read_text())
+
+
 # -- processes -------------------------------------------------------------------------------------------------
+
+def mlflow_server_env(ws: Workspace, folder: Path | None = None) -> dict[str, str]:
+    """What an MLflow server with cdm's basic auth needs beside its arguments: the auth config and a secret key
+    for its CSRF protection."""
+    return {"MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(ws, folder)),
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials(ws)["mlflow_secret_key"]}
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -274,7 +294,10 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
         if not cfg.s3_endpoint:
             port = free_port()
             stack.s3_endpoint_url = f"http://{HOST}:{port}"
-            stack.pids["s3"] = _spawn(ws, "s3", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(port)])
+            s3_keys_path(ws).unlink(missing_ok=True)
+            # It listens only once its access key is written (`s3_keys`).
+            stack.pids["s3"] = _spawn(ws, "s3", [sys.executable, "-m", "cdm.platform.s3_server", "--host", HOST,
+                                                 "--port", str(port), "--keys-out", str(s3_keys_path(ws))])
             stack.write(ws)
             _wait_http(stack.s3_endpoint_url, "S3 (moto)", stack.pids["s3"], cfg.startup_timeout)
         _ensure_bucket(ws, stack, cfg.bucket)
@@ -288,9 +311,7 @@ def up(ws: Workspace, cfg: StackConfig = StackConfig()) -> Stack:
             sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(port), "--workers", "1",
             "--artifacts-destination", stack.artifacts_destination, "--app-name", "basic-auth"], env={
             **s3_env(ws, stack), "MLFLOW_BACKEND_STORE_URI": database_url(ws, stack, "mlflow"),
-            "MLFLOW_AUTH_CONFIG_PATH": str(mlflow_auth_config(ws)),
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": credentials(ws)["mlflow_secret_key"],  # its CSRF protection
-            "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
+            **mlflow_server_env(ws), "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})  # no job runner: /health in seconds, not a minute
         port = free_port()
         stack.prefect_api_url = f"http://{HOST}:{port}/api"
         stack.pids["prefect"] = _spawn(ws, "prefect-server", [
@@ -322,13 +343,14 @@ def prefect_env(ws: Workspace, stack: Stack) -> dict[str, str]:
             "DO_NOT_TRACK": "1", "PREFECT_SERVER_API_AUTH_STRING": credentials(ws)["prefect_auth"]}
 
 
-def mlflow_auth_config(ws: Workspace) -> Path:
-    """MLflow's basic-auth configuration (0600): its user store in the stack's folder, the generated admin (the
-    one user cdm's clients are), and no permission for anyone else."""
+def mlflow_auth_config(ws: Workspace, folder: Path | None = None) -> Path:
+    """MLflow's basic-auth configuration (0600) in `folder` (the stack's by default; `cdm ui` has its own): its
+    user store beside it, the generated admin (the one user cdm's clients are), no permission for anyone else."""
     c = credentials(ws)
-    return atomic_write(stack_dir(ws) / "mlflow-auth.ini", "\n".join([
+    folder = folder or stack_dir(ws)
+    return atomic_write(folder / "mlflow-auth.ini", "\n".join([
         "[mlflow]", "default_permission = NO_PERMISSIONS",
-        f"database_uri = sqlite:///{stack_dir(ws) / 'mlflow-auth.db'}",
+        f"database_uri = sqlite:///{folder / 'mlflow-auth.db'}",
         f"admin_username = {c['mlflow_user']}", f"admin_password = {c['mlflow_password']}",
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth", ""]))
 
@@ -392,6 +414,7 @@ def down(ws: Workspace) -> dict:
     stopped = []
     if stack is not None and stack.pids.get("s3") and alive(stack.pids["s3"]):
         _take_snapshot(ws, stack)
+    s3_keys_path(ws).unlink(missing_ok=True)  # a new server makes a new key
     if stack is not None:
         for name in ("worker", "prefect", "mlflow", "s3"):
             pid = stack.pids.get(name)

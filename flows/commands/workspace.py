@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 
@@ -65,14 +66,51 @@ def serve(workspace: str):
 
 
 def ui(workspace: str, port: int, print_only: bool):
+    """The MLflow UI on this workspace's store, behind MLflow's basic-auth app: anyone on this machine could
+    otherwise move `production` or delete a `cdm.revoked` tag through it. The user is the workspace's generated
+    admin; the password stays in `.cdm/stack/credentials.json` (0600), never on a command line or in output."""
+    import os
+
+    from cdm.platform.stack import credentials, mlflow_server_env
+
     ctx = _ctx(workspace)
-    mlflow_cmd = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", ctx.tracking_uri, "--port", str(port)]
+    if ctx.stack:  # the stack's tracking server is the UI, authenticated already
+        text = f"MLflow UI: {ctx.stack.mlflow_tracking_uri} (the stack's; user {credentials(ctx.ws)['mlflow_user']})"
+        return {"mlflow_url": ctx.stack.mlflow_tracking_uri}, text
+    folder = ctx.ws.state_dir / "ui"
+    mlflow_cmd = [sys.executable, "-m", "mlflow", "server", "--app-name", "basic-auth", "--host", "127.0.0.1",
+                  "--port", str(port), "--backend-store-uri", ctx.tracking_uri, "--workers", "1"]
+    user = credentials(ctx.ws)["mlflow_user"]
     prefect = f"PREFECT_HOME={ctx.ws.prefect_home} {sys.executable} -m prefect server start"
-    text = (f"MLflow UI:  {' '.join(mlflow_cmd)}   (http://127.0.0.1:{port})\n"
+    text = (f"MLflow UI:  http://127.0.0.1:{port}  (user {user}; password: mlflow_password in "
+            f"{ctx.ws.state_dir / 'stack' / 'credentials.json'})\n"
             f"Prefect UI: {prefect}   (http://127.0.0.1:4200)")
-    result = {"mlflow": mlflow_cmd, "prefect": prefect}
+    result = {"mlflow": mlflow_cmd, "mlflow_url": f"http://127.0.0.1:{port}", "user": user, "prefect": prefect}
     if print_only:
         return result, text
     print(text, file=sys.stderr)
-    subprocess.run(mlflow_cmd, check=False)
+    _run_until_stopped(mlflow_cmd, {**os.environ, **mlflow_server_env(ctx.ws, folder),
+                                    "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     return result, ""
+
+
+def _run_until_stopped(cmd: list[str], env: dict[str, str]) -> None:
+    """Run a server in its own process group until it exits, Ctrl-C or SIGTERM; then stop the whole group (MLflow's
+    server runs its app in a child process that would otherwise outlive us, still listening)."""
+    import os
+    import signal
+
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)

@@ -119,3 +119,23 @@ def test_a_killed_worker_process_is_survived_and_the_shard_resumes_from_its_chec
     finally:
         torch.set_num_threads(threads)
     assert weights(ctx, out) == weights(reference, expected)
+
+
+def test_the_local_training_cluster_refuses_a_client_without_its_key():
+    """The local cluster's scheduler speaks mutual TLS with a CA made for it alone: a client with the cluster's
+    credentials runs a task (the positive control), one with plain TCP or with another CA's certificate cannot
+    even connect (on the old settings the scheduler listened on plain tcp:// for anyone)."""
+    from distributed import Client, LocalCluster
+    from distributed.security import Security
+
+    from flows.training import local_cluster
+
+    settings = local_cluster(1, None) | {"processes": False}  # one in-process worker: the scheduler is the same
+    with LocalCluster(**settings) as cluster:
+        assert cluster.scheduler_address.startswith("tls://127.0.0.1:")
+        with Client(cluster.scheduler_address, security=cluster.security, timeout=30) as ours:
+            assert ours.submit(lambda: 41 + 1).result(timeout=30) == 42
+        for stranger in ({}, {"security": Security.temporary()}):
+            with pytest.raises(Exception):
+                Client(cluster.scheduler_address.replace("tls://", "tcp://") if not stranger
+                       else cluster.scheduler_address, timeout=5, **stranger)

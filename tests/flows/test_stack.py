@@ -88,6 +88,9 @@ def run_stack(small_params, digit_owners, full: bool):
         upload(s3, sources["alice"], "owners", "alice")
         out["ingest"] = {"alice": cdm("ingest", "alice", "s3://owners/alice", "--workspace", str(ws.root))}
         out["unauthenticated"] = unauthenticated_requests(stack)
+        from cdm.platform.stack import s3_keys
+
+        out["s3_keys"] = s3_keys(ws)  # made by the S3 server at its start, removed at `down`
         if full:
             whole_story(out, ws, stack, s3, sources)
     finally:
@@ -160,7 +163,22 @@ def unauthenticated_requests(stack) -> dict[str, int]:
         except urllib.error.HTTPError as e:
             return e.code
 
-    return {"mlflow search": status(f"{stack.mlflow_tracking_uri}/api/2.0/mlflow/registered-models/search"),
+    import boto3
+    from botocore.exceptions import ClientError
+
+    def s3_status(**keys) -> int:
+        try:
+            boto3.client("s3", endpoint_url=stack.s3_endpoint_url, region_name="us-east-1",
+                         **keys).list_objects_v2(Bucket="cdm-mlflow")
+            return 200
+        except ClientError as e:
+            return e.response["ResponseMetadata"]["HTTPStatusCode"]
+
+    return {"s3 list, a stranger's key": s3_status(aws_access_key_id="testing", aws_secret_access_key="testing"),
+            "s3 get, unsigned": status(f"{stack.s3_endpoint_url}/cdm-mlflow/artifacts"),
+            "s3 moto reset": status(f"{stack.s3_endpoint_url}/moto-api/reset", b""),
+            "s3 moto reset-auth": status(f"{stack.s3_endpoint_url}/moto-api/reset-auth", b"inf"),
+            "mlflow search": status(f"{stack.mlflow_tracking_uri}/api/2.0/mlflow/registered-models/search"),
             "mlflow health": status(f"{stack.mlflow_tracking_uri}/health"),
             "prefect flows": status(f"{stack.prefect_api_url}/flows/filter", b"{}"),
             "prefect deployment run": status(f"{stack.prefect_api_url}/deployments/filter", b"{}"),
@@ -221,8 +239,9 @@ def test_stack_up_prints_where_each_service_is_and_no_secret(stack_run):
     assert up["prefect_api_url"].startswith("http://127.0.0.1:") and up["work_pool"] == "cdm"
     assert up["s3_endpoint_url"].startswith("http://127.0.0.1:") and "on-revocation" in up["deployments"]
     secrets = json.loads((stack_run["ws"].root / ".cdm" / "stack" / "credentials.json").read_text())
+    secrets |= stack_run["s3_keys"]
     assert not any(secrets[k] in json.dumps(up) for k in ("postgres_password", "aws_access_key_id",
-                                                          "aws_secret_access_key"))
+                                                          "aws_secret_access_key", "prefect_auth", "mlflow_password"))
     assert oct((stack_run["ws"].root / ".cdm" / "stack" / "credentials.json").stat().st_mode)[-3:] == "600"
 
 
@@ -233,6 +252,10 @@ def test_an_owner_is_ingested_from_the_stacks_s3(stack_run):
 
 def test_an_unauthenticated_request_to_the_prefect_or_mlflow_api_is_refused(stack_run):
     codes = stack_run["unauthenticated"]
+    # The S3 API: a stranger's key, an unsigned request and moto's control endpoints (reset the store, turn the
+    # checks off) are refused; the ingestion above, signed with the stack's key, is the positive control.
+    assert codes["s3 list, a stranger's key"] == 403 and codes["s3 get, unsigned"] == 403, codes
+    assert codes["s3 moto reset"] == 403 and codes["s3 moto reset-auth"] == 403, codes
     assert codes["mlflow search"] == 401 and codes["prefect flows"] == 401 and codes["prefect deployment run"] == 401
     assert codes["mlflow health"] == 200 and codes["prefect health"] == 200  # the positive control: they answer
     ini = stack_run["ws"].root / ".cdm" / "stack" / "mlflow-auth.ini"
