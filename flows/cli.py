@@ -432,8 +432,15 @@ def stack_down(workspace, want_json, verbose):
     run("stack down", workspace, want_json, verbose, commands.stack_down, workspace)
 
 
+PRIVATE_UMASK = 0o077
+
+
 def main(argv: list[str] | None = None) -> int:
     """The console script; returns the exit code (usage errors are refusals: one line, exit 2)."""
+    # Everything a command creates is private from creation (owner data, the DVC cache and remote, checkpoints,
+    # the MLflow store, stack files, logs): 0600 files and 0700 folders. Set once, here; the processes a command
+    # starts (servers, workers, flow runs) inherit it.
+    os.umask(PRIVATE_UMASK)
     env_defaults()
     args = list(sys.argv[1:] if argv is None else argv)
     try:

@@ -27,10 +27,13 @@ POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "
 
 
 def guarded(app):
-    """The WSGI app minus moto's control endpoints (reset, reset-auth, seed, recorder, dashboard)."""
+    """The WSGI app minus moto's control endpoints (reset, reset-auth, seed, recorder, dashboard) and minus
+    unsigned requests (403 at once; signed ones go on to moto's own checks)."""
     def serve(environ, start_response):
         host = environ.get("HTTP_HOST", "")
-        if environ.get("PATH_INFO", "").startswith("/moto-api") or host.startswith("motoapi."):
+        signed = "HTTP_AUTHORIZATION" in environ or "X-Amz-Signature" in environ.get("QUERY_STRING", "")
+        if environ.get("PATH_INFO", "").startswith("/moto-api") or host.startswith("motoapi.") or not signed:
+            # (An unsigned request would reach moto's checks without the header they read, and fail with 500.)
             body = b"<Error><Code>AccessDenied</Code><Message>not served</Message></Error>"
             start_response("403 Forbidden", [("Content-Type", "application/xml"), ("Content-Length", str(len(body)))])
             return [body]

@@ -26,6 +26,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,6 +166,9 @@ def _wait_http(url: str, name: str, pid: int | None, timeout: float) -> None:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status < 500:
                     return
+        except urllib.error.HTTPError as e:  # it answers (an authenticating server refuses the probe: 401/403)
+            if e.code < 500:
+                return
         except OSError:
             pass
         if pid is not None and not alive(pid):
@@ -231,6 +235,11 @@ def start_postgres(ws: Workspace, port: int) -> None:
     data = stack_dir(ws) / "pg"
     c = credentials(ws)
     if os.geteuid() == 0:
+        # Folders cdm made are 0700 (its umask): the `postgres` user may pass through the ones on the way to its
+        # cluster and log (search only, o+x; nothing in them becomes listable or readable).
+        for folder in (ws.root, ws.state_dir, stack_dir(ws), stack_dir(ws) / "logs"):
+            folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(folder.stat().st_mode | 0o011)
         probe = subprocess.run(["runuser", "-u", "postgres", "--", "test", "-x", str(stack_dir(ws))])
         if probe.returncode != 0:
             raise WorkspaceError(f"stack: PostgreSQL runs as the `postgres` user (not root), which cannot reach "
