@@ -224,8 +224,7 @@ def delete_objects(workspace: str | Path, object_ids: Iterable[str], s3_client=N
         bucket, prefix = split_s3(url)
         for oid in ids:
             key = s3_key(prefix, _object_key(oid))
-            if _s3_exists(s3_client, bucket, key):
-                s3_client.delete_object(Bucket=bucket, Key=key)
+            if s3_delete_every_version(s3_client, bucket, key):
                 deleted["remote"].append(oid)
     else:
         for oid in ids:
@@ -239,6 +238,43 @@ def delete_objects(workspace: str | Path, object_ids: Iterable[str], s3_client=N
             p.unlink()
             deleted["cache"].append(oid)
     return deleted
+
+
+def s3_versioned(client, bucket: str) -> bool:
+    """Whether the bucket keeps versions (versioning enabled or suspended: old versions may be there)."""
+    return bool(client.get_bucket_versioning(Bucket=bucket).get("Status"))
+
+
+def s3_versions(client, bucket: str, prefix: str) -> Iterable[tuple[str, str | None]]:
+    """(key, version id) of every object under `prefix`: on a versioned bucket every version and delete marker
+    (a plain listing shows the current ones only, and a plain delete only adds a marker), else (key, None)."""
+    if not s3_versioned(client, bucket):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for o in page.get("Contents", []):
+                yield o["Key"], None
+        return
+    for page in client.get_paginator("list_object_versions").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Versions", []) + page.get("DeleteMarkers", []):
+            yield o["Key"], o["VersionId"]
+
+
+def s3_delete_every_version(client, bucket: str, key: str) -> bool:
+    """Delete the object `key` for good: on a versioned bucket every version and delete marker of it, by version
+    id. Returns whether anything was there."""
+    from botocore.exceptions import BotoCoreError, ClientError
+
+    try:
+        if not s3_versioned(client, bucket):
+            if not _s3_exists(client, bucket, key):
+                return False
+            client.delete_object(Bucket=bucket, Key=key)
+            return True
+        found = [(k, v) for k, v in s3_versions(client, bucket, key) if k == key]
+        for k, v in found:
+            client.delete_object(Bucket=bucket, Key=k, VersionId=v)
+        return bool(found)
+    except (ClientError, BotoCoreError) as e:
+        raise RemoteError(f"s3://{bucket}/{key}: {e}") from e
 
 
 def _s3_exists(client, bucket: str, key: str) -> bool:
@@ -273,8 +309,7 @@ def list_objects(workspace: str | Path, s3_client=None) -> dict[str, set[str]]:
     url = remote_config(workspace)["url"]
     if url and url.startswith("s3://"):
         bucket, prefix = split_s3(url)
-        pages = s3_client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-        remote = ids_under(o["Key"] for page in pages for o in page.get("Contents", []))
+        remote = ids_under(k for k, _ in s3_versions(s3_client, bucket, prefix))  # old versions too
     elif url and Path(url).exists():
         root = Path(url) / "files" / "md5"
         remote = ids_under(str(p.relative_to(root)) for p in root.glob("*/*")) if root.exists() else set()

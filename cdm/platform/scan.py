@@ -253,13 +253,24 @@ class S3Store(Store):
     prefix: str
 
     def items(self) -> Iterator[tuple[str, bytes | None]]:
-        pages = self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self.prefix)
-        for page in pages:
-            for obj in page.get("Contents", []):
-                key = obj["Key"]
-                data = None if obj["Size"] > MAX_ITEM_BYTES else \
-                    self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
-                yield f"s3://{self.bucket}/{key}", data
+        from botocore.exceptions import ClientError
+
+        from cdm.platform.dvc import s3_versions
+
+        # Every version on a versioned bucket (a delete there only hides the object behind a marker).
+        for key, version in s3_versions(self.client, self.bucket, self.prefix):
+            where = f"s3://{self.bucket}/{key}" + (f"?versionId={version}" if version else "")
+            try:
+                head = self.client.head_object(Bucket=self.bucket, Key=key, **({"VersionId": version} if version
+                                                                                else {}))
+            except ClientError as e:
+                if e.response["ResponseMetadata"]["HTTPStatusCode"] != 405:
+                    raise  # an outage is not an empty store
+                yield where, key.encode()  # a delete marker has no body: its key is what it holds
+                continue
+            data = None if head["ContentLength"] > MAX_ITEM_BYTES else self.client.get_object(
+                Bucket=self.bucket, Key=key, **({"VersionId": version} if version else {}))["Body"].read()
+            yield where, data
 
 
 @dataclass

@@ -93,3 +93,26 @@ def test_git_objects_are_scanned_even_when_no_commit_reaches_them(tmp_path):
                    capture_output=True)
     report = scan([GitStore("git", tmp_path)], needles())
     assert [f.what for f in report.findings] == ["raw owner id"] and report.scanned["git"] == 4
+
+
+def test_a_versioned_bucket_is_scanned_and_purged_version_by_version(s3):
+    """On a versioned bucket a plain delete only hides an object behind a delete marker: the scan reads every
+    version (it finds the owner's old bytes: the positive control) and the purge's delete removes every version
+    and marker by id. On the old code the scan listed current objects only and the delete left every version."""
+    from cdm.platform.dvc import s3_delete_every_version, s3_versions
+    from cdm.platform.scan import S3Store
+
+    bucket = "versioned-remote"
+    s3.create_bucket(Bucket=bucket)
+    s3.put_bucket_versioning(Bucket=bucket, VersioningConfiguration={"Status": "Enabled"})
+    s3.put_object(Bucket=bucket, Key="files/md5/ab/cd", Body=b"bob's first upload")
+    s3.put_object(Bucket=bucket, Key="files/md5/ab/cd", Body=b"a later upload")
+    s3.put_object(Bucket=bucket, Key="files/md5/ef/01", Body=b"carol's")
+    s3.delete_object(Bucket=bucket, Key="files/md5/ab/cd")  # what a versionless delete does: a marker
+    store = S3Store("remote", s3, bucket, "files/")
+    found = scan([store], Needles("bob", {}, {}))
+    assert [f for f in found.findings if "files/md5/ab/cd?versionId=" in f.where]  # the hidden old version
+    assert s3_delete_every_version(s3, bucket, "files/md5/ab/cd")
+    assert [k for k, _ in s3_versions(s3, bucket, "files/")] == ["files/md5/ef/01"]  # carol's untouched
+    assert scan([store], Needles("bob", {}, {})).ok
+    assert not s3_delete_every_version(s3, bucket, "files/md5/ab/cd")  # nothing left: idempotent
