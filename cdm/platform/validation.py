@@ -26,6 +26,7 @@ class Limits:
     min_dimension: int
     max_dimension: int
     max_files: int
+    max_caption_chars: int = 200
 
 
 @dataclass
@@ -118,8 +119,9 @@ def _reasons(expectation: str, column: str | None, row: dict, table, limits: Lim
     return expectation
 
 
-def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | Path | None = None) -> ValidationReport:
-    """Run the ingestion suite over `files`. The batch is accepted only when every expectation holds."""
+def _run_suite(table, expectations, docs_dir: str | Path | None, name: str, index_column: str):
+    """Validate `table` against `expectations` with great-expectations; a Data Docs site when `docs_dir` is given.
+    -> (GX validation result, docs index path or None)."""
     import logging
 
     import great_expectations as gx
@@ -127,7 +129,6 @@ def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | 
                                                             ProgressBarsConfig)
 
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    table = file_table(files, limits)
     # No default docs site: GX's ephemeral context would build one in a system temp folder (file names and sample
     # hashes of a rejected batch, outside the workspace, never purged); ours lives in the workspace (`docs_dir`).
     ctx = gx.get_context(mode="ephemeral", project_config=DataContextConfig(
@@ -135,39 +136,55 @@ def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | 
     ctx.variables.progress_bars = ProgressBarsConfig(globally=False)
     asset = ctx.data_sources.add_pandas("owner_source").add_dataframe_asset("batch")
     batch = asset.add_batch_definition_whole_dataframe("all_files")
-    suite = ctx.suites.add(gx.ExpectationSuite(name="cdm_ingestion"))
+    suite = ctx.suites.add(gx.ExpectationSuite(name=name))
+    for exp in expectations:
+        suite.add_expectation(exp)
+    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="ingest", data=batch, suite=suite))
+    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": [index_column]}
+    if docs_dir is None:
+        return definition.run(batch_parameters={"dataframe": table}, result_format=result_format), None
+    ctx.add_data_docs_site(site_name="cdm", site_config={
+        "class_name": "SiteBuilder",
+        "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
+        "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
+    checkpoint = ctx.checkpoints.add(gx.Checkpoint(
+        name="ingest", validation_definitions=[definition], result_format=result_format,
+        actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
+    run = checkpoint.run(batch_parameters={"dataframe": table})
+    return next(iter(run.run_results.values())), str(Path(docs_dir) / "index.html")
+
+
+def _file_expectations(limits: Limits, depth: int, labels: bool):
+    import great_expectations as gx
+
     E = gx.expectations
-    for exp in (
+    out = [
         E.ExpectTableRowCountToBeBetween(min_value=1, max_value=limits.max_files),
         E.ExpectColumnValuesToBeInSet(column="read_problem", value_set=[""]),
         E.ExpectColumnValuesToMatchRegex(column="file_name", regex=SAFE_NAME),
-        E.ExpectColumnValuesToBeInSet(column="depth", value_set=[2]),
-        E.ExpectColumnValuesToBeInSet(column="label", value_set=[str(v) for v in limits.labels]),
+        E.ExpectColumnValuesToBeInSet(column="depth", value_set=[depth]),
         E.ExpectColumnValuesToBeBetween(column="size_bytes", min_value=1, max_value=limits.max_file_bytes),
         E.ExpectColumnValuesToBeInSet(column="decodes", value_set=[True]),
         E.ExpectColumnValuesToBeBetween(column="width", min_value=limits.min_dimension, max_value=limits.max_dimension),
         E.ExpectColumnValuesToBeBetween(column="height", min_value=limits.min_dimension,
                                         max_value=limits.max_dimension),
         E.ExpectColumnValuesToBeUnique(column="sha256"),
-    ):
-        suite.add_expectation(exp)
-    definition = ctx.validation_definitions.add(gx.ValidationDefinition(name="ingest", data=batch, suite=suite))
-    result_format = {"result_format": "COMPLETE", "unexpected_index_column_names": ["path"]}
-    docs = None
-    if docs_dir is not None:
-        ctx.add_data_docs_site(site_name="cdm", site_config={
-            "class_name": "SiteBuilder",
-            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs_dir)},
-            "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"}})
-        checkpoint = ctx.checkpoints.add(gx.Checkpoint(
-            name="ingest", validation_definitions=[definition], result_format=result_format,
-            actions=[gx.checkpoint.UpdateDataDocsAction(name="docs")]))
-        run = checkpoint.run(batch_parameters={"dataframe": table})
-        result = next(iter(run.run_results.values()))
-        docs = str(Path(docs_dir) / "index.html")
-    else:
-        result = definition.run(batch_parameters={"dataframe": table}, result_format=result_format)
+    ]
+    if labels:
+        out.append(E.ExpectColumnValuesToBeInSet(column="label", value_set=[str(v) for v in limits.labels]))
+    return out
 
+
+def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | Path | None = None) -> ValidationReport:
+    """Run the ingestion suite over `files`. The batch is accepted only when every expectation holds."""
+    table = file_table(files, limits)
+    result, docs = _run_suite(table, _file_expectations(limits, depth=2, labels=True), docs_dir, "cdm_ingestion",
+                              "path")
+    return _report(result, table, limits, docs)
+
+
+def _report(result, table, limits: Limits, docs: str | None, layout: str = "not in <label>/<file>.png layout",
+            extra: list[Problem] | None = None, ok: bool = True) -> ValidationReport:
     problems: dict[tuple[str, str], Problem] = {}
     records = table.set_index("path", drop=False)
     for r in result.results:
@@ -189,7 +206,74 @@ def validate_batch(files: Sequence[SourceFile], limits: Limits, docs_dir: str | 
                 continue  # "empty file" says it
             if column == "label" and row["depth"] != 2:
                 continue  # the layout reason says it
-            reason = _reasons(r.expectation_config.type, column, row, table, limits)
+            reason = layout if column == "depth" else _reasons(r.expectation_config.type, column, row, table, limits)
             problems.setdefault((row["path"], reason), Problem(row["path"], reason))
+    for p in extra or []:
+        problems.setdefault((p.file, p.reason), p)
     ordered = sorted(problems.values(), key=lambda p: (p.file, p.reason))
-    return ValidationReport(ok=result.success, files=len(table), problems=ordered, docs=docs)
+    return ValidationReport(ok=result.success and ok, files=len(table), problems=ordered, docs=docs)
+
+
+def caption_table(files: Sequence[SourceFile], limits: Limits):
+    """One row per `metadata.jsonl` line and per image without one: file_name, line, problem ('' when the line
+    is an acceptable caption), has_image, captioned (how many lines name the file)."""
+    import pandas as pd
+
+    from cdm.text.captions import METADATA, parse_metadata
+
+    meta = next((f for f in files if f.path == METADATA), None)
+    images = {f.path for f in files if f.path not in (METADATA, *METADATA_FILES)}
+    lines = parse_metadata(meta.data if meta is not None else None, limits.max_caption_chars)
+    if meta is not None and meta.data is None:
+        lines = [{"line": 0, "file_name": "", "text": "", "problem": meta.problem or "metadata.jsonl not read"}]
+    named = [r["file_name"] for r in lines]
+    rows = [{"key": f"{METADATA}:{r['line']}", "file_name": r["file_name"], "line": r["line"],
+             "problem": r["problem"], "has_image": (r["file_name"] in images) or bool(r["problem"]),
+             "captioned": named.count(r["file_name"]) if not r["problem"] else 1} for r in lines]
+    rows += [{"key": name, "file_name": name, "line": 0, "problem": "", "has_image": True, "captioned": 0}
+             for name in sorted(images - set(named))]
+    return pd.DataFrame(rows, columns=["key", "file_name", "line", "problem", "has_image", "captioned"])
+
+
+def validate_captioned_batch(files: Sequence[SourceFile], limits: Limits,
+                             docs_dir: str | Path | None = None) -> ValidationReport:
+    """The ingestion suite of a text workspace: the image files (flat, beside `metadata.jsonl`) as
+    `validate_batch` checks them, and the captions: every image has exactly one caption and every caption an image;
+    captions non-empty, valid UTF-8, no control characters, at most `limits.max_caption_chars`."""
+    import great_expectations as gx
+
+    from cdm.text.captions import METADATA
+
+    images = [f for f in files if f.path != METADATA]
+    table = file_table(images, limits)
+    result, docs = _run_suite(table, _file_expectations(limits, depth=1, labels=False), docs_dir,
+                              "cdm_ingestion", "path")
+    captions = caption_table(files, limits)
+    E = gx.expectations
+    extra: list[Problem] = []
+    if not any(f.path == METADATA for f in files):
+        extra.append(Problem(METADATA, "missing: a captioned batch has one metadata.jsonl beside its images"))
+    c_result, _ = _run_suite(captions, [
+        E.ExpectColumnValuesToBeInSet(column="problem", value_set=[""]),
+        E.ExpectColumnValuesToBeInSet(column="has_image", value_set=[True]),
+        E.ExpectColumnValuesToBeInSet(column="captioned", value_set=[1]),
+    ], None if docs_dir is None else Path(docs_dir) / "captions", "cdm_captions", "key")
+    rows = captions.set_index("key", drop=False)
+    for r in c_result.results:
+        if r.success:
+            continue
+        column = r.expectation_config.kwargs.get("column")
+        for hit in r.result.get("unexpected_index_list") or []:
+            row = rows.loc[hit["key"]].to_dict()
+            where = f"{METADATA} line {row['line']}" if row["line"] else (row["file_name"] or METADATA)
+            if column == "problem":
+                extra.append(Problem(where, row["problem"]))
+            elif column == "has_image":
+                extra.append(Problem(where, f"captions {row['file_name']!r}, which is not in the batch"))
+            elif row["captioned"] == 0:
+                extra.append(Problem(where, f"no caption in {METADATA}"))
+            else:
+                extra.append(Problem(where, f"{row['file_name']!r} is captioned {row['captioned']} times"))
+    return _report(result, table, limits, docs, layout="not flat beside metadata.jsonl (<file>.png)", extra=extra,
+                   ok=c_result.success and not any(p.file == METADATA and p.reason.startswith("missing")
+                                                   for p in extra))
