@@ -28,13 +28,11 @@ def timed(fn, *args, **kwargs):
 
 
 def run_n(n: int, images: int, steps: int, root: Path) -> dict:
-    import hashlib
-
     import mlflow
 
     from cdm.config import Params
     from cdm.data import digits_uint8, write_class_folders
-    from cdm.platform import unlearn
+    from cdm.platform import owner_records, unlearn
     from cdm.platform.context import Context
     from cdm.platform.create import init_workspace
     from flows.commands import status
@@ -87,7 +85,7 @@ def run_n(n: int, images: int, steps: int, root: Path) -> dict:
     victim = owners[0]
     key = ctx.ws.owner_key(victim)
     t = time.perf_counter()
-    rev = unlearn.begin(ctx, key, hashlib.sha256(tokens[victim].encode()).hexdigest(), "bench")
+    rev = unlearn.begin(ctx, key, owner_records.sign_revocation(tokens[victim], key, "bench"), "bench")
     plan = steps_.plan.fn(ctx, rev.request_id)
     steps_.go_live.fn(ctx, rev.request_id, plan)
     out["revoke_to_live_s"] = round(time.perf_counter() - t, 3)

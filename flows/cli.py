@@ -59,12 +59,21 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
     log_file.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(log_file)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    redact = None
     if log_file.parent == root / ".cdm" / "logs" and (root / ".cdm" / "secret").exists():
         from cdm.platform.owner_records import RedactOwnerIds
         from cdm.platform.workspace import Workspace
 
-        handler.addFilter(RedactOwnerIds(Workspace(root), also=owners))
+        redact = RedactOwnerIds(Workspace(root), also=owners)
+        handler.addFilter(redact)
     import prefect  # noqa: F401 - configures its loggers on import; we route them below
+
+    # Prefect's API log handlers send records to its database: redacted there too.
+    from flows import api_log_handlers
+
+    api_handlers = api_log_handlers() if redact is not None else []
+    for h in api_handlers:
+        h.addFilter(redact)
 
     moved: list[tuple[logging.Logger, logging.Handler]] = []
     loggers = [logging.getLogger()] + [logging.getLogger(n) for n in list(logging.root.manager.loggerDict)]
@@ -84,6 +93,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
         logging.captureWarnings(False)
         for logger in roots:
             logger.removeHandler(handler)
+        for h in api_handlers:
+            h.removeFilter(redact)
         for logger, h in moved:
             logger.addHandler(h)
         handler.close()
@@ -333,6 +344,28 @@ def revoke(owner, reason, token_stdin, token, wait, workspace, want_json, verbos
 
     run("revoke", workspace, want_json, verbose, commands.revoke, workspace, owner, reason, token, wait,
         bars(want_json), token_stdin)
+
+
+@cli.command("sign-revocation")
+@click.argument("owner_key")
+@click.option("--reason", help="recorded in the certificate (signed with the request)")
+@click.option("--token-stdin", is_flag=True, help="read the owner's token from stdin's first line (or set "
+              "CDM_OWNER_TOKEN)")
+@click.option("--token", help="the token on the command line (other users see it in `ps`)")
+def sign_revocation(owner_key, reason, token_stdin, token):
+    """Print the signed payload of a `cdm.owner.revoked` event for OWNER_KEY (the key printed at the owner's first
+    ingestion), as one JSON line. Only the token's holder can make one; the workspace keeps just the key that checks
+    it, and a payload is accepted for 10 minutes. Needs no workspace. Emit it with Prefect:
+    `emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.OWNER_KEY"}, payload=PAYLOAD)`."""
+    from cdm.platform.errors import WorkspaceError
+    from flows import commands
+
+    try:
+        payload, text = commands.sign_revocation(owner_key, reason, token, token_stdin)
+    except WorkspaceError as e:
+        print(f"cdm sign-revocation: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(text)
 
 
 @cli.command("finish-revocation", hidden=True)

@@ -44,8 +44,6 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     """The story in a fresh workspace. `base`: the paper's recipe — a fifth of the non-held-out digits becomes
     public data that belongs to no owner, `cdm pretrain` trains the shared base on it, and every shard and the
     paragon fine-tune from it (`train.init: public`)."""
-    import hashlib
-
     import torch
 
     from cdm.data import save_grid, write_demo_owners
@@ -53,6 +51,7 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     from cdm.platform.context import Context
     from cdm.platform.create import init_workspace
     from cdm.platform.ingest import IngestionRejected
+    from cdm.platform.owner_records import sign_revocation
     from cdm.platform.shards import load_plan
     from flows.composition import compose
     from flows.evaluation import evaluate
@@ -121,8 +120,9 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     victim = shared[0][-1] if shared else "owner-01"
     victim_key = ctx.ws.owner_key(victim)
     t = time.perf_counter()
-    cert = unlearn_owner(str(root), victim_key, hashlib.sha256(tokens[victim].encode()).hexdigest(),
-                         "demo: consent withdrawn")
+    request = sign_revocation(tokens[victim], victim_key, "demo: consent withdrawn")  # the owner's signed request
+    cert = unlearn_owner(str(root), victim_key, signature=request["signature"], issued_at=request["issued_at"],
+                         reason=request["reason"])
     times["revoke"] = time.perf_counter() - t
 
     # 7. The baseline: retraining the paragon without the owner; then re-evaluation.

@@ -3,12 +3,13 @@
 Cron schedules need a real Prefect server (the ephemeral API runs no scheduler) and triggered runs need a serving
 process: `cdm serve` starts a server on loopback unless PREFECT_API_URL points at one, then serves both.
 
-Emit a revocation (the owner proves it with the sha256 of the token issued at their first ingestion, and names
-themselves by the owner key printed then; neither the raw id nor the token reaches Prefect):
+Emit a revocation (the owner signs it with the token issued at their first ingestion, and names themselves by the
+owner key printed then; neither the raw id nor the token reaches Prefect; `cdm sign-revocation` prints the payload):
 
     from prefect.events import emit_event
+    from cdm.platform.owner_records import sign_revocation
     emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.ok-…"},
-               payload={"owner_key": "ok-…", "token_sha256": sha256(token), "reason": "consent withdrawn"})
+               payload=sign_revocation(token, "ok-…", reason="consent withdrawn"))
 """
 
 from __future__ import annotations
@@ -47,7 +48,9 @@ def deployments(workspace: str) -> list:
         triggers=[DeploymentEventTrigger(
             name="owner revoked", expect={REVOKED_EVENT},
             parameters={"workspace": str(ws.root), "owner_key": "{{ event.payload.owner_key }}",
-                        "token_sha256": "{{ event.payload.token_sha256 }}",
+                        "signature": "{{ event.payload.signature }}",
+                        "issued_at": "{{ event.payload.issued_at }}",
+                        "received": "{{ event.received.isoformat() }}",  # the server's receipt time: the proof's clock
                         "reason": "{{ event.payload.reason }}"})]))
     return out
 

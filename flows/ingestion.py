@@ -33,6 +33,7 @@ def ingest(ctx: Context, owner: str, source: str, license: str | None = None, cr
         result = ingest_owner(str(ctx.ws.root), key)
     result["owner"] = owner
     result["token"] = None
-    if owner_records.record(ctx.ws, key).token_sha256 is None:
+    rec = owner_records.record(ctx.ws, key)
+    if rec.token_public_key is None and rec.token_sha256 is None:
         result["token"] = owner_records.issue_token(ctx.ws, key)
     return result

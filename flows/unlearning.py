@@ -3,8 +3,9 @@
     plan -> go-live -> remove-ingestion-schedule -> retrain -> forgetting-check -> purge -> verify -> reevaluate
          -> certify                                   (one Prefect task each; outputs feed the next tasks)
 
-Parameters are the owner key and, for a request that comes as an event, the sha256 of the owner's token: never the
-token or the raw id (Prefect stores flow parameters). `cdm revoke` checks the token itself and begins the
+Parameters are the owner key and, for a request that comes as an event, the owner's signature over it and its time
+(`owner_records.sign_revocation`): never the token or the raw id (Prefect stores flow parameters), and nothing a
+reader of Prefect's database could reuse for another request. `cdm revoke` checks the token itself and begins the
 request before the flow runs, so no proof reaches Prefect on that path. `until="go_live"` stops once the owner is out of serving; running the
 flow again finishes the job (each step is recorded, see cdm/platform/unlearn.py).
 """
@@ -12,6 +13,7 @@ flow again finishes the job (each step is recorded, see cdm/platform/unlearn.py)
 from __future__ import annotations
 
 from contextvars import ContextVar
+from datetime import datetime
 from typing import Literal
 
 from prefect import flow
@@ -29,15 +31,18 @@ known_token: ContextVar[str | None] = ContextVar("known_token", default=None)
 
 
 @flow(name="cdm-unlearn", flow_run_name="unlearn-{owner_key}")
-def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = None, reason: str | None = None,
+def unlearn_owner(workspace: str, owner_key: str, signature: str | None = None, issued_at: float | None = None,
+                  reason: str | None = None, received: datetime | None = None,
                   until: Literal["go_live"] | None = None, progress: bool = False) -> dict:
     """Revoke the owner: a composite without them goes live first, then shared shards retrain, everything derived
     from their data is purged, every store is scanned, and a certificate is appended to the ledger."""
     ctx = load_served(workspace)
     # A run without the owner's proof only resumes a request `cdm revoke` began on the workspace (an operator's):
     # nobody who merely reaches the Prefect API can start an operator revocation.
-    rev = unlearn.begin(ctx, owner_key, token_sha256 or None, reason, via="event" if token_sha256 else "command",
-                        create=bool(token_sha256))
+    proof = {"signature": signature, "issued_at": issued_at,
+             "received": received.timestamp() if received is not None else None} if signature else None
+    rev = unlearn.begin(ctx, owner_key, proof, reason or None, via="event" if proof else "command",
+                        create=proof is not None)
     with unlearn.runner(ctx.ws, rev.request_id):  # one process at a time on a request
         plan = steps.plan(ctx, rev.request_id)
         live = steps.go_live(ctx, rev.request_id, plan)
@@ -45,7 +50,8 @@ def unlearn_owner(workspace: str, owner_key: str, token_sha256: str | None = Non
         if until == "go_live":
             return {"request_id": rev.request_id, "owner_key": owner_key, "live": live.model_dump(),
                     "completed": False}
-        # In memory: pixels and the token are never written anywhere. Not needed once verified.
+        # From the needles file taken at `begin`, plus the token in memory (never written). Not needed once
+        # verified.
         found = needles(ctx, rev, known_token.get()) if load(ctx.ws, rev.request_id).verify is None else None
         retrained = steps.retrain(ctx, rev.request_id, plan, live, progress)
         steps.forgetting_check(ctx, rev.request_id, plan, retrained)

@@ -77,7 +77,10 @@ def purge(ctx: Context, request_id: str, plan: Plan, live: Live, retrained: Retr
         intent = unlearn.purge_intent(ctx, rev, plan, live, retrained)
         rev = record_step(ctx.ws, rev, "purge_intent", intent)
         unlearn.fault_point("purge:after-intent")
-        return unlearn.purge(ctx, rev, intent, plan)
+        from prefect.runtime import flow_run
+
+        db, _ = prefect_database(flow_run.get_id()) if ctx.stack is None else (None, None)
+        return unlearn.purge(ctx, rev, intent, plan, db)
 
     return _step(ctx, request_id, "purge", run)
 
@@ -91,7 +94,9 @@ def verify(ctx: Context, request_id: str, purged: Purged, needles) -> Verificati
     rev = load(ctx.ws, request_id)
     if rev.verify is not None:
         return rev.verify
-    db, server = prefect_database()
+    from prefect.runtime import flow_run
+
+    db, server = prefect_database(flow_run.get_id())
     result = verify_step(ctx, rev, purged, needles, db, server)
     if not result.ok:
         rev.failed_verifications.append(result.model_dump())
@@ -117,19 +122,46 @@ def certify(ctx: Context, request_id: str, verification: Verification, evaluatio
     return unlearn.complete(ctx, rev, unlearn.certify(ctx, rev)).certify
 
 
-def prefect_database() -> tuple[Path | None, str | None]:
-    """The SQLite file behind the Prefect API this process uses, or the URL of a server that is not one here."""
+def prefect_database(flow_run_id: str | None = None) -> tuple[Path | None, str | None]:
+    """The SQLite file behind the Prefect API this process uses, or the URL of an API whose database is not known
+    here (the scan reports it unscanned: never silently skipped).
+
+    Without PREFECT_API_URL the API is this process's own (ephemeral) server, which uses the database of this
+    process's settings. With one, a server on this machine may use any file: a candidate (the database of this
+    process's settings, the Prefect home's default) is taken only when it holds `flow_run_id` — the run now in
+    progress, which the server has just written."""
     import os
 
     from prefect.settings import get_current_settings
 
     settings = get_current_settings()
-    url = str(settings.server.database.connection_url.get_secret_value()
-              if hasattr(settings.server.database.connection_url, "get_secret_value")
-              else settings.server.database.connection_url)
     api = os.environ.get("PREFECT_API_URL") or (str(settings.api.url) if settings.api.url else None)
-    local = api is None or "127.0.0.1" in api or "localhost" in api
-    if url.startswith("sqlite") and local:
-        path = Path(url.split(":///", 1)[1])
-        return (path if path.exists() else None), None
+    url = settings.server.database.connection_url
+    url = str(url.get_secret_value() if hasattr(url, "get_secret_value") else url)
+    configured = Path(url.split(":///", 1)[1]) if url.startswith("sqlite") and ":///" in url else None
+    if api is None:
+        return (configured if configured is not None and configured.exists() else None), None
+    if flow_run_id is not None:
+        for candidate in [configured, Path(settings.home) / "prefect.db"]:
+            if candidate is not None and _holds(candidate, flow_run_id):
+                return candidate, None
     return None, api
+
+
+def _holds(db: Path, flow_run_id: str) -> bool:
+    """Whether the SQLite database (read-only) has the flow run `flow_run_id`."""
+    import sqlite3
+    import uuid
+
+    if not db.is_file():
+        return False
+    u = uuid.UUID(flow_run_id)
+    try:
+        con = sqlite3.connect(f"{db.resolve().as_uri()}?mode=ro", uri=True, timeout=30)
+        try:
+            return con.execute("SELECT 1 FROM flow_run WHERE id IN (?, ?, ?) LIMIT 1",
+                               (str(u), u.hex, u.bytes)).fetchone() is not None
+        finally:
+            con.close()
+    except sqlite3.Error:  # not a Prefect database
+        return False

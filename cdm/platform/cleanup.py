@@ -1,4 +1,5 @@
-"""Cleaning the registry: runs left by killed processes, and the hard purge of model versions (docs/design.md §4).
+"""Cleaning the registry: runs left by killed processes, and the hard purge of model versions (docs/design.md §4);
+and Prefect log lines that name a revoked owner.
 
 MLflow deletes softly; a purge deletes the runs and logged models, garbage-collects them with `mlflow gc` (rows and
 artifacts, also on S3), removes the versions' tags and aliases, then deletes the versions.
@@ -146,3 +147,54 @@ def gc(backend: Backend, run_ids: list[str], model_ids: list[str]) -> None:
     proc = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **backend.env})
     if proc.returncode != 0:
         raise RuntimeError(f"mlflow gc failed: {proc.stderr.strip()[-2000:]}")
+
+
+def purge_prefect_logs(db, owner: str, key: str, others: tuple[str, ...] = ()) -> int:
+    """Take `owner`'s raw id out of Prefect's SQLite database `db`: log lines naming them are deleted, run state
+    messages naming them have it replaced by `key` (matched as the trace scan matches a database: the id's usual
+    cases, not inside another remaining owner's id); then, whenever the file still holds the id anywhere (free
+    pages, the write-ahead log), it is rewritten (VACUUM) and checkpointed. Run logs are redacted before they reach
+    Prefect; this removes what reached it another way (an older version, a library's own message). Raises OSError
+    when another connection keeps the checkpoint from completing (the purge retries). Returns the rows changed."""
+    import re
+    import sqlite3
+
+    from cdm.platform.scan import Needles
+
+    needle = Needles(owner, others=others)
+    cases = re.compile("|".join(re.escape(c) for c in sorted({owner, owner.upper(), owner.title()}, key=len)[::-1]))
+    con = sqlite3.connect(str(db), timeout=60)
+    changed = 0
+    try:
+        con.execute("PRAGMA secure_delete = ON")  # what is deleted is zeroed, not left in free pages
+        for table, action in (("log", "delete"), ("flow_run_state", "redact"), ("task_run_state", "redact")):
+            try:
+                rows = con.execute(f"SELECT id, message FROM {table} WHERE message LIKE ?", (f"%{owner}%",)).fetchall()
+            except sqlite3.OperationalError:  # a Prefect version without that table
+                continue
+            hits = [(rid, m) for rid, m in rows if m and needle.find(str(m).encode(), binary=False, database=True)]
+            if action == "delete":
+                con.executemany(f"DELETE FROM {table} WHERE id = ?", [(rid,) for rid, _ in hits])
+            else:
+                con.executemany(f"UPDATE {table} SET message = ? WHERE id = ?",
+                                [(cases.sub(key, str(m)), rid) for rid, m in hits])
+            changed += len(hits)
+        con.commit()
+        if changed or _mentions(db, needle):
+            con.execute("VACUUM")
+            busy, _, _ = con.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            if busy:
+                raise OSError(f"Prefect's database {db} is busy: its checkpoint did not complete")
+    finally:
+        con.close()
+    return changed
+
+
+def _mentions(db, needle) -> bool:
+    """Whether the database file or its write-ahead log holds the raw id (as the scan would find it)."""
+    from pathlib import Path
+
+    for part in (Path(db), Path(f"{db}-wal")):
+        if part.is_file() and needle.find(part.read_bytes(), binary=False, database=True):
+            return True
+    return False

@@ -1,11 +1,15 @@
 """Owner records (`.cdm/owners.json`): the one documented place that keeps a raw owner id (docs/design.md §5).
 
     {owner_key: {"owner": raw id, "state": pending|active|revoked, "source": absolute path or s3:// URL,
-                 "cron": ..., "license": ..., "token_sha256": ..., "consents": [times], ...}}
+                 "cron": ..., "license": ..., "token_public_key": ..., "consents": [times], ...}}
 
 Everything else names owners by key. After a revocation the record keeps the raw id, `state: revoked`, the request
-id and the times; source, schedule, license and token hash are dropped. A revoked owner stays revoked until
+id and the times; source, schedule, license and token key are dropped. A revoked owner stays revoked until
 `cdm consent` records a new consent and issues a new token.
+
+The owner's proof (docs/design.md §5): the token seeds an Ed25519 key; the record keeps only its public key, which
+checks a signed request and cannot make one. A revocation request is signed over what it asks (owner key, reason,
+time), so a copy of `owners.json`, a backup or a replayed old event proves nothing.
 """
 
 from __future__ import annotations
@@ -13,7 +17,9 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import secrets
+import time
 from typing import Literal
 
 from filelock import FileLock
@@ -32,7 +38,8 @@ class OwnerRecord(BaseModel):
     source: str | None = None  # absolute folder path or s3:// URL, for the scheduled ingestion
     cron: str | None = None
     license: str | None = None
-    token_sha256: str | None = None
+    token_public_key: str | None = None  # Ed25519 public key (hex) of the owner's token: checks, cannot sign
+    token_sha256: str | None = None  # records made before signed requests: checked only where the token is shown
     consents: list[str] = []
     revocation: str | None = None  # request id of the revocation in progress or done
     revoked: str | None = None
@@ -137,22 +144,84 @@ def require_consent(rec: OwnerRecord | None, key: str) -> None:
                            "`cdm consent OWNER` records a new consent")
 
 
+PROOF_MAX_AGE_SECONDS = 600  # a signed request older (or further ahead) than this is refused: a copied event
+                             # cannot be replayed later
+
+
+def _signing_key(token: str):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    return Ed25519PrivateKey.from_private_bytes(hashlib.sha256(b"cdm owner token\0" + token.encode()).digest())
+
+
+def public_key(token: str) -> str:
+    """The public half (hex) of the key the token seeds: what the owner record keeps."""
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    return _signing_key(token).public_key().public_bytes(Encoding.Raw, PublicFormat.Raw).hex()
+
+
 def issue_token(ws: Workspace, key: str) -> str:
-    """A new owner token (returned once); only its sha256 is stored."""
-    token = secrets.token_urlsafe(24)
-    update(ws, key, token_sha256=hashlib.sha256(token.encode()).hexdigest())
+    """A new owner token (returned once); only the public key it seeds is stored."""
+    token = secrets.token_urlsafe(32)
+    update(ws, key, token_public_key=public_key(token), drop=("token_sha256",))
     return token
 
 
-def token_matches(rec: OwnerRecord | None, token_sha256: str) -> bool:
-    """Whether a token's sha256 is the one issued to this owner (constant-time)."""
-    return bool(rec and rec.token_sha256) and hmac.compare_digest(rec.token_sha256, token_sha256)
+def token_matches(rec: OwnerRecord | None, token: str) -> bool:
+    """Whether `token` (in clear) is the one issued to this owner (constant-time)."""
+    if rec is None:
+        return False
+    if rec.token_public_key:
+        return hmac.compare_digest(rec.token_public_key, public_key(token))
+    return bool(rec.token_sha256) and hmac.compare_digest(rec.token_sha256,
+                                                          hashlib.sha256(token.encode()).hexdigest())
+
+
+def revocation_message(owner_key: str, reason: str | None, issued_at: float) -> bytes:
+    """The bytes an owner signs to revoke: what is asked, by whom, when (canonical JSON)."""
+    return json.dumps({"action": "cdm.owner.revoke", "owner_key": owner_key, "reason": reason or None,
+                       "issued_at": round(float(issued_at), 3)}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def sign_revocation(token: str, owner_key: str, reason: str | None = None, issued_at: float | None = None) -> dict:
+    """The payload of a `cdm.owner.revoked` event (or a command's proof): {owner_key, reason, issued_at, signature}.
+    Only the token's holder can make it."""
+    issued_at = round(time.time() if issued_at is None else float(issued_at), 3)
+    signature = _signing_key(token).sign(revocation_message(owner_key, reason, issued_at)).hex()
+    return {"owner_key": owner_key, "reason": reason or None, "issued_at": issued_at, "signature": signature}
+
+
+def check_revocation(rec: OwnerRecord | None, owner_key: str, reason: str | None, issued_at, signature,
+                     now: float | None = None) -> None:
+    """Accept a signed revocation request of `owner_key`, or raise PermissionError with the reason: no key on
+    record (an older record: revoke with the token through `cdm revoke --token-stdin`), a signature the owner's key
+    does not verify (another token, a changed reason or time, a forged or copied value), or a request signed more
+    than PROOF_MAX_AGE_SECONDS before `now` (when the request was received: an event's server-side receipt time, so
+    a run that waited in a queue is judged by when the event arrived; default: this moment)."""
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    if rec is None or not rec.token_public_key:
+        raise PermissionError(f"owner {owner_key} has no token key on record; their request cannot be checked")
+    try:
+        issued, sig = float(issued_at), bytes.fromhex(str(signature))
+    except (TypeError, ValueError):
+        raise PermissionError(f"the request of {owner_key} carries no valid signature and time") from None
+    if not math.isfinite(issued) or not abs((time.time() if now is None else now) - issued) <= PROOF_MAX_AGE_SECONDS:
+        raise PermissionError(f"the signed request of {owner_key} is older than {PROOF_MAX_AGE_SECONDS} s (or "
+                              "dated ahead): sign a new one")
+    try:
+        Ed25519PublicKey.from_public_bytes(bytes.fromhex(rec.token_public_key)).verify(
+            sig, revocation_message(owner_key, reason, issued))
+    except (InvalidSignature, ValueError):
+        raise PermissionError(f"the request's signature is not that of owner {owner_key}'s token") from None
 
 
 def authorize(ws: Workspace, owner: str, token: str | None) -> str:
     """`owner` when the token proves the request comes from that owner, `operator` when no token is given."""
     if token is None:
         return "operator"
-    if not token_matches(record(ws, ws.owner_key(check_owner_id(owner))), hashlib.sha256(token.encode()).hexdigest()):
+    if not token_matches(record(ws, ws.owner_key(check_owner_id(owner))), token):
         raise PermissionError(f"the token does not belong to owner {owner!r}")
     return "owner"

@@ -63,6 +63,7 @@ class Purged(BaseModel):
     objects: dict[str, int]  # {"cache": n, "remote": n}
     data_hash: str | None
     seconds: float
+    prefect_logs: int = 0  # Prefect log lines that named the owner, deleted
 
 
 class Verification(BaseModel):
@@ -70,7 +71,9 @@ class Verification(BaseModel):
     mlflow: dict  # versions and runs still there, tags still naming the owner key
     dvc: dict  # the owner's objects still in cache and remote
     scan: dict  # ScanReport.as_dict(): stores scanned, findings
-    pixel_search: bool  # decoded pixels were searched too (False when an interrupted run had deleted them)
+    pixel_search: bool  # the sample files and their decoded pixels were searched too
+    needles: dict[str, int] = {}  # how many needles of each kind were searched for
+    needles_missing: dict[str, list[int]] = {}  # kinds searched less than the needles file asks: [searched, asked]
 
 
 class Revocation(BaseModel):

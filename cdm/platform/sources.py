@@ -78,15 +78,15 @@ def list_folder(root: str | Path, max_bytes: int) -> list[SourceFile]:
                     continue
                 files.append(SourceFile(rel, full.read_bytes(), size))
             except OSError as e:
-                files.append(SourceFile(rel, None, 0, f"unreadable: {e.strerror or e}"))
+                files.append(SourceFile(rel, None, 0, f"unreadable: {e.strerror or type(e).__name__}"))
     return files
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
     try:
         return split_s3(url)
-    except ValueError as e:
-        raise SourceError(str(e)) from None
+    except ValueError:  # its message repeats the URL, which may name the owner: not for logs
+        raise SourceError("not an s3://bucket/prefix URL") from None
 
 
 def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
@@ -104,7 +104,7 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
             raise SourceError("the bucket does not exist") from None
         if code in TRANSIENT_CODES:
             raise SourceUnavailable(f"S3 answered {code}") from None
-        raise SourceError(f"cannot list the source ({code or e})") from None
+        raise SourceError(f"cannot list the source ({code or type(e).__name__})") from None
     except BotoCoreError as e:  # connection refused or dropped, timeouts: the network, not the request
         raise SourceUnavailable(f"cannot reach S3 ({type(e).__name__})") from None
     for o in sorted(objects, key=lambda o: o["Key"]):
@@ -125,5 +125,5 @@ def list_s3(url: str, client, max_bytes: int) -> list[SourceFile]:
             except ClientError as e:
                 if e.response.get("Error", {}).get("Code", "") in TRANSIENT_CODES:
                     raise SourceUnavailable(f"reading {rel} failed ({type(e).__name__})") from None
-                files.append(SourceFile(rel, None, o["Size"], f"unreadable object ({e})"))
+                files.append(SourceFile(rel, None, o["Size"], f"unreadable object ({type(e).__name__})"))
     return files

@@ -7,8 +7,9 @@ before the next step starts, so a run that died anywhere is finished by running 
 progress from it. Each step is a function `(ctx, revocation, inputs...) -> output`; `tasks/unlearn.py` runs each
 as one Prefect task. The owner's raw id is read from the owner record when a step needs it, never stored here.
 
-Needles for the final scan (the owner's sample hashes, DVC object ids) are taken at `begin`, while the data still
-exists, into `<request_id>.needles.json` beside the record (0600); `certify` deletes that file. The verification
+Needles for the final scan (the token's public key, the owner's sample hashes and files, DVC object ids) are taken
+at `begin`, while the data still exists, into `<request_id>.needles.json` beside the record (0600): a run resumed
+after the purge searches for the same; `complete` deletes that file. The verification
 step lives in `cdm.platform.verification`.
 """
 
@@ -54,7 +55,7 @@ def fault_point(name: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
-def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason: str | None = None,
+def begin(ctx: Context, owner_key: str, proof: dict | None = None, reason: str | None = None,
           via: str = "command", create: bool = True) -> Revocation:
     """Accept (or resume) the revocation of the owner `owner_key`.
 
@@ -62,7 +63,9 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
     the owner record `revoked` (source, schedule, license and token hash dropped: any ingestion of them is refused
     from here on), then every registered version that saw them marked unservable and the registry's revocation
     epoch moved (`gate.mark_revoked`: serving processes drop them at their next request). A request resumed after
-    a crash marks again. `token_sha256` proves an owner's own request; without it the request is the operator's.
+    a crash marks again. `proof` (`owner_records.sign_revocation`: the request signed with the owner's token, over
+    the owner key, `reason` and its time) makes it the owner's own request; without it the request is the
+    operator's.
     Refuses unknown and already revoked owners, and any request while a store this workspace used is unreachable.
     """
     from cdm.platform import gate
@@ -82,12 +85,13 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
             gate.mark_revoked(ctx, owner_key, existing.request_id)
             return existing  # resume
         if not create:
-            raise PermissionError(f"no revocation of {owner_key} is in progress; an owner's request carries their "
-                                  "token's sha256, an operator's is made with `cdm revoke` on the workspace")
+            raise PermissionError(f"no revocation of {owner_key} is in progress; an owner's request is signed with "
+                                  "their token, an operator's is made with `cdm revoke` on the workspace")
         requested_by = "operator"
-        if token_sha256 is not None:
-            if not owner_records.token_matches(rec, token_sha256):
-                raise PermissionError(f"the token does not belong to owner {owner_key}")
+        if proof is not None:
+            received = proof.get("received")  # an event's receipt time, never later than now
+            owner_records.check_revocation(rec, owner_key, reason, proof.get("issued_at"), proof.get("signature"),
+                                           now=min(received, time.time()) if received is not None else None)
             requested_by = "owner"
         _drop_unaccepted(ws, owner_key)
         from cdm.platform.shards import load_plan
@@ -96,7 +100,7 @@ def begin(ctx: Context, owner_key: str, token_sha256: str | None = None, reason:
         rev = Revocation(request_id="rev-" + uuid.uuid4().hex[:12], owner_key=owner_key, received=now(),
                          received_ts=time.time(), reason=reason, requested_by=requested_by, requested_via=via,
                          shards=shards)
-        write_needles(ctx, rec.owner, rec.token_sha256, needles_path(ws, rev.request_id))
+        write_needles(ctx, rec, needles_path(ws, rev.request_id))
         fault_point("begin:after-record")
         save(ws, rev)
         accept(ctx, owner_key, rev.request_id)
@@ -117,6 +121,10 @@ def _drop_unaccepted(ws: Workspace, owner_key: str) -> None:
     for needles in ws.revocations_dir.glob("rev-*.needles.json") if ws.revocations_dir.exists() else []:
         if not record_path(ws, needles.name.removesuffix(".needles.json")).exists():
             needles.unlink(missing_ok=True)  # a crash between the needles and the record
+    # A needles file's temporary copy left by a crash inside its atomic write (only `begin` writes them, under
+    # this lock: none is being written now).
+    for tmp in ws.revocations_dir.glob(".rev-*.needles.json.*.tmp") if ws.revocations_dir.exists() else []:
+        tmp.unlink(missing_ok=True)
 
 
 def accept(ctx: Context, owner_key: str, request_id: str) -> None:
@@ -131,7 +139,7 @@ def accept(ctx: Context, owner_key: str, request_id: str) -> None:
     gate.mark_revoked(ctx, owner_key, request_id)
     fault_point("begin:after-mark")
     owner_records.update(ctx.ws, owner_key, state="revoked", revocation=request_id,
-                         drop=("source", "cron", "license", "token_sha256"))
+                         drop=("source", "cron", "license", "token_public_key", "token_sha256"))
 
 
 @contextlib.contextmanager
@@ -323,9 +331,10 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
     return PurgeIntent(versions=sorted(versions), registered_models=sorted(whole), paths=sorted(paths), runs=runs)
 
 
-def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Purged:
+def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan, prefect_db: Path | None = None) -> Purged:
     """Delete everything derived from the owner's data, as the recorded `intent` lists it (each part idempotent,
-    so a rerun after a crash anywhere inside finishes it)."""
+    so a rerun after a crash anywhere inside finishes it). `prefect_db`: the SQLite file of the Prefect API in use,
+    whose log lines naming the owner go too."""
     from cdm.platform import gate
     from cdm.platform.shards import prune_checkpoints
 
@@ -362,8 +371,11 @@ def purge(ctx: Context, rev: Revocation, intent: PurgeIntent, plan: Plan) -> Pur
                                      s3_client=ctx.dvc_s3())
         removed += _remove(ws, dvc.site_cache_dir(ws.root))
     removed += _remove_stale_tmp(ws)
+    # 4. Prefect's log lines that name the owner (its run logs are redacted at the source; this catches the rest).
+    others = tuple(r.owner for k, r in owner_records.records(ws).items() if k != key)
+    logs = cleanup.purge_prefect_logs(prefect_db, owner, key, others) if prefect_db is not None else 0
     return Purged(**mlflow_result, paths=removed, objects={k: len(v) for k, v in deleted.items()},
-                  data_hash=data_hash, seconds=round(time.time() - t0, 2))
+                  data_hash=data_hash, seconds=round(time.time() - t0, 2), prefect_logs=logs)
 
 
 def _remove_stale_tmp(ws: Workspace) -> list[str]:

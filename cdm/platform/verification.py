@@ -1,12 +1,18 @@
 """Verification of a revocation: what the scan looks for (needles) and the `verify` step (docs/design.md §5).
 
-    needles = raw id + token sha256 + the owner's sample sha256s and DVC object ids (+ file bytes and pixels while
-              the data exists)
+    needles = raw id + token public key (+ the token and its sha256 when this process holds it) + the owner's
+              sample sha256s, file bytes, decoded pixels and DVC object ids
     verify  = MLflow asked for versions, runs and tags left + DVC cache and remote listed + every store scanned
+
+The needles are taken once, at `begin`, while the data exists, into `<request_id>.needles.json` (0600, beside the
+request record; the scan skips it, `complete` deletes it): a run that resumes after its purge deleted the data
+searches for exactly what the first run would have. A verification that searched for less than that file holds
+is not ok (`Verification.needles` says what it searched for).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 from pathlib import Path
@@ -21,50 +27,94 @@ from cdm.platform.scan import Needles, ScanReport
 from cdm.platform.workspace import Workspace
 
 
-def write_needles(ctx: Context, owner: str, token_sha256: str | None, path: Path) -> None:
-    """Hashes of what the scan looks for, taken while the owner's data exists (no pixels: those stay in memory)."""
-    samples = ctx.ws.manifest(owner)["samples"] if (ctx.ws.owners_dir / owner).exists() else []
+def write_needles(ctx: Context, rec: owner_records.OwnerRecord, path: Path) -> None:
+    """What the scan will look for, taken while the owner's data exists: the token's public key, the sample hashes,
+    the sample files themselves (their pixels are decoded from them when the scan runs) and the DVC object ids."""
+    folder = ctx.ws.owners_dir / rec.owner
+    samples = ctx.ws.manifest(rec.owner)["samples"] if folder.exists() else []
+    files = {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
+             for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))} if folder.exists() else {}
     atomic_write(path, json.dumps({
-        "token_sha256": token_sha256,
+        "token_public_key": rec.token_public_key,
+        "token_sha256": rec.token_sha256,  # a record made before signed requests
         "sample_sha256": sorted({s["sha256"] for s in samples}),
-        "dvc_objects": sorted(owner_objects(ctx.ws, owner)),
+        "sample_files": files,
+        "dvc_objects": sorted(owner_objects(ctx.ws, rec.owner)),
     }))
 
 
 def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Needles, bool]:
-    """What the verification scan looks for: the raw id, the token (in clear when this process holds it) and its
-    hash, the owner's sample hashes and DVC object ids, and — when the data still exists (it does, except after an
-    interrupted purge) — each sample's file bytes and decoded pixels. Returns (needles, whether pixels are
-    included)."""
+    """What the verification scan looks for, from the needles file taken at `begin`: the raw id, the token's public
+    key, the token (in clear when this process holds it) and its hash, the owner's sample hashes and DVC object ids,
+    each sample's file bytes and decoded pixels. Content another remaining owner also holds is theirs and left out.
+    Returns (needles, whether pixels are included)."""
+    from cdm.data import load_image_bytes
+
     rec = owner_records.record(ctx.ws, rev.owner_key)
     saved = json.loads(needles_path(ctx.ws, rev.request_id).read_text())
-    # Content another remaining owner also holds is theirs: its hashes and bytes are not the revoked owner's trace.
     others_sha, others_md5 = _other_owners_content(ctx.ws, rec.owner)
     hex_strings = {h: "sample sha256" for h in saved["sample_sha256"] if h not in others_sha}
     # Per-file object ids only: a `.dir` id hashes the listing of everyone's data folder, and old commits of
     # data.dvc keep it by design (checking them out reports missing cache).
     hex_strings.update({h: "DVC object id of the owner's data" for h in saved["dvc_objects"]
                         if not h.endswith(".dir") and h not in others_md5})
-    if saved["token_sha256"] and rev.requested_via == "command":  # an event's proof is stored by Prefect by design
+    if saved.get("token_public_key"):
+        hex_strings[saved["token_public_key"]] = "token public key"
+    # A request that came as an event before signed requests carried the token's sha256 as its proof, which
+    # Prefect keeps as a flow parameter by design: not a trace of the owner's data.
+    legacy_event = rev.requested_via == "event" and not saved.get("token_public_key")
+    if saved.get("token_sha256") and not legacy_event:
         hex_strings[saved["token_sha256"]] = "token sha256"
     if token:
         hex_strings[token] = "token"
+        if not legacy_event:
+            hex_strings[hashlib.sha256(token.encode()).hexdigest()] = "token sha256"
     blobs: dict[bytes, str] = {}
+    d = ctx.params.data
+    files = saved.get("sample_files")
     folder = ctx.ws.owners_dir / rec.owner
-    if folder.exists():
-        d = ctx.params.data
-        owned = ctx.ws.load_owner(rec.owner, d.image_size, d.channels, d.labels)
-        for f in sorted(folder.glob("*/*.png")):
-            data = f.read_bytes()
-            if hashlib.sha256(data).hexdigest() in others_sha:
-                continue  # another remaining owner holds the same content: it stays, rightly
-            blobs[data] = "sample file bytes"
-        for sid, x in zip(owned.ids, owned.x):
-            pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
-            if len(set(pixels)) > 2 and sid not in others_sha:  # a blank image's bytes are everywhere
-                blobs[pixels] = "sample pixels"
+    if files is None and folder.exists():  # a request begun before the files were recorded: its data, if still there
+        files = {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
+                 for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))}
+    for sha, encoded in sorted((files or {}).items()):
+        if sha in others_sha:
+            continue  # another remaining owner holds the same content: it stays, rightly
+        data = base64.b64decode(encoded)
+        blobs[data] = "sample file bytes"
+        x = load_image_bytes(data, d.image_size, d.channels)
+        pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
+        if len(set(pixels)) > 2:  # a blank image's bytes are everywhere
+            blobs[pixels] = "sample pixels"
     others = tuple(r.owner for k, r in owner_records.records(ctx.ws).items() if k != rev.owner_key)
-    return Needles(rec.owner, hex_strings, blobs, others), folder.exists()
+    return Needles(rec.owner, hex_strings, blobs, others), bool(files)
+
+
+def needle_counts(found: Needles) -> dict[str, int]:
+    """How many needles of each kind a scan searches for (recorded with the verification)."""
+    counts: dict[str, int] = {}
+    for what in [*found.hex_strings.values(), *found.blobs.values()]:
+        counts[what] = counts.get(what, 0) + 1
+    return counts
+
+
+def missing_needles(ctx: Context, rev: Revocation, found: Needles) -> dict[str, list[int]]:
+    """What `found` does not search for of what `begin` recorded: each recorded sample (sha256) that no other owner
+    holds needs its file bytes among the needles. {"sample file bytes": [searched, recorded]} when some are
+    missing (a request begun before the files were recorded, whose data is gone), else {}."""
+    saved = json.loads(needles_path(ctx.ws, rev.request_id).read_text())
+    others_sha, _ = _other_owners_content(ctx.ws, owner_records.record(ctx.ws, rev.owner_key).owner)
+    recorded = set(saved["sample_sha256"]) - others_sha
+    searched = {hashlib.sha256(b).hexdigest() for b, what in found.blobs.items() if what == "sample file bytes"}
+    if recorded <= searched:
+        return {}
+    return {"sample file bytes": [len(recorded & searched), len(recorded)]}
+
+
+def with_tokens(fresh: Needles, found: Needles) -> Needles:
+    """`fresh` (the needles file as it reads now: who else holds what is decided now) plus the token strings
+    `found` holds (the token in clear, known only to the process that was given it)."""
+    tokens = {h: what for h, what in found.hex_strings.items() if what.startswith("token")}
+    return Needles(fresh.raw_id, {**fresh.hex_strings, **tokens}, fresh.blobs, fresh.others)
 
 
 def _other_owners_content(ws: Workspace, owner: str) -> tuple[set[str], set[str]]:
@@ -113,9 +163,14 @@ def verify(ctx: Context, rev: Revocation, purged: Purged, found: tuple[Needles, 
     gone = set(saved["dvc_objects"]) - {purged.data_hash or ""}
     held = {dvc.md5_bytes(p.read_bytes()) for p in ctx.ws.owners_dir.rglob("*") if p.is_file()}
     dvc_left = {"cache": sorted((gone - held) & listing["cache"]), "remote": sorted((gone - held) & listing["remote"])}
-    needle_set, pixels = found
+    # The needles file as it reads now, with the token in clear when the caller holds it: never less than what
+    # `begin` recorded, whichever process runs this.
+    fresh, pixels = needles(ctx, rev)
+    needle_set = with_tokens(fresh, found[0])
+    weaker = missing_needles(ctx, rev, needle_set)
     stores = workspace_stores(ctx, skip=[needles_path(ctx.ws, rev.request_id)], prefect_db=prefect_db,
                               prefect_server=prefect_server)
     report: ScanReport = scan(stores, needle_set)
-    ok = report.ok and not any(mlflow.values()) and not any(dvc_left.values())
-    return Verification(ok=ok, mlflow=mlflow, dvc=dvc_left, scan=report.as_dict(), pixel_search=pixels)
+    ok = report.ok and not any(mlflow.values()) and not any(dvc_left.values()) and not weaker
+    return Verification(ok=ok, mlflow=mlflow, dvc=dvc_left, scan=report.as_dict(), pixel_search=pixels,
+                        needles=needle_counts(needle_set), needles_missing=weaker)

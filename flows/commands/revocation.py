@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import subprocess
@@ -39,8 +38,16 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         raise WorkspaceError(f"unknown owner {owner!r}")
     if rec.state == "revoked" and rec.revocation and load(ctx.ws, rec.revocation).completed:
         raise WorkspaceError(f"owner {owner!r} was already revoked (request {rec.revocation})")
-    # begin() checks the token (PermissionError, exit 2) before anything changes; only its hash leaves this function.
-    rev = unlearn.begin(ctx, key, hashlib.sha256(token.encode()).hexdigest() if token else None, reason)
+    # The token is checked here and signs the request; begin() checks the signature against the owner's key
+    # (PermissionError, exit 2) before anything changes. The token itself never leaves this process.
+    proof = None
+    if token and rec.state != "revoked":
+        if not owner_records.token_matches(rec, token):
+            raise PermissionError(f"the token does not belong to owner {owner!r}")
+        if not rec.token_public_key:  # a record made before signed requests: the token shown here upgrades it
+            owner_records.update(ctx.ws, key, token_public_key=owner_records.public_key(token), drop=("token_sha256",))
+        proof = owner_records.sign_revocation(token, key, reason)
+    rev = unlearn.begin(ctx, key, proof, reason)
     if wait:
         marker = known_token.set(token)
         try:
@@ -99,3 +106,17 @@ def finish_revocation(workspace: str, owner_key: str, token_stdin: bool):
     finally:
         known_token.reset(marker)
     return _revoked(owner_key, cert)
+
+
+def sign_revocation(owner_key: str, reason: str | None, token: str | None, token_stdin: bool):
+    """The payload of a `cdm.owner.revoked` event, signed with the owner's token (no workspace needed: an owner runs
+    this on their own machine and sends the event, or hands the payload to whoever sends it)."""
+    from cdm.platform.owner_records import sign_revocation as sign
+
+    token = read_token(token, token_stdin)
+    if not token:
+        raise WorkspaceError("no token: pass it on stdin (--token-stdin) or in CDM_OWNER_TOKEN")
+    if not owner_key.startswith("ok-"):
+        raise WorkspaceError(f"{owner_key!r} is not an owner key (ok-…, printed at the owner's first ingestion)")
+    payload = sign(token, owner_key, reason)
+    return payload, json.dumps(payload)

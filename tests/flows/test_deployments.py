@@ -8,6 +8,7 @@ import time
 import pytest
 
 from cdm.platform.create import init_workspace
+from cdm.platform.owner_records import sign_revocation
 from flows.deployments import REVOKED_EVENT, deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -29,13 +30,15 @@ def test_revocation_event_creates_an_unlearning_flow_run(tmp_path):
 
     assert asyncio.run(runs()) == []
     time.sleep(2)  # let the trigger's automation load
-    emit_event(REVOKED_EVENT, resource={"prefect.resource.id": "cdm.owner.ok-0123456789abcdef"},
-               payload={"owner_key": "ok-0123456789abcdef", "token_sha256": "ab" * 32, "reason": "consent withdrawn"})
+    payload = sign_revocation("a-token", "ok-0123456789abcdef", "consent withdrawn")
+    emit_event(REVOKED_EVENT, resource={"prefect.resource.id": "cdm.owner.ok-0123456789abcdef"}, payload=payload)
     deadline, found = time.time() + 60, []
     while time.time() < deadline and not found:
         time.sleep(1)
         found = asyncio.run(runs())
     assert found, "no flow run was created for the revocation event"
     params = found[0].parameters
-    assert params["owner_key"] == "ok-0123456789abcdef" and params["token_sha256"] == "ab" * 32
+    assert params["owner_key"] == "ok-0123456789abcdef" and params["signature"] == payload["signature"]
+    assert float(params["issued_at"]) == payload["issued_at"] and params["reason"] == "consent withdrawn"
+    assert params["received"]  # the server's receipt time, which the proof's age is measured against
     assert found[0].name != "" and "owner" not in params and "token" not in params

@@ -176,6 +176,11 @@ def test_unlearning_killed_inside_a_step_completes_on_rerun(ws_faults, point):
     assert done.returncode == 0, done.stderr[-2000:]
     cert = json.loads(done.stdout)
     assert cert["verification"]["ok"], cert["verification"]
+    # The rerun searched for what the first run would have, the owner's files and pixels included, even where the
+    # killed run had deleted them (purge:after-commit): the needles come from the file taken at `begin`.
+    searched = cert["verification"]["needles"]
+    assert cert["verification"]["pixel_search"] and not cert["verification"]["needles_missing"], point
+    assert searched.get("sample file bytes", 0) > 0 and searched.get("sample pixels", 0) > 0, (point, searched)
     prod = registry.alias_version(c, registry.COMPOSITE)
     assert prod is not None and key not in json.loads(prod.tags["cdm.owner_keys"])
     from cdm.platform import ledger

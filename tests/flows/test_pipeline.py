@@ -240,10 +240,12 @@ def test_purge_leaves_nothing_in_mlflow_artifacts_dvc_or_remote(story, s3):
 
 
 def prefect_db_file() -> Path:
-    from tasks.unlearn import prefect_database
+    """The test harness's Prefect database (the API the story's flows ran on)."""
+    from prefect.settings import get_current_settings
 
-    db, _ = prefect_database()
-    assert db is not None and db.is_file()
+    url = get_current_settings().server.database.connection_url
+    db = Path(str(url.get_secret_value() if hasattr(url, "get_secret_value") else url).split(":///", 1)[1])
+    assert db.is_file()
     return db
 
 
@@ -271,7 +273,7 @@ def test_a_byte_scan_of_every_store_finds_the_raw_id_once_and_the_token_nowhere(
     assert with_raw == [".cdm/owners.json"], with_raw
     assert not [name for name, data in blobs.items() if token in data]
     rec = owner_records.record(ws, story["carol_key"])
-    assert rec.state == "revoked" and rec.owner == "carol" and rec.token_sha256 is None and rec.source is None
+    assert rec.state == "revoked" and rec.owner == "carol" and rec.token_public_key is None and rec.source is None
 
 
 def test_the_schedule_is_removed_and_a_scheduled_run_is_refused(story, workspace_snapshot, s3, capsys):

@@ -12,7 +12,6 @@ of the same stack (up, one ingestion from its S3, authentication, down).
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -111,9 +110,10 @@ def whole_story(out: dict, ws, stack, s3, sources) -> None:
     # bob revokes by event: the stack's automation creates a flow run of `on-revocation` on the work pool.
     bob = out["ingest"]["bob"]
     emit = ("from prefect.events import emit_event; import sys; "
+            "from cdm.platform.owner_records import sign_revocation; "
             "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
-            "payload={'owner_key': sys.argv[1], 'token_sha256': sys.argv[2], 'reason': 'consent withdrawn'})")
-    subprocess.run([sys.executable, "-c", emit, bob["owner_key"], hashlib.sha256(bob["token"].encode()).hexdigest()],
+            "payload=sign_revocation(sys.stdin.readline().strip(), sys.argv[1], 'consent withdrawn'))")
+    subprocess.run([sys.executable, "-c", emit, bob["owner_key"]], input=bob["token"] + "\n", text=True,
                    check=True, env={**env(), **client_env(ws, stack)}, timeout=120)
     started = time.perf_counter()
     out["revocation"] = wait_for_revocation(ws.root, timeout=600)

@@ -168,3 +168,67 @@ def test_a_model_whose_code_was_rewritten_in_the_store_is_not_loaded(logged_para
     stored.write_text(stored.read_text() + "\nimport os  # planted\n")
     with pytest.raises(ValueError, match="differs from the installed"):
         registry.load_pyfunc(c, f"models:/{registry.PARAGON}/{logged.version}", root / "tampered")
+
+
+def test_mlflows_own_scoring_server_refuses_a_paragon_at_the_first_request_after_a_revocation(logged_paragon):
+    """`mlflow models serve -m models:/cdm-paragon/<v>`, MLflow's own scoring server in its own process, answers
+    until a revocation marks the version (as `cdm revoke` does at acceptance) and refuses the very next request,
+    with a status and a message its client reads; no restart, no reload."""
+    import json as _json
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    import urllib.error
+    import urllib.request
+    from pathlib import Path
+
+    from cdm.platform import registry
+
+    c, logged, root = logged_paragon
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    bin_dir = str(Path(sys.executable).parent)
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{root}/mlflow.db",
+           "PATH": bin_dir + os.pathsep + os.environ.get("PATH", "")}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "models", "serve", "-m",
+                               f"models:/{registry.PARAGON}/{logged.version}", "--env-manager", "local",
+                               "-h", "127.0.0.1", "-p", str(port), "-w", "1"], env=env, cwd=root,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+
+    def ask() -> tuple[int, str]:
+        body = _json.dumps({"inputs": {"n": 1, "seed": 0}}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", body,
+                                     {"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status, r.read().decode()
+        except urllib.error.HTTPError as e:
+            return e.code, e.read().decode()
+
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, server.stderr.read().decode()[-3000:]
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2).read()
+                break
+            except OSError:
+                assert time.time() < deadline, "the scoring server did not start"
+                time.sleep(0.5)
+        status, body = ask()
+        assert status == 200 and "predictions" in body, (status, body[:500])  # served before: the control
+        c.set_model_version_tag(registry.PARAGON, logged.version, registry.REVOKED, "rev-test")
+        registry.bump_revocation_epoch(c)
+        status, body = ask()
+        assert status == 403 and "rev-test" in body and "not served" in body, (status, body[:500])
+        assert ask()[0] == 403  # and stays refused
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)

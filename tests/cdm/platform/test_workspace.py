@@ -26,6 +26,50 @@ def test_owner_ids_cannot_escape_and_keys_are_stable_and_pseudonymous(ws, tmp_pa
     assert other.owner_key("alice") != key  # another workspace's secret: another key
 
 
+def test_an_owners_signed_request_is_a_proof_a_stolen_owner_record_cannot_make(ws):
+    """The record keeps only the public key the token seeds: whoever copies `owners.json` (or a backup) holds that
+    key and everything else in it, and still cannot make a request the check accepts — the old proof (the stored
+    sha256 of the token) proved nothing, since it was the stored value itself."""
+    import hashlib
+    import json
+    import time
+
+    key = ws.owner_key("alice")
+    owner_records.update(ws, key, owner="alice")
+    token = owner_records.issue_token(ws, key)
+    rec = owner_records.record(ws, key)
+    stolen = json.loads((ws.state_dir / "owners.json").read_text())[key]
+    assert token not in json.dumps(stolen) and hashlib.sha256(token.encode()).hexdigest() not in json.dumps(stolen)
+    good = owner_records.sign_revocation(token, key, "consent withdrawn")
+    owner_records.check_revocation(rec, key, good["reason"], good["issued_at"], good["signature"])  # positive control
+
+    def refused(reason, issued_at, signature, now=None, match="not that of"):
+        with pytest.raises(PermissionError, match=match):
+            owner_records.check_revocation(rec, key, reason, issued_at, signature, now=now)
+
+    # What a thief can make from the record: the public key, its hash, the key as a signature, a signature made
+    # with the stored value as if it were the token.
+    for forged in (stolen["token_public_key"], hashlib.sha256(stolen["token_public_key"].encode()).hexdigest(),
+                   stolen["token_public_key"] * 2,
+                   owner_records.sign_revocation(stolen["token_public_key"], key, "x", good["issued_at"])["signature"]):
+        refused("consent withdrawn", good["issued_at"], forged, match="not that of|no valid signature")
+    # Another owner's token, a changed reason, a changed time, a copied old request, a key that is not hers.
+    other = owner_records.sign_revocation("another-token", key, "consent withdrawn", good["issued_at"])
+    refused("consent withdrawn", good["issued_at"], other["signature"])
+    refused("other reason", good["issued_at"], good["signature"])
+    refused("consent withdrawn", good["issued_at"] + 1, good["signature"])
+    refused("consent withdrawn", good["issued_at"], good["signature"],
+            now=time.time() + owner_records.PROOF_MAX_AGE_SECONDS + 5, match="older than")
+    with pytest.raises(PermissionError, match="not that of"):
+        owner_records.check_revocation(rec, ws.owner_key("bob"), "consent withdrawn", good["issued_at"],
+                                       good["signature"])
+    nan = owner_records.sign_revocation(token, key, "consent withdrawn", float("nan"))
+    refused("consent withdrawn", nan["issued_at"], nan["signature"], match="older than")  # never expiring: no
+    # An event that waited in a queue is judged by when the server received it, not when its run started.
+    owner_records.check_revocation(rec, key, good["reason"], good["issued_at"], good["signature"],
+                                   now=good["issued_at"] + 5)
+
+
 def test_owner_records_keep_the_raw_id_and_a_revoked_owner_needs_a_new_consent(ws):
     key = ws.owner_key("alice")
     owner_records.update(ws, key, owner="alice", source="/data/alice")
@@ -33,9 +77,9 @@ def test_owner_records_keep_the_raw_id_and_a_revoked_owner_needs_a_new_consent(w
     assert owner_records.authorize(ws, "alice", token) == "owner" and owner_records.authorize(ws, "alice", None) == "operator"
     with pytest.raises(PermissionError):
         owner_records.authorize(ws, "alice", "someone-else")
-    owner_records.update(ws, key, state="revoked", revocation="rev-1", drop=("source", "token_sha256"))
+    owner_records.update(ws, key, state="revoked", revocation="rev-1", drop=("source", "token_public_key"))
     rec = owner_records.record(ws, key)
-    assert rec.owner == "alice" and rec.source is None and rec.token_sha256 is None
+    assert rec.owner == "alice" and rec.source is None and rec.token_public_key is None
     with pytest.raises(OwnerRevoked, match="cdm consent"):
         owner_records.require_consent(rec, key)
     owner_records.update(ws, key, state="pending", drop=("revocation",))
