@@ -34,6 +34,22 @@ def caption(scene: Scene) -> str:
     return " and ".join(parts)
 
 
+def parse_caption(text: str) -> Scene:
+    """The scene a caption of the grammar describes (the inverse of `caption`). Raises ValueError otherwise."""
+    import re
+
+    scene: list[Object | None] = [None, None]
+    for part in text.strip().split(" and "):
+        m = re.fullmatch(r"an? (\w+) (\d) on the (left|right)", part.strip())
+        if not m or m.group(1) not in COLOURS:
+            raise ValueError(f"not a caption of the digits grammar: {text!r}")
+        k = SIDES.index(m.group(3))
+        if scene[k] is not None:
+            raise ValueError(f"two digits on the {m.group(3)}: {text!r}")
+        scene[k] = (int(m.group(2)), m.group(1))
+    return scene[0], scene[1]
+
+
 def questions(scene: Scene) -> list[tuple[str, str, int | str]]:
     """(side, attribute, answer) for each digit of the scene: attribute 'digit' or 'colour'."""
     out = []
