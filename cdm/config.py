@@ -20,6 +20,9 @@ class _Strict(BaseModel):
 
 
 class DataParams(_Strict):
+    # What a sample is conditioned on: a class `label` (the folder it sits in), or a caption (`text`: an imagefolder
+    # of PNGs beside metadata.jsonl; RGB; a text-to-image base, docs/design.md §2b).
+    conditioning: Literal["class", "text"] = "class"
     image_size: int = Field(8, ge=4, le=512)
     channels: Literal[1, 3] = 1
     labels: list[int] = Field(default_factory=lambda: list(range(10)))
@@ -29,6 +32,15 @@ class DataParams(_Strict):
     max_files: int = Field(100_000, ge=1)  # per ingestion batch
     # Seconds to wait before each retry of `dvc push` (S3 hiccups); then the ingestion fails and rolls back.
     push_retry_delays: list[float] = Field(default_factory=lambda: [1.0, 4.0], max_length=10)
+    # A caption's length limit (characters; text workspaces). The small base's character-level tokenizer reads
+    # 62 characters (64 tokens with start and end): a longer caption is refused rather than cut.
+    max_caption_chars: int = Field(62, ge=1, le=10_000)
+
+    @model_validator(mode="after")
+    def _text_is_rgb(self) -> "DataParams":
+        if self.conditioning == "text" and self.channels != 3:
+            raise ValueError("data.conditioning 'text' holds RGB images: set data.channels: 3")
+        return self
 
 
 class TrainParams(_Strict):
@@ -101,6 +113,13 @@ class Params(_Strict):
     train: TrainParams = Field(default_factory=TrainParams)
     compose: ComposeParams = Field(default_factory=ComposeParams)
     evaluate: EvaluateParams = Field(default_factory=EvaluateParams)
+
+    @classmethod
+    def text(cls) -> "Params":
+        """The defaults of a text workspace (`cdm init --conditioning text`): 32x32 RGB captioned images, LoRA
+        compartments on a shared text-to-image base (`cdm pretrain`), prompts composed by the prompt prior."""
+        return cls(data=DataParams(conditioning="text", image_size=32, channels=3, labels=[]),
+                   train=TrainParams(init="public", compartment="lora", lr=1e-3, batch_size=32, steps=300))
 
     @classmethod
     def load(cls, path: str | Path) -> "Params":

@@ -198,12 +198,15 @@ def cli():
 @click.option("--remote", help="DVC remote URL (s3://bucket/prefix or a folder); default: DIR/.dvc-storage")
 @click.option("--endpoint-url", help="S3 endpoint URL (e.g. a MinIO or moto server)")
 @click.option("--artifact-root", help="MLflow artifact root (s3://... or file://...); default: DIR/mlflow/artifacts")
+@click.option("--conditioning", type=click.Choice(["class", "text"]), default="class", show_default=True,
+              help="what samples are conditioned on: class labels (class folders of PNGs), or captions (text: "
+              "imagefolders of PNGs beside metadata.jsonl, composed on a text-to-image base)")
 @common
-def init(dir, remote, endpoint_url, artifact_root, workspace, want_json, verbose):
+def init(dir, remote, endpoint_url, artifact_root, conditioning, workspace, want_json, verbose):
     """Create a workspace: git, DVC (+ remote), MLflow store, params.yaml, consumers.yaml."""
     from flows import commands
 
-    run("init", dir, want_json, verbose, commands.init, dir, remote, endpoint_url, artifact_root)
+    run("init", dir, want_json, verbose, commands.init, dir, remote, endpoint_url, artifact_root, conditioning)
 
 
 @cli.command()

@@ -13,7 +13,7 @@ from cdm.platform.context import Context
 from cdm.platform.errors import WorkspaceError
 from cdm.platform.gate import active_owners
 from tasks.ingest import validate_batch
-from tasks.train import plan, train_init, train_paragon, train_shard
+from tasks.train import plan, train_init, train_paragon, train_shard, train_text_base
 
 
 @dataclass(frozen=True)
@@ -124,4 +124,8 @@ def pretrain(workspace: str, source: str, steps: int | None = None, progress: bo
     ctx = Context.load(workspace)
     files = read_source(ctx, source)
     validate_batch(ctx, "public", files)
+    if ctx.params.data.conditioning == "text":
+        from cdm.platform.pretrain import public_captioned
+
+        return train_text_base(ctx, public_captioned(files, ctx.params), source, steps, progress)
     return train_init(ctx, public_dataset(files, ctx.params), source, steps, progress)

@@ -77,3 +77,12 @@ def train_init(ctx: Context, data: Dataset, source: str, steps: int | None, prog
     from cdm.platform.pretrain import train_and_register_init
 
     return train_and_register_init(ctx, data, source, steps, progress)
+
+
+@task(cache_policy=NO_CACHE)
+def train_text_base(ctx: Context, data, source: str, steps: int | None, progress: bool = False) -> dict:
+    """A text workspace's shared base on validated public captioned data (a StableDiffusionPipeline folder),
+    registered as `cdm-init` (alias `current`)."""
+    from cdm.platform.pretrain import train_and_register_text_base
+
+    return train_and_register_text_base(ctx, data, source, steps, progress)

@@ -125,7 +125,7 @@ def interrupted_ingestion():
         key = ctx.ws.owner_key(owner)
         owner_records.update(ctx.ws, key, owner=owner, source=str(source))
         _begin_journal(ctx.ws, key, owner, ctx.ws.owner_dir(owner), [png])
-        _write_owner_files(ctx.ws, key, owner, [("2", png)], {})
+        _write_owner_files(ctx.ws, key, owner, [("2", png, None)], {})
         dvc.add_and_push(ctx.ws.root, push=False)
         return key, [png]
 

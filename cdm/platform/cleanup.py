@@ -151,7 +151,7 @@ def gc(backend: Backend, run_ids: list[str], model_ids: list[str]) -> None:
 
 def purge_prefect_logs(db, owner: str, key: str, others: tuple[str, ...] = ()) -> int:
     """Take `owner`'s raw id out of Prefect's SQLite database `db`: log lines naming them are deleted, run state
-    messages naming them have it replaced by `key` (matched as the trace scan matches a database: the id's usual
+    messages and event payloads naming them have it replaced by `key` (matched as the trace scan matches a database: the id's usual
     cases, not inside another remaining owner's id); then, whenever the file still holds the id anywhere (free
     pages, the write-ahead log), it is rewritten (VACUUM) and checkpointed. Run logs are redacted before they reach
     Prefect; this removes what reached it another way (an older version, a library's own message). Raises OSError
@@ -167,16 +167,22 @@ def purge_prefect_logs(db, owner: str, key: str, others: tuple[str, ...] = ()) -
     changed = 0
     try:
         con.execute("PRAGMA secure_delete = ON")  # what is deleted is zeroed, not left in free pages
-        for table, action in (("log", "delete"), ("flow_run_state", "redact"), ("task_run_state", "redact")):
+        # Log lines go; state messages and events (a state change's event and its resources repeat its
+        # message) keep the key.
+        for table, column, action in (("log", "message", "delete"), ("flow_run_state", "message", "redact"),
+                                      ("task_run_state", "message", "redact"), ("events", "resource", "redact"),
+                                      ("events", "payload", "redact"), ("events", "related", "redact"),
+                                      ("event_resources", "resource", "redact")):
             try:
-                rows = con.execute(f"SELECT id, message FROM {table} WHERE message LIKE ?", (f"%{owner}%",)).fetchall()
+                rows = con.execute(f"SELECT id, {column} FROM {table} WHERE {column} LIKE ?",
+                                   (f"%{owner}%",)).fetchall()
             except sqlite3.OperationalError:  # a Prefect version without that table
                 continue
             hits = [(rid, m) for rid, m in rows if m and needle.find(str(m).encode(), binary=False, database=True)]
             if action == "delete":
                 con.executemany(f"DELETE FROM {table} WHERE id = ?", [(rid,) for rid, _ in hits])
             else:
-                con.executemany(f"UPDATE {table} SET message = ? WHERE id = ?",
+                con.executemany(f"UPDATE {table} SET {column} = ? WHERE id = ?",
                                 [(cases.sub(key, str(m)), rid) for rid, m in hits])
             changed += len(hits)
         con.commit()

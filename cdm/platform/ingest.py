@@ -98,7 +98,7 @@ def ingest(ctx: Context, owner: str, source: str, license: str | None = None, pu
 
 def limits_of(params: Params) -> Limits:
     d = params.data
-    return Limits(d.labels, d.max_file_bytes, d.min_dimension, d.max_dimension, d.max_files)
+    return Limits(d.labels, d.max_file_bytes, d.min_dimension, d.max_dimension, d.max_files, d.max_caption_chars)
 
 
 def read_source(ctx: Context, source: str) -> list[SourceFile]:
@@ -128,7 +128,27 @@ def owner_metadata(files: list[SourceFile], license: str | None) -> dict:
 def validate(ctx: Context, owner_key: str, files: list[SourceFile]) -> ValidationReport:
     stamp = dt.datetime.now(dt.timezone.utc).strftime("%Y%m%dT%H%M%S")
     docs = ctx.ws.reports_dir / f"ingest-{owner_key}-{stamp}-{uuid.uuid4().hex[:6]}"
+    if ctx.params.data.conditioning == "text":
+        from cdm.platform.validation import validate_captioned_batch
+
+        batch = [f for f in files if f.path != "owner.yaml"]
+        return validate_captioned_batch(batch, limits_of(ctx.params), docs_dir=docs)
     return validate_batch(files, limits_of(ctx.params), docs_dir=docs)
+
+
+TEXT_FOLDER = "images"  # a text owner's imagefolder inside their folder: images/<sha256>.png + images/metadata.jsonl
+
+
+def batch_entries(ctx: Context, files: list[SourceFile]) -> list[tuple[str, bytes, str | None]]:
+    """A validated batch as (folder, png bytes, caption): the label folder and no caption for a class workspace;
+    `images` and the file's caption from metadata.jsonl for a text one."""
+    if ctx.params.data.conditioning != "text":
+        return [(f.path.split("/")[0], f.data, None) for f in files if f.path != "owner.yaml"]
+    from cdm.text.captions import METADATA, parse_metadata
+
+    meta = next(f for f in files if f.path == METADATA)
+    captions = {r["file_name"]: r["text"] for r in parse_metadata(meta.data, ctx.params.data.max_caption_chars)}
+    return [(TEXT_FOLDER, f.data, captions[f.path]) for f in files if f.path not in (METADATA, "owner.yaml")]
 
 
 def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, push: bool = True) -> IngestResult:
@@ -144,12 +164,12 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
         recover_interrupted(ctx)
         target = ws.owner_dir(rec.owner)
         before = len(ws.manifest(rec.owner)["samples"]) if target.exists() else 0
-        pairs = [(f.path.split("/")[0], f.data) for f in files if f.path != "owner.yaml"]
+        pairs = batch_entries(ctx, files)
         # A journal makes the commit all-or-nothing even across kill -9: until it is gone, a later run restores the
         # previous owner folder and data.dvc and deletes the batch's objects from cache and remote. (A Prefect
         # transaction's rollback hooks run in the process that failed; after kill -9 there is no such process, and
         # the undo must be done by the next command, which may not even run under Prefect.)
-        journal = _begin_journal(ws, owner_key, rec.owner, target, [d for _, d in pairs])
+        journal = _begin_journal(ws, owner_key, rec.owner, target, [d for _, d, _ in pairs])
         try:
             manifest = _write_owner_files(ws, owner_key, rec.owner, pairs, meta)
             data_hash = dvc.add_and_push(ws.root, push=push, retry_delays=ctx.params.data.push_retry_delays)
@@ -176,10 +196,14 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
     return IngestResult(owner_key, len(manifest["samples"]) - before, len(manifest["samples"]), data_hash)
 
 
-def _write_owner_files(ws: Workspace, key: str, owner: str, files: Sequence[tuple[str, bytes]], meta: dict) -> dict:
-    """Atomically add `files` [(label, png bytes)] to the owner's folder and manifest: the new folder is assembled
-    in staging and swapped in with renames; on any error the old folder stays. Returns the new manifest."""
+def _write_owner_files(ws: Workspace, key: str, owner: str, files: Sequence[tuple[str, bytes, str | None]],
+                       meta: dict) -> dict:
+    """Atomically add `files` [(label folder, png bytes, caption)] to the owner's folder and manifest (captioned
+    files: `images/<sha256>.png` and a line of `images/metadata.jsonl`; an image already there keeps its caption):
+    the new folder is assembled in staging and swapped in with renames; on any error the old folder stays. Returns
+    the new manifest. Captions live in metadata.jsonl only (DVC-tracked with the images), never in the manifest."""
     from cdm.data import sha256_bytes
+    from cdm.text.captions import METADATA
 
     target = ws.owner_dir(owner)
     batch = uuid.uuid4().hex[:12]
@@ -192,18 +216,29 @@ def _write_owner_files(ws: Workspace, key: str, owner: str, files: Sequence[tupl
         else:
             manifest = {"owner": owner, "samples": []}
         manifest.update({k: v for k, v in meta.items() if v is not None})
-        known = {(s["label"], s["sha256"]) for s in manifest["samples"]}
+        known = {(str(s.get("label", TEXT_FOLDER)), s["sha256"]) for s in manifest["samples"]}
         consent = now()
-        for label, data in files:
+        captions: dict[str, str] = {}
+        for folder, data, caption in files:
             digest = sha256_bytes(data)
-            if (int(label), digest) in known:
+            if (folder, digest) in known:
                 continue
-            path = stage / str(label) / f"{digest}.png"
+            path = stage / folder / f"{digest}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(data)
-            manifest["samples"].append({"sha256": digest, "label": int(label), "license": manifest.get("license"),
-                                        "consent_time": consent, "batch": batch})
-            known.add((int(label), digest))
+            sample = {"sha256": digest, "license": manifest.get("license"), "consent_time": consent, "batch": batch}
+            if caption is None:
+                sample["label"] = int(folder)
+            else:
+                captions[path.name] = caption
+            manifest["samples"].append(sample)
+            known.add((folder, digest))
+        if captions:
+            lines = stage / TEXT_FOLDER / METADATA
+            old_lines = lines.read_text(encoding="utf-8").splitlines() if lines.exists() else []
+            new_lines = [json.dumps({"file_name": n, "text": t}, ensure_ascii=False) for n, t in sorted(captions.items())]
+            lines.write_text("\n".join(sorted([ln for ln in old_lines if ln.strip()] + new_lines)) + "\n",
+                             encoding="utf-8")
         (stage / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         ws.owners_dir.mkdir(parents=True, exist_ok=True)
         old = ws.staging_dir / f"{key}-{batch}-old"

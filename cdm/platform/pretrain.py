@@ -177,3 +177,98 @@ def register_brought_init(ctx: Context, folder: str | Path, trained_on: str) -> 
         ctx.client.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
     return {"name": registry.INIT, "version": logged.version, "brought": True, "trained_on": trained_on.strip(),
             "state_sha256": tags["cdm.state_sha256"], "run_id": logged.run_id}
+
+
+# -- a text workspace's base: a StableDiffusionPipeline folder ------------------------------------------------------
+def public_captioned(files: list[SourceFile], params: Params):
+    """Validated public source files (PNGs beside metadata.jsonl) as a `CaptionedDataset` (ids: content sha256)."""
+    from cdm.text.captions import METADATA, CaptionedDataset, parse_metadata
+
+    meta = next((f for f in files if f.path == METADATA), None)
+    captions = {r["file_name"]: r["text"] for r in parse_metadata(meta.data if meta else None,
+                                                                  params.data.max_caption_chars)}
+    rows = sorted((f.path, f.data) for f in files if f.path in captions)
+    if not rows:
+        raise WorkspaceError("the public source holds no captioned samples")
+    x = torch.stack([load_image_bytes(data, params.data.image_size, 3) for _, data in rows])
+    return CaptionedDataset(x, [captions[name] for name, _ in rows], [sha256_bytes(data) for _, data in rows])
+
+
+def _text_base_error(e: Exception) -> WorkspaceError:
+    return WorkspaceError(f"not a usable text-to-image base: {e}")
+
+
+def register_text_base(ctx: Context, folder: str | Path, source: str, trained_on: str | None = None,
+                       public_ids: list[str] | None = None, metrics: dict | None = None,
+                       summary: dict | None = None) -> dict:
+    """Register a StableDiffusionPipeline folder as a new `cdm-init` version (alias `current`): checked
+    (`cdm.text.base.check_folder`, then every part loaded strictly from local safetensors and fitted to the
+    workspace's images) before anything is logged; each component's sha256 and their one hash recorded. A brought
+    base carries the team's statement of its training data (`trained_on`); a trained one the list of its public
+    samples. Raises WorkspaceError (nothing registered) for a folder that is not such a pipeline or does not fit."""
+    from cdm.platform.shards import code_version
+    from cdm.text.base import BaseError, base_sha256, component_hashes, load_base
+
+    folder = Path(folder)
+    try:
+        load_base(folder, ctx.params.data.image_size)
+    except BaseError as e:
+        raise _text_base_error(e) from None
+    components = component_hashes(folder)
+    brought = trained_on is not None
+    with registry.start_run(ctx.experiment_id, "pretrain-brought" if brought else "pretrain",
+                            {"cdm.kind": "init"}) as run, ctx.ws.tempdir() as tmp:
+        meta = Path(tmp) / "meta.json"
+        meta.write_text(json.dumps({"components": components, "image_size": ctx.params.data.image_size}))
+        files = []
+        tags = {"cdm.public": "true", "cdm.conditioning": "text", "cdm.source": source,
+                "cdm.weights_sha256": base_sha256(folder), "cdm.code_version": code_version(),
+                "cdm.components": json.dumps({k: v[:16] for k, v in components.items()}, sort_keys=True)}
+        if brought:
+            statement = Path(tmp) / "trained_on.txt"
+            statement.write_text(trained_on.strip() + "\n")
+            files.append(statement)
+            tags.update({"cdm.brought": "true", "cdm.trained_on": " ".join(trained_on.split())[:5000],
+                         "cdm.trained_on_sha256": hashlib.sha256(statement.read_bytes()).hexdigest()})
+        if public_ids is not None:
+            manifest = Path(tmp) / "public_manifest.json"
+            manifest.write_text(json.dumps([{"sha256": i} for i in public_ids], indent=1))
+            files.append(manifest)
+            tags.update({"cdm.public_manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+                         "cdm.samples": str(len(public_ids))})
+        logged = registry.log_model(
+            ctx.client, run, registry.INIT, model_code="text.py", artifacts={"base": str(folder), "meta": str(meta)},
+            params={"source": source, "conditioning": "text"}, metrics=metrics, files=files, version_tags=tags,
+            summary=summary, signature_kind="text")
+        ctx.client.set_registered_model_alias(registry.INIT, registry.CURRENT, logged.version)
+    return {"name": registry.INIT, "version": logged.version, "brought": brought, "components": components,
+            "base_sha256": tags["cdm.weights_sha256"], "run_id": logged.run_id,
+            **({"trained_on": trained_on.strip()} if brought else {})}
+
+
+def train_and_register_text_base(ctx: Context, data, source: str, steps: int | None = None,
+                                 progress: bool = True) -> dict:
+    """A small text-to-image base (`cdm.text.base.TextBaseConfig` at the workspace's image size, a character-level
+    tokenizer of the public captions) pretrained on public captioned `data`, saved as a StableDiffusionPipeline
+    folder and registered. Refuses public samples an owner also holds."""
+    from cdm.text.base import TextBaseConfig, build_base, save_base, write_tokenizer
+    from cdm.text.train import PretrainConfig, pretrain_base
+
+    held = {s["sha256"] for o in ctx.ws.owners() for s in ctx.ws.manifest(o)["samples"]}
+    overlap = sorted(set(data.ids) & held)
+    if overlap:
+        raise WorkspaceError(f"{len(overlap)} public sample(s) are also held by an owner (first sha256 "
+                             f"{overlap[0][:12]}…); the shared base must contain no owner's data")
+    cfg = TextBaseConfig(image_size=ctx.params.data.image_size)
+    unet_steps = steps or ctx.params.train.init_steps
+    pcfg = PretrainConfig(unet_steps=unet_steps, vae_steps=min(PretrainConfig.vae_steps, unet_steps),
+                          seed=ctx.params.train.seed)
+    with ctx.ws.tempdir() as tmp:
+        parts = build_base(cfg, write_tokenizer(data.captions, Path(tmp) / "tokenizer", cfg.max_prompt_tokens),
+                           seed=ctx.params.train.seed)
+        info = pretrain_base(parts, data.x, data.captions, pcfg, progress=progress)
+        folder = save_base(parts, Path(tmp) / "base")
+        result = register_text_base(ctx, folder, source, public_ids=sorted(data.ids),
+                                    metrics={"vae_loss": info["vae_losses"], "train_loss": info["unet_losses"]},
+                                    summary={"train_seconds": info["seconds"]})
+    return {**result, "samples": len(data), "steps": pcfg.unet_steps, "seconds": round(info["seconds"], 2)}

@@ -59,12 +59,23 @@ def experiment_id(c, artifact_root: str | None, name: str = EXPERIMENT) -> str:
     return c.create_experiment(name, artifact_location=f"{artifact_root.rstrip('/')}/{name}" if artifact_root else None)
 
 
-def signature():
-    """The pyfunc models' input contract (shard, composite and init alike)."""
+def signature(kind: str = "class"):
+    """The pyfunc models' input contract (shard, composite and init alike); `text` for a text workspace's models
+    (prompts instead of labels)."""
     from mlflow.models import ModelSignature
     from mlflow.types import ColSpec, ParamSchema, Schema
     from mlflow.types.schema import Array
 
+    if kind == "text":
+        return ModelSignature(inputs=Schema([
+            ColSpec("string", "prompt"),
+            ColSpec("long", "n", required=False),  # images of the prompt (default 1)
+            ColSpec("string", "negative_prompt", required=False),
+            ColSpec("double", "guidance_scale", required=False),
+            ColSpec("long", "num_inference_steps", required=False),
+            ColSpec("long", "seed", required=False),
+            ColSpec(Array("string"), "allowed_owners", required=False),
+        ]), params=ParamSchema([]))
     # One request per call: a one-row frame (a dict is accepted and converted by MLflow against this schema).
     return ModelSignature(inputs=Schema([
         ColSpec("long", "n"),
@@ -112,7 +123,7 @@ def start_run(exp_id: str, run_name: str, tags: dict[str, str] | None = None):
 def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], params: dict,
               metrics: dict[str, list[float]] | None, files: list[str | Path], version_tags: dict[str, str],
               summary: dict[str, float] | None = None, admit=contextlib.nullcontext,
-              description: str | None = None) -> Logged:
+              description: str | None = None, signature_kind: str = "class") -> Logged:
     """Into the active `run`: params, metric histories, files (e.g. sample grids), and a pyfunc model registered
     as `name` with its provenance tags (created together: a crash never leaves an untagged version). The version
     is created inside `admit()`, a context manager that may refuse it (raise) or hold a lock while it is made."""
@@ -134,7 +145,7 @@ def log_model(c, run, name: str, model_code: str, artifacts: dict[str, str], par
         mlflow.log_artifact(str(f))
     info = mlflow.pyfunc.log_model(name="model", python_model=str(MODELS_DIR / model_code),
                                    artifacts=artifacts, pip_requirements=pip_requirements(),
-                                   signature=signature())
+                                   signature=signature(signature_kind))
     # The client's create_model_version (not mlflow.register_model, which prints to stderr): the version and its
     # provenance tags are created together, so a crash never leaves an untagged version.
     ensure_registered(c, name)

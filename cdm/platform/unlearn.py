@@ -274,6 +274,8 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     from cdm.metrics import membership_verdict
     from cdm.platform.evaluate import composite_membership_auc, heldout
 
+    if ctx.params.data.conditioning == "text":
+        return Forgetting(skipped="no membership check for text compartments yet")
     try:
         held = heldout(ctx.params)
     except WorkspaceError as e:
@@ -420,7 +422,12 @@ def shared_base(ctx: Context) -> dict | None:
     if mv is None:
         return None
     with registry.model_files(ctx.client, registry.INIT, str(mv.version), ctx.ws.tmp_dir) as files:
-        weights = sha256_file(files / UNET_ARTIFACT / WEIGHTS_FILE)  # as stored now, not as the tag says
+        if (files / "base").is_dir():  # a text workspace's base: a StableDiffusionPipeline folder
+            from cdm.text.base import base_sha256
+
+            weights = base_sha256(files / "base")
+        else:
+            weights = sha256_file(files / UNET_ARTIFACT / WEIGHTS_FILE)  # as stored now, not as the tag says
     return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": weights,
             "public_manifest_sha256": mv.tags.get("cdm.public_manifest_sha256"),
             "trained_on": mv.tags.get("cdm.trained_on"),  # a brought base: its owners' statement

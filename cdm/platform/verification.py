@@ -1,7 +1,7 @@
 """Verification of a revocation: what the scan looks for (needles) and the `verify` step (docs/design.md §5).
 
     needles = raw id + token public key (+ the token and its sha256 when this process holds it) + the owner's
-              sample sha256s, file bytes, decoded pixels and DVC object ids
+              sample sha256s, file bytes, decoded pixels, captions (text workspaces) and DVC object ids
     verify  = MLflow asked for versions, runs and tags left + DVC cache and remote listed + every store scanned
 
 The needles are taken once, at `begin`, while the data exists, into `<request_id>.needles.json` (0600, beside the
@@ -34,11 +34,13 @@ def write_needles(ctx: Context, rec: owner_records.OwnerRecord, path: Path) -> N
     samples = ctx.ws.manifest(rec.owner)["samples"] if folder.exists() else []
     files = {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
              for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))} if folder.exists() else {}
+    captions = ctx.ws.captions(rec.owner) if folder.exists() else {}
     atomic_write(path, json.dumps({
         "token_public_key": rec.token_public_key,
         "token_sha256": rec.token_sha256,  # a record made before signed requests
         "sample_sha256": sorted({s["sha256"] for s in samples}),
         "sample_files": files,
+        "captions": captions,  # {file name: caption} of a text owner
         "dvc_objects": sorted(owner_objects(ctx.ws, rec.owner)),
     }))
 
@@ -85,6 +87,13 @@ def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Ne
         pixels = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).numpy().tobytes()
         if len(set(pixels)) > 2:  # a blank image's bytes are everywhere
             blobs[pixels] = "sample pixels"
+    # A text owner's captions: each metadata line (it names the file by its hash), and each caption's text that no
+    # remaining owner also holds (a caption both hold is theirs too, like an image both hold).
+    others_captions = {t for o in ctx.ws.owners() if o != rec.owner for t in ctx.ws.captions(o).values()}
+    for name, text in sorted(saved.get("captions", {}).items()):
+        blobs[json.dumps({"file_name": name, "text": text}, ensure_ascii=False).encode()] = "caption line"
+        if text not in others_captions:
+            blobs[text.encode()] = "sample caption"
     others = tuple(r.owner for k, r in owner_records.records(ctx.ws).items() if k != rev.owner_key)
     return Needles(rec.owner, hex_strings, blobs, others), bool(files)
 

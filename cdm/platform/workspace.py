@@ -163,6 +163,20 @@ class Workspace:
             raise WorkspaceError(f"unknown owner {owner!r}")
         return json.loads(path.read_text())
 
+    def captions(self, owner: str) -> dict[str, str]:
+        """{file name: caption} of a text owner's imagefolder (`images/metadata.jsonl`); {} for a class owner."""
+        path = self.owner_dir(owner) / "images" / "metadata.jsonl"
+        if not path.is_file():
+            return {}
+        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        return {r["file_name"]: r["text"] for r in rows}
+
+    def load_captioned(self, owner: str, image_size: int):
+        """A text owner's samples as a `CaptionedDataset` (ids are the content sha256)."""
+        from cdm.text.captions import load_imagefolder
+
+        return load_imagefolder(self.owner_dir(owner) / "images", image_size)
+
     def load_owner(self, owner: str, image_size: int, channels: int, labels):
         """The owner's samples as a `Dataset` (ids are the content sha256)."""
         from cdm.data import load_folder

@@ -107,10 +107,21 @@ def build_base(cfg: TextBaseConfig, tokenizer_dir: str | Path, seed: int = 0) ->
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
 
 
+def _quiet() -> None:
+    """No progress bars from transformers and diffusers while a base is read or written: a command's own output
+    stays one line per result or refusal."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def save_base(parts: dict, folder: str | Path) -> Path:
     """`parts` as a `StableDiffusionPipeline` folder (safetensors; no safety checker)."""
     from diffusers import StableDiffusionPipeline
 
+    _quiet()
     pipe = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
     pipe.save_pretrained(str(folder), safe_serialization=True)
@@ -172,6 +183,7 @@ def load_base(folder: str | Path, image_size: int | None = None) -> dict:
 
     folder = Path(folder)
     check_folder(folder)
+    _quiet()
     try:
         unet = UNet2DConditionModel.from_pretrained(str(folder / "unet"), local_files_only=True,
                                                     use_safetensors=True, low_cpu_mem_usage=False)
@@ -214,12 +226,14 @@ def check_fits(unet, vae, text_encoder, image_size: int | None) -> None:
 
 
 def component_hashes(folder: str | Path) -> dict[str, str]:
-    """sha256 of each weight and tokenizer file of a base folder, by relative path (its provenance record)."""
+    """sha256 of each weight, configuration and tokenizer file of a base folder, by relative path (its provenance
+    record: the configurations decide the architecture the weights are read into)."""
     folder = Path(folder)
     out = {}
-    for rel in ("unet/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.safetensors",
-                "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt", "tokenizer/tokenizer.json",
-                "scheduler/scheduler_config.json"):
+    for rel in ("model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+                "vae/config.json", "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                "text_encoder/model.safetensors", "tokenizer/vocab.json", "tokenizer/merges.txt",
+                "tokenizer/tokenizer.json", "tokenizer/tokenizer_config.json", "scheduler/scheduler_config.json"):
         path = folder / rel
         if path.is_file():
             out[rel] = hashlib.sha256(path.read_bytes()).hexdigest()

@@ -8,12 +8,19 @@ from cdm.platform.errors import CommandFailed, WorkspaceError
 from flows.commands.common import _ctx
 
 
-def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: str | None):
+def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: str | None,
+         conditioning: str = "class"):
+    from cdm.config import Params
     from cdm.platform.create import init_workspace
 
-    ws = init_workspace(dir, remote=remote, endpoint_url=endpoint_url, artifact_root=artifact_root)
+    existing = Path(dir) / "params.yaml"
+    if existing.is_file() and (kind := Params.load(existing).data.conditioning) != conditioning:
+        raise WorkspaceError(f"{dir} is already a {kind} workspace; its params.yaml stays as it is")
+    ws = init_workspace(dir, remote=remote, endpoint_url=endpoint_url, artifact_root=artifact_root,
+                        params=Params.text() if conditioning == "text" else None)
     uri = ws.tracking_uri()
-    return {"workspace": str(ws.root), "tracking_uri": uri}, f"workspace ready: {ws.root} (MLflow store {uri})"
+    return ({"workspace": str(ws.root), "tracking_uri": uri, "conditioning": conditioning},
+            f"{conditioning} workspace ready: {ws.root} (MLflow store {uri})")
 
 
 def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None,
@@ -102,9 +109,14 @@ def pretrain(workspace: str, source: str | None, steps: int | None, progress: bo
         if brought is None or source is not None or steps is not None or trained_on is None:
             raise WorkspaceError("give either SOURCE (public data to train the base on) or --from DIR with "
                                  "--trained-on TEXT (a base you already have), not both")
-        from cdm.platform.pretrain import register_brought_init
+        from cdm.platform.pretrain import register_brought_init, register_text_base
 
-        result = register_brought_init(ctx, brought, trained_on)
+        if ctx.params.data.conditioning == "text":
+            if not trained_on.strip():
+                raise WorkspaceError("say what the base was trained on (--trained-on): the certificate quotes it")
+            result = register_text_base(ctx, brought, str(Path(brought).resolve()), trained_on=trained_on)
+        else:
+            result = register_brought_init(ctx, brought, trained_on)
         return result, (f"cdm-init v{result['version']} (alias current): brought from {brought}, trained on: "
                         f"{result['trained_on']}; set `train.init: public` in params.yaml to start shards from it")
     try:

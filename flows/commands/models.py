@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdm.platform.errors import CommandFailed, WorkspaceError
-from flows.commands.common import _ctx, _status
+from flows.commands.common import _class_ctx, _status
 
 
 def _owner_keys(ctx, owners: str | None) -> list[str] | None:
@@ -25,7 +25,7 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out
     from cdm.platform import pipeline_files
     from flows.training import run_training
 
-    ctx = _ctx(workspace)
+    ctx = _class_ctx(workspace, "train")
     keys = _owner_keys(ctx, owners)
     result = run_training(ctx, keys, paragon, progress=progress)
     if out:
@@ -44,7 +44,7 @@ def compose(workspace: str, estimator: str | None, progress: bool, out: str | No
     from cdm.platform import pipeline_files
     from flows.composition import compose as run_compose
 
-    ctx = _ctx(workspace)
+    ctx = _class_ctx(workspace, "compose")
     with _status("composing: registering the composite and sampling its preview grid", progress):
         result = run_compose(str(ctx.ws.root), estimator, progress, candidate)
     result["alias"] = "candidate" if candidate else "production"
@@ -61,7 +61,7 @@ def promote(workspace: str, metrics: str):
     from cdm.platform import gate, registry
     from cdm.platform.composites import production
 
-    ctx = _ctx(workspace)
+    ctx = _class_ctx(workspace, "promote")
     cand = production(ctx, registry.CANDIDATE)
     if cand is None:
         raise WorkspaceError("no candidate composite; run `cdm compose --candidate` first")
@@ -86,7 +86,7 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
     from cdm.data import save_grid
     from cdm.platform.composites import load_production, production
 
-    ctx = _ctx(workspace)
+    ctx = _class_ctx(workspace, "sample")
     if n < 1 or n > 10_000:
         raise WorkspaceError("--n must be between 1 and 10000")
     labels = ctx.params.data.labels
@@ -135,7 +135,7 @@ def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history:
     from cdm.platform import pipeline_files
     from flows.evaluation import evaluate as run_evaluation
 
-    ctx = _ctx(workspace)
+    ctx = _class_ctx(workspace, "evaluate")
     alias = "candidate" if candidate else "production"
     metrics = run_evaluation(str(ctx.ws.root), out, alias)
     if history:

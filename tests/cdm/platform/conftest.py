@@ -18,3 +18,21 @@ def dead_registry(monkeypatch):
         port = s.getsockname()[1]
     uri = f"http://127.0.0.1:{port}"
     return MlflowClient(uri, uri)
+
+
+@pytest.fixture
+def begin_needles():
+    """`take(ctx, owner, request_id)`: a revocation record of `owner` (not saved) and its needles file written as
+    `begin` writes it, while the owner's data exists."""
+    def take(ctx, owner: str, request_id: str):
+        from cdm.platform import owner_records
+        from cdm.platform.revocations import Revocation, needles_path
+        from cdm.platform.verification import write_needles
+
+        key = ctx.ws.owner_key(owner)
+        rev = Revocation(request_id=request_id, owner_key=key, received="now", received_ts=0.0)
+        ctx.ws.revocations_dir.mkdir(parents=True, exist_ok=True)
+        write_needles(ctx, owner_records.record(ctx.ws, key), needles_path(ctx.ws, request_id))
+        return rev
+
+    return take

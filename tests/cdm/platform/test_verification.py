@@ -12,9 +12,9 @@ from PIL import Image
 
 from cdm.platform import owner_records
 from cdm.platform.context import Context
-from cdm.platform.revocations import Revocation, needles_path
+from cdm.platform.revocations import needles_path
 from cdm.platform.scan import Needles
-from cdm.platform.verification import missing_needles, needle_counts, needles, write_needles
+from cdm.platform.verification import missing_needles, needle_counts, needles
 
 
 def png(seed: int) -> bytes:
@@ -39,14 +39,12 @@ def ctx(tmp_path) -> Context:
     return ctx
 
 
-def test_the_needles_taken_at_begin_hold_after_the_data_is_deleted_and_a_weaker_scan_is_reported(ctx):
+def test_the_needles_taken_at_begin_hold_after_the_data_is_deleted_and_a_weaker_scan_is_reported(ctx,
+                                                                                                  begin_needles):
     import shutil
 
     ws = ctx.ws
-    key = ws.owner_key("erin")
-    rev = Revocation(request_id="rev-test", owner_key=key, received="now", received_ts=0.0)
-    ws.revocations_dir.mkdir(parents=True, exist_ok=True)
-    write_needles(ctx, owner_records.record(ws, key), needles_path(ws, rev.request_id))
+    rev = begin_needles(ctx, "erin", "rev-test")
     before, pixels = needles(ctx, rev)
     counts = needle_counts(before)
     # Three files of hers, one of which frank holds too: that one is his as well, and no needle of hers.
