@@ -98,9 +98,13 @@ def client_env(ws: Workspace, stack: Stack) -> dict[str, str]:
     """What a client process needs to use the stack: where each service is and the credentials each asks for
     (Prefect's API and MLflow's tracking server refuse unauthenticated requests)."""
     c = credentials(ws)
+    # Artifacts stream through the tracking server (which signs its own S3 requests), never by presigned URLs: the
+    # stack's S3 (moto with its IAM checks) cannot check a query-string signature and answers 500, which MLflow's
+    # multipart download retries for minutes.
     return {"PREFECT_API_URL": stack.prefect_api_url, "PREFECT_API_AUTH_STRING": c["prefect_auth"],
             "MLFLOW_TRACKING_URI": stack.mlflow_tracking_uri, "MLFLOW_TRACKING_USERNAME": c["mlflow_user"],
-            "MLFLOW_TRACKING_PASSWORD": c["mlflow_password"], **s3_env(ws, stack)}
+            "MLFLOW_TRACKING_PASSWORD": c["mlflow_password"], "MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false",
+            "MLFLOW_ENABLE_PROXY_MULTIPART_UPLOAD": "false", **s3_env(ws, stack)}
 
 
 def database_url(ws: Workspace, stack: Stack, database: str, driver: str = "postgresql+psycopg2",
