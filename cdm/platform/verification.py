@@ -32,8 +32,7 @@ def write_needles(ctx: Context, rec: owner_records.OwnerRecord, path: Path) -> N
     the sample files themselves (their pixels are decoded from them when the scan runs) and the DVC object ids."""
     folder = ctx.ws.owners_dir / rec.owner
     samples = ctx.ws.manifest(rec.owner)["samples"] if folder.exists() else []
-    files = {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
-             for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))} if folder.exists() else {}
+    files = _sample_files(folder) if folder.exists() else {}
     captions = ctx.ws.captions(rec.owner) if folder.exists() else {}
     atomic_write(path, json.dumps({
         "token_public_key": rec.token_public_key,
@@ -43,6 +42,12 @@ def write_needles(ctx: Context, rec: owner_records.OwnerRecord, path: Path) -> N
         "captions": captions,  # {file name: caption} of a text owner
         "dvc_objects": sorted(owner_objects(ctx.ws, rec.owner)),
     }))
+
+
+def _sample_files(folder: Path) -> dict[str, str]:
+    """{sha256: base64 bytes} of the PNG files of an owner's folder (class folders, or a text owner's images/)."""
+    return {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
+            for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))}
 
 
 def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Needles, bool]:
@@ -76,8 +81,7 @@ def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Ne
     files = saved.get("sample_files")
     folder = ctx.ws.owners_dir / rec.owner
     if files is None and folder.exists():  # a request begun before the files were recorded: its data, if still there
-        files = {hashlib.sha256(b).hexdigest(): base64.b64encode(b).decode()
-                 for b in (f.read_bytes() for f in sorted(folder.glob("*/*.png")))}
+        files = _sample_files(folder)
     for sha, encoded in sorted((files or {}).items()):
         if sha in others_sha:
             continue  # another remaining owner holds the same content: it stays, rightly
