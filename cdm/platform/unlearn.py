@@ -422,10 +422,12 @@ def shared_base(ctx: Context) -> dict | None:
     if mv is None:
         return None
     with registry.model_files(ctx.client, registry.INIT, str(mv.version), ctx.ws.tmp_dir) as files:
-        if (files / "base").is_dir():  # a text workspace's base: a StableDiffusionPipeline folder
+        # A text workspace's base: a StableDiffusionPipeline folder (logged under its own folder's name).
+        pipeline = next((d for d in files.iterdir() if (d / "model_index.json").is_file()), None)
+        if pipeline is not None:
             from cdm.text.base import base_sha256
 
-            weights = base_sha256(files / "base")
+            weights = base_sha256(pipeline)
         else:
             weights = sha256_file(files / UNET_ARTIFACT / WEIGHTS_FILE)  # as stored now, not as the tag says
     return {"model": registry.INIT, "version": str(mv.version), "weights_sha256": weights,
