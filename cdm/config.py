@@ -86,6 +86,7 @@ class ComposeParams(_Strict):
     eta: float = Field(1.0, ge=0)
     threshold: float = Field(1e-3, ge=0, lt=1)  # sparse composition
     router_steps: int = Field(1500, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)  # text composites: classifier-free guidance of the composite
 
     @model_validator(mode="after")
     def _path_needs_noise(self) -> "ComposeParams":
@@ -119,7 +120,8 @@ class Params(_Strict):
         """The defaults of a text workspace (`cdm init --conditioning text`): 32x32 RGB captioned images, LoRA
         compartments on a shared text-to-image base (`cdm pretrain`), prompts composed by the prompt prior."""
         return cls(data=DataParams(conditioning="text", image_size=32, channels=3, labels=[]),
-                   train=TrainParams(init="public", compartment="lora", lr=1e-3, batch_size=32, steps=300))
+                   train=TrainParams(init="public", compartment="lora", lr=1e-3, batch_size=32, steps=300),
+                   compose=ComposeParams(num_inference_steps=50))
 
     @classmethod
     def load(cls, path: str | Path) -> "Params":

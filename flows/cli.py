@@ -37,6 +37,8 @@ def env_defaults() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")  # "creating tables" and the like: not for people
     os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # "View run at …" after each run
     os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+    # transformers' notices at import (e.g. image processors without torchvision, which cdm never uses)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
 @contextlib.contextmanager
@@ -318,16 +320,24 @@ def promote(candidate, metrics, workspace, want_json, verbose):
 
 @cli.command()
 @click.option("--n", type=int, required=True, help="number of samples (1-10000)")
-@click.option("--label", type=int, help="class label (default: unconditional)")
+@click.option("--label", type=int, help="class label, on a class workspace (default: unconditional)")
+@click.option("--prompt", help="what to draw, on a text workspace (e.g. 'a red 3 on the left'); '' for none")
+@click.option("--negative-prompt", help="text workspace: what guidance pushes away from (default: the empty prompt)")
+@click.option("--guidance-scale", type=float, help="text workspace: classifier-free guidance of the composite "
+              "(default: params.yaml compose.guidance_scale; 1 = no guidance)")
+@click.option("--steps", type=int, help="text workspace: denoising steps (default: compose.num_inference_steps)")
 @click.option("--consumer", help="compose only the shards this consumer may use (consumers.yaml)")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", help="PNG grid to write (default: WORKSPACE/outputs/samples.png)")
 @common
-def sample(n, label, consumer, seed, out, workspace, want_json, verbose):
-    """Sample from the production composite, with per-owner attribution of every sample."""
+def sample(n, label, prompt, negative_prompt, guidance_scale, steps, consumer, seed, out, workspace, want_json,
+           verbose):
+    """Sample from the production composite, with per-owner attribution of every sample. A class workspace
+    samples a label (--label), a text workspace a prompt (--prompt)."""
     from flows import commands
 
-    run("sample", workspace, want_json, verbose, commands.sample, workspace, n, label, consumer, seed, out)
+    text = {"prompt": prompt, "negative_prompt": negative_prompt, "guidance_scale": guidance_scale, "steps": steps}
+    run("sample", workspace, want_json, verbose, commands.sample, workspace, n, label, consumer, seed, out, text)
 
 
 @cli.command()

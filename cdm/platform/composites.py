@@ -28,18 +28,42 @@ class NothingToCompose(WorkspaceError):
 
 
 def _shard_entry(sid: str, mv) -> dict:
-    return {"id": sid, "model": mv.name, "version": str(mv.version), "owners": json.loads(mv.tags["cdm.owner_counts"]),
-            "class_counts": json.loads(mv.tags["cdm.class_counts"]), "weights_sha256": mv.tags["cdm.weights_sha256"],
-            "run_id": mv.run_id}
+    entry = {"id": sid, "model": mv.name, "version": str(mv.version),
+             "owners": json.loads(mv.tags["cdm.owner_counts"]), "class_counts": json.loads(mv.tags["cdm.class_counts"]),
+             "weights_sha256": mv.tags["cdm.weights_sha256"], "run_id": mv.run_id}
+    if mv.tags.get("cdm.conditioning") == "text":  # a compartment of a text base: which base it adapts
+        entry["base"] = {"version": mv.tags["cdm.base_version"], "sha256": mv.tags["cdm.base_sha256"]}
+    return entry
 
 
 def _spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[str]) -> dict:
     if not shards:
         raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
     p = ctx.params.compose
+    if ctx.params.data.conditioning == "text":
+        return _text_spec(ctx, shards, estimator, revocations)
     return {"shards": shards, "estimator": estimator, "sampler": p.sampler,
             "num_inference_steps": p.num_inference_steps, "eta": p.eta, "threshold": p.threshold,
             "model_config": json.loads(model_config(ctx.params).to_json()), "schedule": asdict(NoiseSchedule()),
+            "revocations": sorted(set(revocations))}
+
+
+def _text_spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[str]) -> dict:
+    """A text composite's spec: its compartments all adapt one base version (named with its hash)."""
+    from cdm.text.compose import TEXT_ESTIMATORS
+
+    if estimator not in TEXT_ESTIMATORS:
+        raise WorkspaceError(f"estimator {estimator!r} is for class workspaces; a text composite weighs "
+                             f"compartments by {', '.join(TEXT_ESTIMATORS)}")
+    bases = {(s["base"]["version"], s["base"]["sha256"]) for s in shards}
+    if len(bases) != 1:
+        raise WorkspaceError("the shards adapt different base versions; run `cdm train` to retrain them on the "
+                             "current base")
+    (version, sha), = bases
+    p = ctx.params.compose
+    return {"shards": shards, "estimator": estimator, "conditioning": "text",
+            "base": {"model": registry.INIT, "version": version, "sha256": sha},
+            "num_inference_steps": p.num_inference_steps, "guidance_scale": p.guidance_scale, "eta": p.eta,
             "revocations": sorted(set(revocations))}
 
 
@@ -106,6 +130,8 @@ def version_tags(spec: dict) -> dict[str, str]:
         "cdm.owner_keys": json.dumps(sorted({k for s in spec["shards"] for k in s["owners"]})),
         "cdm.revocations": json.dumps(spec["revocations"]),
         "cdm.router": "trained on the listed shards" if spec["estimator"] == "router" else "none",
+        **({"cdm.prompt_prior": "fitted on the captions of the listed shards' owners",
+            "cdm.base": f"{registry.INIT}/{spec['base']['version']}"} if spec.get("conditioning") == "text" else {}),
     }
 
 
@@ -127,7 +153,12 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
         spec_path = Path(tmp) / "spec.json"
         spec_path.write_text(json.dumps(spec, indent=2, sort_keys=True))
         artifacts = {"spec": str(spec_path)}
-        if spec["estimator"] == "router":
+        text = spec.get("conditioning") == "text"
+        if text:  # p(i | c), fitted on the captions of the composed shards' active owners
+            from cdm.platform.text_models import PRIOR_ARTIFACT, train_spec_prior
+
+            artifacts["prior"] = str(train_spec_prior(ctx, spec, Path(tmp) / PRIOR_ARTIFACT))
+        elif spec["estimator"] == "router":
             artifacts["router"] = str(train_spec_router(ctx, spec, Path(tmp) / "router.safetensors", progress))
         tags = version_tags(spec)
         from cdm.platform.reports import composite_description
@@ -136,10 +167,12 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
             prod = production(ctx)  # what this version changes, for the registry's description
             previous = prod[1] if prod else None
         logged = registry.log_model(
-            c, run, registry.COMPOSITE, model_code="composite.py", artifacts=artifacts,
-            params={"estimator": spec["estimator"], "shards": len(spec["shards"]), "sampler": spec["sampler"],
-                    "num_inference_steps": spec["num_inference_steps"], "threshold": spec["threshold"]},
-            metrics=None, files=[], version_tags=tags,
+            c, run, registry.COMPOSITE, model_code="text_composite.py" if text else "composite.py",
+            artifacts=artifacts, params={"estimator": spec["estimator"], "shards": len(spec["shards"]),
+                                         "sampler": spec.get("sampler", "base"),
+                                         "num_inference_steps": spec["num_inference_steps"],
+                                         "threshold": spec.get("threshold", 0.0)},
+            metrics=None, files=[], version_tags=tags, signature_kind="text" if text else "class",
             description=composite_description(spec, previous))
         try:
             if candidate:
@@ -166,8 +199,13 @@ def sample_grid(model, path: Path) -> Path:
     `cdm compose --out` writes."""
     from cdm.data import save_grid
 
-    out = model.predict({"n": 20, "seed": 0})
+    # A text composite: the empty prompt (every compartment by its share of the captions), not an owner's caption.
+    out = model.predict({"n": 20, "seed": 0, **({"prompt": ""} if _is_text(model) else {})})
     return save_grid(torch.from_numpy(out["images"]), path, nrow=10)
+
+
+def _is_text(model) -> bool:
+    return model.metadata.signature is not None and "prompt" in model.metadata.signature.inputs.input_names()
 
 
 def spec_of(ctx: Context, version: str) -> dict:

@@ -75,6 +75,7 @@ def signature(kind: str = "class"):
             ColSpec("long", "num_inference_steps", required=False),
             ColSpec("long", "seed", required=False),
             ColSpec(Array("string"), "allowed_owners", required=False),
+            ColSpec("string", "estimator", required=False),  # a composite's: prior, path or average
         ]), params=ParamSchema([]))
     # One request per call: a one-row frame (a dict is accepted and converted by MLflow against this schema).
     return ModelSignature(inputs=Schema([

@@ -333,65 +333,6 @@ class ShardModel(PythonModel):
         return check
 
 
-class TextModel(PythonModel):
-    """A text workspace's base served alone, by prompt: `predict({"prompt", "n", "negative_prompt",
-    "guidance_scale", "num_inference_steps", "seed"})` -> {"images": [n, 3, H, W] in [-1, 1], "prompt"}.
-
-    Its artifacts: `base/` (a StableDiffusionPipeline folder) and `meta.json` (each component's sha256, checked
-    before anything is loaded). Served under the invariant like `ShardModel`: it refuses once a revocation marks
-    its version or a purge deleted it."""
-
-    def load_context(self, context):
-        from mlflow.models import Model
-
-        from cdm.text.base import component_hashes, load_base
-
-        meta = json.loads(Path(context.artifacts["meta"]).read_text())
-        folder = Path(context.artifacts["base"])
-        logged = Model.load(str(model_dir_of(context)))
-        self.watch, self.parts = VersionWatch(logged.run_id, getattr(logged, "model_id", None)), None
-        self._refuse_if_revoked()
-        if component_hashes(folder) != meta["components"]:
-            raise ValueError(f"{folder}: the base's files differ from their record; refusing to load")
-        self.parts = load_base(folder, meta.get("image_size"))
-
-    def _refuse_if_revoked(self) -> None:
-        why = self.watch.check()
-        if why:
-            self.parts = None
-            raise NotServed(why)
-
-    def predict(self, context, model_input, params=None) -> dict:
-        import copy
-
-        from cdm.text.base import latent_size
-        from cdm.text.compose import GuidedComposite
-        from cdm.text.pipeline import TextCompositePipeline, UNetCompartment
-
-        self._refuse_if_revoked()
-        p = self.parts
-        prompt = str(_first(model_input, "prompt", ""))
-        n = int(_first(model_input, "n", 1))
-        if not 1 <= n <= 10_000:
-            raise ValueError(f"n must be 1..10000, not {n}")
-        scheduler = copy.deepcopy(p["scheduler"])
-        composite = GuidedComposite([UNetCompartment(p["unet"])], "prior",
-                                    generator=torch.Generator().manual_seed(int(_first(model_input, "seed", 0))))
-        size = p["vae"].config.sample_size
-        side = latent_size(p["vae"], size[0] if isinstance(size, (list, tuple)) else size)
-        latent = (p["vae"].config.latent_channels, side, side)
-        pipe = TextCompositePipeline(p["vae"], p["tokenizer"], p["text_encoder"], composite, scheduler, None, latent)
-        out = pipe([prompt] * n, negative_prompt=_first(model_input, "negative_prompt"),
-                   guidance_scale=float(_first(model_input, "guidance_scale", 3.0)),
-                   num_inference_steps=int(_first(model_input, "num_inference_steps", 50)),
-                   generator=torch.Generator().manual_seed(int(_first(model_input, "seed", 0))),
-                   callback_on_step_end=self._watch_during())
-        self._refuse_if_revoked()
-        return {"images": out["images"].numpy(), "prompt": prompt}
-
-    _watch_during = ShardModel._watch_during
-
-
 REQUEST_ATTEMPTS = 3
 # How often a request that is sampling asks the registry whether a revocation arrived (one call, ~10 ms): a
 # trajectory that uses a shard revoked meanwhile is abandoned at once rather than finished and thrown away.

@@ -172,6 +172,10 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
     """
     from cdm.platform import cleanup, gate, registry
 
+    if ctx.params.data.conditioning == "text":  # a compartment on the text-to-image base
+        from cdm.platform.text_models import train_and_register_text
+
+        return train_and_register_text(ctx, name, owners, steps, progress)
     if not owners:
         raise WorkspaceError(f"{name}: no owners to train on")
     ws, c = ctx.ws, ctx.client

@@ -320,6 +320,7 @@ def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retraine
     whole = [registry.SHARD_PREFIX + sid for sid in plan.exclusive_shards if sid not in load_plan(ws)]
     runs = sorted(r.info.run_id for r in registry.runs_of_owner(c, key))
     paths = [str((ws.checkpoints_dir / sid).relative_to(ws.root)) for sid in plan.exclusive_shards]
+    paths.append(str((ws.latents_dir / key).relative_to(ws.root)))  # a text owner's cached VAE latents
     # The DVC pipeline's files derived from the owner's shards: their loss curves, and the last sample grid.
     paths += [f"pipeline/train_loss/{sid}.csv" for sid in plan.exclusive_shards] + ["pipeline/samples.png"]
     paths += [str(p.relative_to(ws.root)) for p in ws.reports_dir.glob(f"ingest-{key}-*")] \
@@ -403,6 +404,8 @@ def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
 
     if retrained.composite_after is None:
         return {"skipped": "nothing is served"}
+    if ctx.params.data.conditioning == "text":
+        return {"skipped": "a text composite is evaluated by `cdm evaluate` (prompt alignment)"}
     try:
         m = evaluate(ctx)
     except ShardRevoked as e:  # another revocation accepted meanwhile has not gone live yet
@@ -436,8 +439,11 @@ def shared_base(ctx: Context) -> dict | None:
             "touched": weights != mv.tags.get("cdm.weights_sha256")}
 
 
-def certificate(rev: Revocation, base: dict | None = None) -> dict:
-    """The erasure certificate: what was received, what was deleted and retrained, and the verification."""
+def certificate(rev: Revocation, base: dict | None = None, text: bool = False) -> dict:
+    """The erasure certificate: what was received, what was deleted and retrained, and the verification. `text`:
+    a text workspace (its composites carry a prompt prior)."""
+    registered = {v for v in (rev.go_live.composite_live if rev.go_live else None,
+                              rev.retrain.composite_after if rev.retrain else None) if v is not None}
     return {
         "type": "cdm.erasure-certificate",
         "request_id": rev.request_id, "owner_key": rev.owner_key, "reason": rev.reason,
@@ -448,6 +454,9 @@ def certificate(rev: Revocation, base: dict | None = None) -> dict:
         "shards_dropped": rev.plan.exclusive_shards, "shards_retrained": rev.plan.shared_shards,
         "retraining": rev.retrain.shards if rev.retrain else {},
         "router_retrained": bool(rev.retrain and rev.retrain.router_retrained),
+        # A text composite's prompt prior is fitted again, without the owner's captions, by every composite the
+        # revocation registers (going live and after retraining).
+        "prompt_prior_retrained": None if not text else bool(registered - {rev.plan.composite_before}),
         "composite_before": rev.plan.composite_before, "composite_live": rev.go_live.composite_live,
         "composite_after": rev.retrain.composite_after if rev.retrain else None,
         "purged": rev.purge.model_dump() if rev.purge else None,
@@ -469,7 +478,7 @@ def certify(ctx: Context, rev: Revocation) -> dict:
                                  code=1)
     ws = ctx.ws
     if rev.certificate_draft is None:  # fixed before the ledger names its hash: a rerun certifies the same document
-        rev.certificate_draft = certificate(rev, shared_base(ctx))
+        rev.certificate_draft = certificate(rev, shared_base(ctx), ctx.params.data.conditioning == "text")
         save(ws, rev)
     cert = dict(rev.certificate_draft)
     previous = [e for e in ledger.read(ws.ledger_path) if e.get("request_id") == rev.request_id]

@@ -68,6 +68,7 @@ class Workspace:
     ledger_path = property(lambda self: self.root / "ledger.jsonl")
     state_dir = property(lambda self: self.root / ".cdm")
     checkpoints_dir = property(lambda self: self.state_dir / "checkpoints")
+    latents_dir = property(lambda self: self.state_dir / "latents")  # text owners' VAE latents, one folder per key
     cache_dir = property(lambda self: self.state_dir / "cache")
     staging_dir = property(lambda self: self.state_dir / "staging")
     revocations_dir = property(lambda self: self.state_dir / "revocations")

@@ -120,7 +120,9 @@ class GuidedComposite(torch.nn.Module):
             check_path_sampler(scheduler, eta)
         elif scheduler is not None:
             check_linear(scheduler)
-        self.shards, self.n = list(shards), len(shards)
+        # Kept as given (not copied): a server that takes a revoked compartment out of its set mid-trajectory is
+        # seen by the next evaluation.
+        self.shards, self.n = shards, len(shards)
         allowed = torch.zeros(self.n, dtype=torch.bool)
         allowed[list(range(self.n)) if subset is None else list(subset)] = True
         if not allowed.any():

@@ -118,11 +118,20 @@ def pretrain(workspace: str, source: str | None, steps: int | None, progress: bo
         else:
             result = register_brought_init(ctx, brought, trained_on)
         return result, (f"cdm-init v{result['version']} (alias current): brought from {brought}, trained on: "
-                        f"{result['trained_on']}; set `train.init: public` in params.yaml to start shards from it")
+                        f"{result['trained_on']}" + _init_hint(ctx))
     try:
         result = run_pretrain(str(Path(workspace).resolve()), source, steps, progress=progress)
     except IngestionRejected as e:
         raise CommandFailed(f"public data: {e.summary()}", result={"rejected": e.report.as_dict()}) from None
     return result, (f"cdm-init v{result['version']} (alias current): {result['samples']} public samples, "
-                    f"{result['steps']} steps ({result['seconds']} s); set `train.init: public` in params.yaml to "
-                    "start shards from it")
+                    f"{result['steps']} steps ({result['seconds']} s)" + _init_hint(ctx))
+
+
+def _init_hint(ctx) -> str:
+    """What to do next with a new base: a text workspace's compartments always adapt it; a class workspace's
+    shards start from it once `train.init` says so."""
+    if ctx.params.data.conditioning == "text":
+        return "; `cdm train` fits each compartment on it"
+    if ctx.params.train.init == "public":
+        return "; shards start from it at the next `cdm train`"
+    return "; set `train.init: public` in params.yaml to start shards from it"

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdm.platform.errors import CommandFailed, WorkspaceError
-from flows.commands.common import _class_ctx, _status
+from flows.commands.common import _class_ctx, _ctx, _status
 
 
 def _owner_keys(ctx, owners: str | None) -> list[str] | None:
@@ -25,7 +25,7 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out
     from cdm.platform import pipeline_files
     from flows.training import run_training
 
-    ctx = _class_ctx(workspace, "train")
+    ctx = _ctx(workspace)
     keys = _owner_keys(ctx, owners)
     result = run_training(ctx, keys, paragon, progress=progress)
     if out:
@@ -44,7 +44,7 @@ def compose(workspace: str, estimator: str | None, progress: bool, out: str | No
     from cdm.platform import pipeline_files
     from flows.composition import compose as run_compose
 
-    ctx = _class_ctx(workspace, "compose")
+    ctx = _ctx(workspace)
     with _status("composing: registering the composite and sampling its preview grid", progress):
         result = run_compose(str(ctx.ws.root), estimator, progress, candidate)
     result["alias"] = "candidate" if candidate else "production"
@@ -79,28 +79,92 @@ def promote(workspace: str, metrics: str):
             f"cdm-composite v{cand[0]} is production (was " + (f"v{before[0]})" if before else "none)"))
 
 
-def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed: int, out: str | None):
+def _allowed(ctx, consumer: str | None) -> list[str] | None:
+    """The owner keys `consumer` may use (consumers.yaml), or None without a consumer."""
+    from cdm.config import Consumers
+
+    if not consumer:
+        return None
+    consumers = Consumers.load(ctx.ws.consumers_path)
+    licenses = {o: ctx.ws.manifest(o).get("license") for o in ctx.ws.owners()}
+    try:
+        owners = consumers.allowed_owners(consumer, licenses)
+    except KeyError as e:
+        raise WorkspaceError(str(e.args[0])) from None
+    return [ctx.ws.owner_key(o) for o in owners]
+
+
+def _attribution_summary(ctx, attribution: list[dict]) -> tuple[list[dict], str]:
+    """Per-sample attribution by owner id (keys of revoked owners stay keys), and a line of the mean."""
+    names = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
+    samples = [{"index": i, "attribution": {names.get(k, k): round(v, 6) for k, v in a.items()}}
+               for i, a in enumerate(attribution)]
+    totals: dict[str, float] = {}
+    for s in samples:
+        for o, w in s["attribution"].items():
+            totals[o] = totals.get(o, 0.0) + w / len(samples)
+    return samples, "attribution (mean over samples): " + ", ".join(
+        f"{o} {w:.2f}" for o, w in sorted(totals.items(), key=lambda kv: -kv[1]))
+
+
+def sample_text(ctx, n: int, consumer: str | None, seed: int, out: str | None, text: dict):
+    """A text workspace's `cdm sample --prompt`: the same JSON shape as a class sample, plus the prompt."""
     import torch
 
-    from cdm.config import Consumers
     from cdm.data import save_grid
     from cdm.platform.composites import load_production, production
 
-    ctx = _class_ctx(workspace, "sample")
+    if text.get("prompt") is None:
+        raise WorkspaceError("a text workspace samples a prompt: give --prompt TEXT ('' for none)")
+    if len(text["prompt"]) > ctx.params.data.max_caption_chars:
+        raise WorkspaceError(f"--prompt has {len(text['prompt'])} characters; data.max_caption_chars is "
+                             f"{ctx.params.data.max_caption_chars}")
+    allowed = _allowed(ctx, consumer)
+    prod = production(ctx)
+    if prod is None:
+        raise WorkspaceError("no production composite; run `cdm compose` first")
+    if allowed is not None and not [s for s in prod[1]["shards"] if set(s["owners"]) <= set(allowed)]:
+        raise WorkspaceError(f"consumer {consumer!r}: no shard is composed solely of owners it may use")
+    request = {"prompt": text["prompt"], "n": n, "seed": seed,
+               **{k: v for k, v in (("negative_prompt", text.get("negative_prompt")),
+                                    ("guidance_scale", text.get("guidance_scale")),
+                                    ("num_inference_steps", text.get("steps"))) if v is not None},
+               **({"allowed_owners": allowed} if allowed is not None else {})}
+    with load_production(ctx) as model:
+        try:
+            out_dict = model.predict(request)
+        except ValueError as e:  # a request the model refuses (steps, guidance out of range)
+            raise WorkspaceError(str(e).splitlines()[0]) from None
+    path = Path(out) if out else ctx.ws.root / "outputs" / "samples.png"
+    save_grid(torch.from_numpy(out_dict["images"]), path)
+    samples, line = _attribution_summary(ctx, out_dict["attribution"])
+    result = {"image": str(path), "n": n, "prompt": text["prompt"], "consumer": consumer,
+              "guidance_scale": request.get("guidance_scale", prod[1]["guidance_scale"]),
+              "shards": out_dict["shards"], "composite_version": prod[0], "samples": samples}
+    return result, f"wrote {path}\n{line}"
+
+
+def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed: int, out: str | None,
+           text: dict | None = None):
+    import torch
+
+    from cdm.data import save_grid
+    from cdm.platform.composites import load_production, production
+
+    ctx = _ctx(workspace)
     if n < 1 or n > 10_000:
         raise WorkspaceError("--n must be between 1 and 10000")
+    text = {k: v for k, v in (text or {}).items() if v is not None}
+    if ctx.params.data.conditioning == "text":
+        if label is not None:
+            raise WorkspaceError("a text workspace samples a prompt (--prompt), not a label")
+        return sample_text(ctx, n, consumer, seed, out, text)
+    if text:
+        raise WorkspaceError(f"--{next(iter(text)).replace('_', '-')} is for text workspaces; this one samples labels")
     labels = ctx.params.data.labels
     if label is not None and label not in labels:
         raise WorkspaceError(f"--label {label} is not in the label set {labels}")
-    allowed = None
-    if consumer:
-        consumers = Consumers.load(ctx.ws.consumers_path)
-        licenses = {o: ctx.ws.manifest(o).get("license") for o in ctx.ws.owners()}
-        try:
-            owners = consumers.allowed_owners(consumer, licenses)
-        except KeyError as e:
-            raise WorkspaceError(str(e.args[0])) from None
-        allowed = [ctx.ws.owner_key(o) for o in owners]
+    allowed = _allowed(ctx, consumer)
     prod = production(ctx)
     if prod is None:
         raise WorkspaceError("no production composite; run `cdm compose` first")
@@ -116,18 +180,10 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
         out_dict = model.predict(request)
     path = Path(out) if out else ctx.ws.root / "outputs" / "samples.png"
     save_grid(torch.from_numpy(out_dict["images"]), path)
-    names = {ctx.ws.owner_key(o): o for o in ctx.ws.owners()}
-    samples = [{"index": i, "attribution": {names.get(k, k): round(v, 6) for k, v in a.items()}}
-               for i, a in enumerate(out_dict["attribution"])]
+    samples, line = _attribution_summary(ctx, out_dict["attribution"])
     result = {"image": str(path), "n": n, "label": label, "consumer": consumer, "shards": out_dict["shards"],
               "samples": samples}
-    totals: dict[str, float] = {}
-    for s in samples:
-        for o, w in s["attribution"].items():
-            totals[o] = totals.get(o, 0.0) + w / len(samples)
-    text = f"wrote {path}\nattribution (mean over samples): " + ", ".join(
-        f"{o} {w:.2f}" for o, w in sorted(totals.items(), key=lambda kv: -kv[1]))
-    return result, text
+    return result, f"wrote {path}\n{line}"
 
 
 def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history: str | None = None,

@@ -1,0 +1,131 @@
+"""Text compartments through the CLI, as a user runs them on a workspace made by `cdm init --conditioning text`: a
+team's tiny StableDiffusionPipeline folder as the base, captioned owners (colour domains), LoRA compartments
+registered adapter-only naming their base, a composite weighted by the prompt prior, `cdm sample --prompt` with
+attribution, and a revocation that deletes the owner's adapter, captions and cached latents while the base stays as
+it was."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from cdm.config import Params
+from cdm.platform import registry
+from cdm.platform.context import Context
+from cdm.text.base import TextBaseConfig, build_base, save_base, write_tokenizer
+from cdm.text.digits import write_demo_owners
+from flows.cli import main as cli
+
+pytestmark = pytest.mark.usefixtures("prefect_harness")
+
+TINY = TextBaseConfig(image_size=16, vae_channels=(8, 16), latent_channels=4, unet_channels=(16, 32),
+                      text_dim=16, text_layers=1, text_heads=2, max_prompt_tokens=64, norm_num_groups=8)
+OWNERS = ("ada", "bob", "cyd")  # colour domains 0, 1, 2 of write_demo_owners
+
+
+def run(capsys, *args) -> tuple[int, dict, str]:
+    capsys.readouterr()
+    code = cli([*args, "--json"])
+    captured = capsys.readouterr()
+    return code, json.loads(captured.out), captured.err
+
+
+@pytest.fixture(scope="module")
+def story(tmp_path_factory):
+    """A text workspace with a brought base, three captioned owners ingested, trained and composed."""
+    from cdm.platform.create import init_workspace
+
+    tmp = tmp_path_factory.mktemp("text-compartments")
+    folders = write_demo_owners(tmp / "data", n_owners=3, per_owner=10, public=30, heldout=4, seed=0)
+    captions = [json.loads(line)["text"] for line in (folders["public"] / "metadata.jsonl").read_text().splitlines()]
+    base = save_base(build_base(TINY, write_tokenizer(captions, tmp / "tok", TINY.max_prompt_tokens)),
+                     tmp / "team-base")
+    params = Params.text()
+    params.data.image_size = 16
+    params.train.steps = 15
+    params.compose.num_inference_steps = 4
+    ws = init_workspace(tmp / "ws", params=params)
+    assert cli(["pretrain", "--from", str(base), "--trained-on", "public digits", "--workspace", str(ws.root)]) == 0
+    for owner, k in zip(OWNERS, range(3)):
+        assert cli(["ingest", owner, str(folders[f"owner-{k:02d}"]), "--workspace", str(ws.root)]) == 0
+    assert cli(["train", "--workspace", str(ws.root)]) == 0
+    assert cli(["compose", "--workspace", str(ws.root)]) == 0
+    return {"ws": ws, "folders": folders, "base": base}
+
+
+def test_compartments_are_adapters_registered_with_the_base_they_adapt(story):
+    ws = story["ws"]
+    ctx = Context.load(ws.root)
+    init = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT)
+    shards = [mv for mv in registry.all_versions(ctx.client) if mv.name.startswith(registry.SHARD_PREFIX)]
+    assert len(shards) == 3
+    for mv in shards:
+        assert mv.tags["cdm.compartment"] == "lora" and mv.tags["cdm.base_version"] == str(init.version)
+        assert mv.tags["cdm.base_sha256"] == init.tags["cdm.weights_sha256"]
+        with registry.model_files(ctx.client, mv.name, str(mv.version), ws.tmp_dir) as files:
+            assert (files / "adapter" / "adapter_model.safetensors").is_file() and not (files / "unet").exists()
+            stored = sum(p.stat().st_size for p in (files / "adapter").rglob("*") if p.is_file())
+        base_unet = (story["base"] / "unet" / "diffusion_pytorch_model.safetensors").stat().st_size
+        assert stored < base_unet / 2  # the adapter alone, not a copy of the base UNet
+    # Latents encoded once per image and cached, one folder per owner key.
+    for owner in OWNERS:
+        (cache,) = (ws.latents_dir / ws.owner_key(owner)).glob("*.safetensors")
+        assert cache.stat().st_mode & 0o077 == 0
+
+
+def test_a_prompt_only_one_owner_matches_is_attributed_to_her(story, capsys):
+    from cdm.text.digits import colour_domains
+
+    ws = story["ws"]
+    colour = colour_domains(3)[0].colours[0]  # one of ada's colours, and no one else's
+    code, doc, _ = run(capsys, "sample", "--n", "4", "--prompt", f"a {colour} 3 on the left", "--out",
+                       str(ws.root / "outputs" / "ada.png"), "--workspace", str(ws.root))
+    assert code == 0 and doc["prompt"] == f"a {colour} 3 on the left" and len(doc["samples"]) == 4
+    assert (ws.root / "outputs" / "ada.png").is_file()
+    share = sum(s["attribution"]["ada"] for s in doc["samples"]) / 4
+    assert share >= 0.8, doc["samples"]
+    # A label, or no prompt, is refused in one line on a text workspace.
+    for args, why in ((["--label", "3"], "not a label"), ([], "--prompt")):
+        code, doc, err = run(capsys, "sample", "--n", "2", *args, "--workspace", str(ws.root))
+        assert code == 2 and why in doc["error"], doc
+
+
+def test_revoking_a_text_owner_deletes_her_adapter_captions_and_latents_and_leaves_the_base(story, capsys):
+    ws = story["ws"]
+    ctx = Context.load(ws.root)
+    key = ws.owner_key("bob")
+    captions = sorted(set(ws.captions("bob").values()))
+    assert captions and (ws.latents_dir / key).is_dir()
+    base_before = registry.alias_version(ctx.client, registry.INIT, registry.CURRENT).tags["cdm.weights_sha256"]
+    holding = [p for p in ws.root.rglob("*") if p.is_file() and any(c.encode() in p.read_bytes() for c in captions)]
+    assert holding  # the search below can find her captions: it does before the revocation
+    # A server that loaded the composite (and her compartment) before the revocation.
+    from cdm.platform.composites import load_production
+    from cdm.text.digits import colour_domains
+
+    prompt = f"a {colour_domains(3)[1].colours[0]} 5 on the right"  # her colours only
+    loaded = load_production(ctx)
+    served = loaded.__enter__()
+    before = served.predict({"prompt": prompt, "n": 2, "seed": 0})
+    assert sum(a[key] for a in before["attribution"]) / 2 >= 0.8
+    code, doc, _ = run(capsys, "revoke", "bob", "--wait", "--workspace", str(ws.root))
+    assert code == 0, doc
+    after = served.predict({"prompt": prompt, "n": 2, "seed": 0})  # the same process, the next request
+    loaded.__exit__(None, None, None)
+    assert all(a.get(key, 0.0) == 0.0 for a in after["attribution"]) and len(after["shards"]) == 2
+    cert = doc
+    assert cert["verification"]["ok"] and cert["prompt_prior_retrained"] is True
+    assert cert["shared_base"]["weights_sha256"] == base_before and not cert["shared_base"]["touched"]
+    assert not (ws.latents_dir / key).exists()
+    assert not [mv for mv in registry.all_versions(ctx.client) if key in mv.tags.get("cdm.owner_keys", "")]
+    # No caption of hers in any file of the workspace (data, DVC cache, MLflow store and artifacts, logs, ...).
+    for path in ws.root.rglob("*"):
+        if path.is_file():
+            data = path.read_bytes()
+            assert not [c for c in captions if c.encode() in data], path
+    # The composite served now has no compartment of hers; a prompt of her colours goes to the others.
+    code, doc, _ = run(capsys, "sample", "--n", "2", "--prompt", prompt, "--workspace", str(ws.root))
+    assert code == 0 and "bob" not in {o for s in doc["samples"] for o in s["attribution"]}
+    assert len(doc["shards"]) == 2
