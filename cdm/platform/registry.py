@@ -68,8 +68,9 @@ def signature(kind: str = "class"):
 
     if kind == "text":
         return ModelSignature(inputs=Schema([
-            ColSpec("string", "prompt"),
+            ColSpec("string", "prompt", required=False),
             ColSpec("long", "n", required=False),  # images of the prompt (default 1)
+            ColSpec(Array("string"), "prompts", required=False),  # instead: one image per prompt
             ColSpec("string", "negative_prompt", required=False),
             ColSpec("double", "guidance_scale", required=False),
             ColSpec("long", "num_inference_steps", required=False),

@@ -119,6 +119,22 @@ def text_train_config(ctx: Context, steps: int | None):
                            mixed_precision=t.mixed_precision)
 
 
+MIN_VALIDATION_IMAGES = 20  # smaller shards train on every image for `train.steps` (no stopping rule)
+VALIDATION_SHARE = 0.1
+
+
+def validation_split(ids: list[str]) -> torch.Tensor:
+    """[N] bool: the images held out for the stopping rule, chosen by content hash (about VALIDATION_SHARE of
+    them, at least 4), so a retrain on the same images holds out the same ones; none under MIN_VALIDATION_IMAGES."""
+    if len(ids) < MIN_VALIDATION_IMAGES:
+        return torch.zeros(len(ids), dtype=torch.bool)
+    k = max(4, round(VALIDATION_SHARE * len(ids)))
+    ranked = sorted(range(len(ids)), key=lambda i: hashlib.sha256(("val:" + ids[i]).encode()).hexdigest())
+    held = torch.zeros(len(ids), dtype=torch.bool)
+    held[ranked[:k]] = True
+    return held
+
+
 def captioned_data(ws: Workspace, owners: list[str], image_size: int):
     """(CaptionedDataset of every owner's samples, owner index [N])."""
     from cdm.text.captions import CaptionedDataset
@@ -169,10 +185,13 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
     uncond = encode_captions(p["tokenizer"], p["text_encoder"], [""])  # [1, L, D]
     run_tags = {"cdm.kind": kind, "cdm.shard": shard_id, "cdm.owner_keys": json.dumps(sorted(keys))}
     counts = {k: int((index == i).sum()) for i, k in enumerate(keys)}
+    held = validation_split(data.ids)
+    train_rows = (~held).nonzero().flatten()
+    val = (latents[held], cond[held]) if held.any() else None
     try:
         with registry.start_run(ctx.experiment_id, f"train-{shard_id}", run_tags) as run:
-            result = train_unet(copy.deepcopy(p["unet"]), latents, cond, uncond, p["scheduler"], tcfg,
-                                progress=progress, desc=shard_id)
+            result = train_unet(copy.deepcopy(p["unet"]), latents[train_rows], cond[train_rows], uncond,
+                                p["scheduler"], tcfg, progress=progress, desc=shard_id, val=val)
             with ws.tempdir() as tmp:
                 folder, record = stored_text_weights(result, tcfg, base, Path(tmp))
                 meta = Path(tmp) / "meta.json"
@@ -189,6 +208,13 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
                     "cdm.base": f"{registry.INIT}/{base.version}", "cdm.base_version": base.version,
                     "cdm.base_sha256": base.sha256,
                 }
+                if val is not None:  # the stopping rule's record: where it stopped and what it kept
+                    tags.update({"cdm.best_step": str(result.best_step), "cdm.stopped": result.stopped,
+                                 "cdm.val_images": str(int(held.sum())),
+                                 "cdm.val_loss_base": f"{result.val_losses[0][1]:.6f}",
+                                 "cdm.val_loss_kept": f"{min(v for _, v in result.val_losses):.6f}"})
+                else:
+                    tags["cdm.stopped"] = f"steps (no validation split under {MIN_VALIDATION_IMAGES} images)"
                 if result.adapter is not None:
                     tags.update({"cdm.adapter_parameters": str(record["parameters"]),
                                  "cdm.adapter_bytes": str(record["bytes"])})
@@ -198,7 +224,9 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
                     params={"owners": len(owners), "samples": len(data), "train": json.dumps(asdict(tcfg),
                                                                                              default=str),
                             "config_hash": chash, "base": f"{registry.INIT}/{base.version}"},
-                    metrics={"train_loss": result.losses}, files=[], version_tags=tags,
+                    metrics={"train_loss": result.losses,
+                             **({"val_loss": [v for _, v in result.val_losses]} if val is not None else {})},
+                    files=[], version_tags=tags,
                     summary={"train_seconds": result.seconds}, signature_kind="text",
                     admit=lambda: _admit(ctx, keys, run.info.run_id))
     except gate.Refused as refused:

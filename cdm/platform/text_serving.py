@@ -1,7 +1,7 @@
 """MLflow pyfunc models of a text workspace, served by prompt under the same invariant as the class ones
 (docs/design.md §5): the base or one compartment alone (`TextModel`), and the composite (`TextCompositeModel`).
 
-    request   {"prompt", "n", "negative_prompt", "guidance_scale", "num_inference_steps", "seed",
+    request   {"prompt", "n" | "prompts" (one image each), "negative_prompt", "guidance_scale", "num_inference_steps", "seed",
                "allowed_owners", "estimator"}
     answer    {"images": [n, 3, H, W] in [-1, 1], "prompt"[, "attribution": [{owner key: weight}], "shards"]}
 
@@ -28,12 +28,19 @@ from cdm.platform.serving import (REQUEST_ATTEMPTS, CompositeModel, LazyShard, N
 
 def _request(model_input, default_steps: int, default_guidance: float) -> dict:
     """The prompt request's fields, checked (ValueError names the field)."""
-    prompt = _first(model_input, "prompt", "")
-    if not isinstance(prompt, str):
-        raise ValueError("prompt must be a string")
-    n = int(_first(model_input, "n", 1))
-    if not 1 <= n <= 10_000:
-        raise ValueError(f"n must be 1..10000, not {n}")
+    prompts = _first(model_input, "prompts")
+    if prompts is not None:  # one image per prompt (an evaluation's batch)
+        prompts = [str(p) for p in prompts]
+        if not 1 <= len(prompts) <= 10_000:
+            raise ValueError(f"prompts must hold 1..10000 prompts, not {len(prompts)}")
+    else:
+        prompt = _first(model_input, "prompt", "")
+        if not isinstance(prompt, str):
+            raise ValueError("prompt must be a string")
+        n = int(_first(model_input, "n", 1))
+        if not 1 <= n <= 10_000:
+            raise ValueError(f"n must be 1..10000, not {n}")
+        prompts = [prompt] * n
     steps = int(_first(model_input, "num_inference_steps", default_steps))
     if not 2 <= steps <= 1000:
         raise ValueError(f"num_inference_steps must be 2..1000, not {steps}")
@@ -41,7 +48,8 @@ def _request(model_input, default_steps: int, default_guidance: float) -> dict:
     if not 0 <= guidance <= 50:
         raise ValueError(f"guidance_scale must be 0..50, not {guidance}")
     negative = _first(model_input, "negative_prompt")
-    return {"prompt": prompt, "n": n, "num_inference_steps": steps, "guidance_scale": guidance,
+    return {"prompts": prompts, "prompt": prompts[0] if len(set(prompts)) == 1 else prompts,
+            "num_inference_steps": steps, "guidance_scale": guidance,
             "negative_prompt": None if negative is None else str(negative),
             "seed": int(_first(model_input, "seed", 0))}
 
@@ -97,7 +105,7 @@ class TextModel(PythonModel):
         r = _request(model_input, 50, 3.0)
         composite = GuidedComposite([UNetCompartment(base.parts["unet"])], "prior")
         pipe = _pipeline(base.parts, composite, copy.deepcopy(base.parts["scheduler"]), None, base.latent_shape)
-        out = pipe([r["prompt"]] * r["n"], negative_prompt=r["negative_prompt"], guidance_scale=r["guidance_scale"],
+        out = pipe(r["prompts"], negative_prompt=r["negative_prompt"], guidance_scale=r["guidance_scale"],
                    num_inference_steps=r["num_inference_steps"],
                    generator=torch.Generator().manual_seed(r["seed"]), callback_on_step_end=self._watch_during())
         self._refuse_if_revoked()  # a revocation accepted while it sampled: these images are not returned
@@ -183,7 +191,7 @@ class TextCompositeModel(CompositeModel):
                 return bool(now & set(subset))
 
             try:
-                out = pipe([r["prompt"]] * r["n"], negative_prompt=r["negative_prompt"],
+                out = pipe(r["prompts"], negative_prompt=r["negative_prompt"],
                            guidance_scale=r["guidance_scale"], num_inference_steps=r["num_inference_steps"],
                            generator=torch.Generator().manual_seed(r["seed"]),
                            callback_on_step_end=self._watch_during(stale))

@@ -42,6 +42,13 @@ class TextTrainConfig:
     # A LoRA adapter on the frozen base UNet (the default); None fine-tunes every UNet weight.
     adapter: AdapterConfig | None = field(default_factory=text_adapter)
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"  # bf16 on a GPU (accelerate)
+    # The stopping rule, with a validation split (`train_unet(..., val=...)`): the held-out loss is scored at step 0
+    # (the base itself) and every `eval_every` steps under the same noise; training stops after `patience` scores
+    # without a gain of `min_delta` (relative), or at `steps` (flagged), and the best scored weights are kept —
+    # so a compartment never ends worse on held-out data than the base it started from.
+    eval_every: int = 50
+    patience: int = 3
+    min_delta: float = 0.002
 
 
 @dataclass
@@ -50,6 +57,32 @@ class TextTrainResult:
     losses: list[float]
     seconds: float
     adapter: dict[str, torch.Tensor] | None = None  # the adapter's weights alone: what a compartment registers
+    val_losses: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out loss), step 0 first
+    best_step: int | None = None  # the step whose weights were kept (0: the base itself); None without `val`
+    stopped: Literal["plateau", "cap", "steps"] = "steps"  # cap: the rule had not fired when `steps` ran out
+
+
+@torch.no_grad()
+def heldout_loss(model, latents: torch.Tensor, cond: torch.Tensor, scheduler, seed: int = 0,
+                 batch_size: int = 64, draws: int = 4) -> float:
+    """Mean denoising loss on held-out (latents [M, C, h, w], caption states [M, L, D]) under noise and timesteps
+    fixed by `seed` (the same at every evaluation: differences between scores are the model's, not the draw's)."""
+    g = torch.Generator().manual_seed(seed)
+    n_train = scheduler.config.num_train_timesteps
+    was_training = model.training
+    model.eval()
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for _ in range(draws):
+        for i in range(0, len(latents), batch_size):
+            z0, c = latents[i:i + batch_size], cond[i:i + batch_size]
+            t = torch.randint(0, n_train, (len(z0),), generator=g)
+            eps = torch.randn(z0.shape, generator=g)
+            pred = model(scheduler.add_noise(z0, eps, t).to(dev), t.to(dev), encoder_hidden_states=c.to(dev)).sample
+            total += float(F.mse_loss(pred.float(), eps.to(dev), reduction="sum"))
+            count += eps.numel()
+    model.train(was_training)
+    return total / count
 
 
 @torch.no_grad()
@@ -91,9 +124,13 @@ def _accelerator(mixed_precision: str):
 
 
 def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor, scheduler,
-               cfg: TextTrainConfig, progress: bool = False, desc: str = "fine-tune") -> TextTrainResult:
+               cfg: TextTrainConfig, progress: bool = False, desc: str = "fine-tune",
+               val: tuple[torch.Tensor, torch.Tensor] | None = None) -> TextTrainResult:
     """Fine-tune `unet` (consumed) on (latents [N, C, h, w], caption states [N, L, D]); `uncond` [1, L, D] is the
-    empty prompt's states. With `cfg.adapter` only the adapter trains and the result's `unet` has it merged."""
+    empty prompt's states. With `cfg.adapter` only the adapter trains and the result's `unet` has it merged. With
+    `val` (held-out latents and caption states) the stopping rule of `TextTrainConfig` applies."""
+    import copy
+
     from tqdm.auto import tqdm
 
     t0 = time.time()
@@ -106,8 +143,26 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
     opt = torch.optim.AdamW(trainable(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
     n_train = scheduler.config.num_train_timesteps
-    losses = []
-    for _ in tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False):
+    losses, scores = [], []
+    best: tuple[float, int, dict] | None = None  # (held-out loss, step, trainable weights)
+    stopped = "steps"
+
+    def snapshot() -> dict:
+        return {k: v.detach().clone() for k, v in acc.unwrap_model(model).state_dict().items()
+                if cfg.adapter is None or "lora_" in k}
+
+    def score(step: int) -> bool:
+        """Score the held-out loss at `step`; True when the rule says stop."""
+        nonlocal best
+        loss = heldout_loss(model, *val, scheduler, seed=cfg.seed + 7919)
+        scores.append((step, loss))
+        if best is None or loss < best[0] * (1 - cfg.min_delta):
+            best = (loss, step, snapshot())
+        return step - best[1] >= cfg.patience * cfg.eval_every
+
+    if val is not None:
+        score(0)
+    for step in tqdm(range(1, cfg.steps + 1), desc=desc, disable=not progress, leave=False):
         idx = torch.randint(0, len(latents), (cfg.batch_size,), generator=g)
         z0, c = latents[idx], cond[idx]
         drop = torch.rand(cfg.batch_size, generator=g) < cfg.caption_dropout  # [B]
@@ -124,11 +179,23 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
         acc.clip_grad_norm_(trainable(model), cfg.grad_clip)
         opt.step()
         losses.append(float(loss.detach()))
+        if val is not None and step % cfg.eval_every == 0 and score(step):
+            stopped = "plateau"
+            break
+    else:
+        if val is not None:  # the steps ran out before the rule fired
+            if scores[-1][0] != cfg.steps:
+                score(cfg.steps)
+            stopped = "cap"
     model = acc.unwrap_model(model).to("cpu").eval()
+    if best is not None:  # the best scored weights (step 0: the adapter at its start, the base itself)
+        model.load_state_dict(copy.deepcopy(best[2]), strict=False)
+    extra = {"val_losses": scores, "best_step": best[1] if best else None, "stopped": stopped}
     if cfg.adapter is None:
-        return TextTrainResult(model.requires_grad_(False), losses, time.time() - t0)
+        return TextTrainResult(model.requires_grad_(False), losses, time.time() - t0, **extra)
     state = adapter_state(model)
-    return TextTrainResult(model.merge_and_unload().eval().requires_grad_(False), losses, time.time() - t0, state)
+    return TextTrainResult(model.merge_and_unload().eval().requires_grad_(False), losses, time.time() - t0, state,
+                           **extra)
 
 
 @dataclass

@@ -7,7 +7,7 @@ from flows.commands.data import consent, ingest, init, pretrain
 from flows.commands.models import compose, evaluate, promote, sample, train
 from flows.commands.revocation import finish_revocation, revoke, sign_revocation
 from flows.commands.stack import stack_down, stack_up
-from flows.commands.workspace import demo, serve, status, ui
+from flows.commands.workspace import demo, demo_text, serve, status, ui
 
-__all__ = ["ci_report", "compose", "consent", "demo", "evaluate", "finish_revocation", "ingest", "init", "pretrain", "promote", "revoke", "sign_revocation",
+__all__ = ["ci_report", "compose", "consent", "demo", "demo_text", "evaluate", "finish_revocation", "ingest", "init", "pretrain", "promote", "revoke", "sign_revocation",
            "sample", "serve", "stack_down", "stack_up", "status", "train", "ui"]

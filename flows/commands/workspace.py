@@ -58,6 +58,13 @@ def demo(out: str, quick: bool, owners: int, partition: str, progress: bool, bas
     return result, result["report"]
 
 
+def demo_text(out: str, owners: int, progress: bool):
+    from flows.demo_text import demo_text as run_demo_text
+
+    result = run_demo_text(out, owners=owners, progress=progress)
+    return result, result["report"]
+
+
 def serve(workspace: str):
     from flows.deployments import serve as run_serve
 

@@ -84,3 +84,30 @@ def test_prompts_are_sampled_through_the_composite_with_attribution(base, data):
     assert out["images"].shape == (3, 3, 16, 16) and out["images"].abs().max() <= 1
     assert torch.allclose(out["attribution"].sum(1), torch.ones(3)) and steps == [0, 1, 2, 3]
     assert comp.evaluations == 4 * 2 * 2 * 3  # steps x branches x compartments x prompts (path is dense)
+
+
+def test_the_stopping_rule_keeps_the_base_when_fine_tuning_only_hurts_and_the_best_step_otherwise(base, data):
+    """Held-out loss scored at step 0 under fixed noise: a fine-tune that makes it worse (a rate far too high) ends
+    as the base itself; one that helps keeps a later step, and a rule that never fired is flagged `cap`."""
+    from cdm.text.train import TextTrainConfig, encode_captions, encode_latents, heldout_loss, train_unet
+
+    parts, _ = base
+    x, captions = data
+    z = encode_latents(parts["vae"], x)
+    cond = encode_captions(parts["tokenizer"], parts["text_encoder"], captions)
+    empty = encode_captions(parts["tokenizer"], parts["text_encoder"], [""])
+    train, val = slice(0, 36), slice(36, 48)
+    sched = parts["scheduler"]
+    base_loss = heldout_loss(parts["unet"], z[val], cond[val], sched, seed=7919)
+    hurt = TextTrainConfig(steps=40, batch_size=8, lr=5.0, eval_every=10, patience=2)
+    result = train_unet(copy.deepcopy(parts["unet"]), z[train], cond[train], empty, sched, hurt, val=(z[val], cond[val]))
+    assert result.val_losses[0] == (0, pytest.approx(base_loss)) and result.best_step == 0
+    assert all(not loss <= base_loss for _, loss in result.val_losses[1:])  # it did hurt (NaN too): control fired
+    assert result.stopped == "plateau" and len(result.losses) < 40
+    assert all(torch.equal(v, parts["unet"].state_dict()[k]) for k, v in result.unet.state_dict().items())
+    helps = TextTrainConfig(steps=30, batch_size=8, lr=1e-2, eval_every=10, patience=5)
+    result = train_unet(copy.deepcopy(parts["unet"]), z[train], cond[train], empty, sched, helps,
+                        val=(z[val], cond[val]))
+    assert result.best_step > 0 and result.stopped == "cap"
+    assert heldout_loss(result.unet, z[val], cond[val], sched, seed=7919) == pytest.approx(
+        min(loss for _, loss in result.val_losses), rel=1e-4)
