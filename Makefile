@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install postgres test test-slow demo bench bench-sweep bench-v2 bench-v1 clean
+.PHONY: install postgres test test-slow demo demo-text bench bench-text bench-sweep bench-v2 bench-v1 clean
 
 install: $(STAMP)
 
@@ -34,6 +34,15 @@ demo: install
 	rm -rf demo-workspace demo-workspace.sources
 	$(VENV)/bin/cdm demo --quick --out demo-workspace
 
+# The text-to-image story (captioned coloured digits, LoRA compartments, prompts, a revocation): ~6 min on 2 cores.
+demo-text: install
+	rm -rf demo-text-workspace demo-text-workspace.sources
+	$(VENV)/bin/cdm demo --text --out demo-text-workspace
+
+# Benchmark v4: text-to-image compartments, 3 seeds x 2 partitions: bench/text.json and bench/TEXT.md.
+bench-text: install
+	$(PY) bench/text.py
+
 # Benchmark v3's headline (~80 min on 2 cores): bench/regime.json and bench/REGIME.md.
 bench: install
 	$(PY) bench/regime.py
@@ -49,4 +58,4 @@ bench-v1: install
 	$(PY) bench/run.py
 
 clean:
-	rm -rf $(VENV) demo-workspace demo-workspace.sources .pytest_cache
+	rm -rf $(VENV) demo-workspace demo-workspace.sources demo-text-workspace demo-text-workspace.sources .pytest_cache

@@ -20,11 +20,11 @@ from prefect import flow
 
 from cdm.config import Params
 
-PER_OWNER = 200
+PER_OWNER = 100
 PUBLIC = 1500
 HELDOUT = 300  # real held-out images: the alignment's ceiling
 PROMPTS = 60  # held-out prompts per alignment figure
-BASE_STEPS = 600  # UNet steps of the base (its VAE: a third); ~0.13 s a step at batch 32 on 2 cores
+BASE_STEPS = 600  # UNet steps of the base (and its VAE's); ~0.13 s a step at batch 32 on 2 cores
 LORA_STEPS = 100  # per compartment
 
 

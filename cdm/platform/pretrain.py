@@ -261,8 +261,9 @@ def train_and_register_text_base(ctx: Context, data, source: str, steps: int | N
                              f"{overlap[0][:12]}…); the shared base must contain no owner's data")
     cfg = TextBaseConfig(image_size=ctx.params.data.image_size)
     unet_steps = steps or ctx.params.train.init_steps
-    # The autoencoder converges in about a third of the UNet's steps on these images (100 at least, 600 at most).
-    pcfg = PretrainConfig(unet_steps=unet_steps, vae_steps=min(PretrainConfig.vae_steps, max(100, unet_steps // 3)),
+    # The autoencoder as many steps as the UNet, 200 to 800: on the coloured digits the attribute classifier reads
+    # 0.55 of the questions right on its reconstructions after 200 steps, 0.77 after 400, 0.88 after 800.
+    pcfg = PretrainConfig(unet_steps=unet_steps, vae_steps=min(800, max(200, unet_steps)),
                           seed=ctx.params.train.seed)
     with ctx.ws.tempdir() as tmp:
         parts = build_base(cfg, write_tokenizer(data.captions, Path(tmp) / "tokenizer", cfg.max_prompt_tokens),

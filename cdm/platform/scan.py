@@ -66,8 +66,13 @@ class Needles:
     def __post_init__(self):
         self._text = self._exact = self._others = None
         self._hex_lower = {h.lower(): what for h, what in self.hex_strings.items()}
-        self._hex = re.compile(b"|".join(re.escape(h.lower().encode()) for h in self.hex_strings), re.I) \
-            if self.hex_strings else None
+        # Hex digests are found through the runs of hex digits that hold them (one pass of a simple pattern, then
+        # set lookups of each window of a run): an alternation of hundreds of digests costs minutes on a workspace.
+        hexes = [h for h in self._hex_lower if HEX_DIGITS.fullmatch(h.encode())]
+        self._hex_lengths = sorted({len(h) for h in hexes})
+        self._hex_runs = re.compile(rb"[0-9a-fA-F]{%d,}" % self._hex_lengths[0]) if hexes else None
+        rest = [h for h in self._hex_lower if h not in set(hexes)]  # a token, in clear
+        self._hex = re.compile(b"|".join(re.escape(h.encode()) for h in rest), re.I) if rest else None
         if not self.raw_id:
             return
         raw = self.raw_id.encode()
@@ -103,9 +108,21 @@ class Needles:
                 hit = len(self.raw_id) >= SHORT_ID and self._id_found(data, self._exact)
             if hit:
                 found.append("raw owner id")
-        if self._hex is not None:
-            found += sorted({self._hex_lower[m.group().decode().lower()] for m in self._hex.finditer(data)})
+        found += sorted(self._hex_found(data))
         found += sorted({what for blob, what in self.blobs.items() if blob in data})
+        return found
+
+    def _hex_found(self, data: bytes) -> set[str]:
+        """What the hex strings found in `data` are (any case), exactly as a search for each one would find."""
+        found = set()
+        if self._hex_runs is not None:
+            for m in self._hex_runs.finditer(data):
+                run = m.group().decode().lower()
+                for n in self._hex_lengths:
+                    found.update(self._hex_lower[w] for i in range(len(run) - n + 1)
+                                 if (w := run[i:i + n]) in self._hex_lower)
+        if self._hex is not None:
+            found.update(self._hex_lower[m.group().decode().lower()] for m in self._hex.finditer(data))
         return found
 
     def find_in_name(self, name: str, raw_id: bool = True) -> list[str]:
@@ -114,6 +131,9 @@ class Needles:
             found.append("raw owner id in name")
         found += sorted({f"{what} in name" for value, what in self.hex_strings.items() if value.lower() in name.lower()})
         return found
+
+
+HEX_DIGITS = re.compile(rb"[0-9a-fA-F]+")
 
 
 def _is_text(data: bytes) -> bool:

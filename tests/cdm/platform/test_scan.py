@@ -71,6 +71,20 @@ def test_hashes_and_sample_bytes_match_anywhere_and_names_are_searched(tmp_path)
     assert ("reports/bob/index.html", "raw owner id in name") in found
 
 
+def test_hex_digests_are_found_in_any_case_inside_longer_hex_runs_and_a_token_in_clear_too(tmp_path):
+    sha, md5, token = "0f" * 32, "9a" * 16, "tok_Zx-9q" * 5
+    n = Needles("bob", {sha: "sample sha256", md5: "DVC object id", token: "token"}, {})
+    cases = {"upper.bin": b"\x00\x01" + sha.upper().encode() + b"\x00",
+             "inside-run.txt": b"deadbeef" + sha.encode() + b"cafe",  # one run of 76 hex digits holds it
+             "md5.json": b'{"md5": "' + md5.encode() + b'"}', "token.log": b"token=" + token.upper().encode(),
+             "near-miss.txt": (sha[:-1] + "x" + md5[1:]).encode()}  # neither digest whole: nothing found
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    found = {(f.where, f.what) for f in scan([FolderStore("files", tmp_path)], n).findings}
+    assert found == {("upper.bin", "sample sha256"), ("inside-run.txt", "sample sha256"), ("md5.json", "DVC object id"),
+                     ("token.log", "token")}
+
+
 def test_the_owner_record_may_hold_the_raw_id_but_nothing_else(tmp_path):
     record = tmp_path / "rec"
     record.mkdir()
