@@ -113,7 +113,8 @@ class Needles:
         return found
 
     def _hex_found(self, data: bytes) -> set[str]:
-        """What the hex strings found in `data` are (any case), exactly as a search for each one would find."""
+        """What the hex strings found in `data` are, each searched for as a substring in any case (a digest inside a
+        longer run of hex digits, or overlapping another, is found too)."""
         found = set()
         if self._hex_runs is not None:
             for m in self._hex_runs.finditer(data):

@@ -92,20 +92,25 @@ def latents_path(ws: Workspace, owner: str, base: TextBase) -> Path:
     return ws.latents_dir / ws.owner_key(owner) / f"{base.sha256[:16]}.safetensors"
 
 
-def owner_latents(ws: Workspace, owner: str, data, base: TextBase) -> torch.Tensor:
+def owner_latents(ctx: Context, owner: str, data, base: TextBase) -> torch.Tensor:
     """The latents [N, C, h, w] of an owner's images (`data`: a CaptionedDataset) under `base`: read from the cache,
-    the missing ones encoded (the VAE posterior's mean) and the cache rewritten atomically (0600)."""
+    the missing ones encoded (the VAE posterior's mean) and the cache rewritten atomically (0600) — only while the
+    owner is admitted (`gate.admit_owners`: no revocation of hers accepted, under the workspace lock), so a cache
+    the purge deleted is never written again by a training that was running meanwhile (it is refused instead)."""
     from safetensors.torch import load_file, save
 
+    from cdm.platform import gate
     from cdm.text.train import encode_latents
 
+    ws = ctx.ws
     path = latents_path(ws, owner, base)
     cached = load_file(str(path)) if path.is_file() else {}
     missing = [i for i, sid in enumerate(data.ids) if sid not in cached]
     if missing:
         z = encode_latents(base.parts["vae"], data.x[missing])
         cached.update({data.ids[i]: z[j].contiguous() for j, i in enumerate(missing)})
-        atomic_write(path, save({sid: cached[sid] for sid in data.ids}))
+        with gate.admit_owners(ctx, [ws.owner_key(owner)]):
+            atomic_write(path, save({sid: cached[sid] for sid in data.ids}))
     return torch.stack([cached[sid] for sid in data.ids])
 
 
@@ -178,7 +183,7 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
         return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     kind = "paragon" if name == registry.PARAGON else "shard"
-    latents = torch.cat([owner_latents(ws, o, data.subset((index == i).nonzero().flatten().tolist()), base)
+    latents = torch.cat([owner_latents(ctx, o, data.subset((index == i).nonzero().flatten().tolist()), base)
                          for i, o in enumerate(owners)])  # [N, C, h, w], in the order of `data`
     p = base.parts
     cond = encode_captions(p["tokenizer"], p["text_encoder"], data.captions)  # [N, L, D]
@@ -212,7 +217,7 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
                     tags.update({"cdm.best_step": str(result.best_step), "cdm.stopped": result.stopped,
                                  "cdm.val_images": str(int(held.sum())),
                                  "cdm.val_loss_base": f"{result.val_losses[0][1]:.6f}",
-                                 "cdm.val_loss_kept": f"{min(v for _, v in result.val_losses):.6f}"})
+                                 "cdm.val_loss_kept": f"{dict(result.val_losses)[result.best_step]:.6f}"})
                 else:
                     tags["cdm.stopped"] = f"steps (no validation split under {MIN_VALIDATION_IMAGES} images)"
                 if result.adapter is not None:

@@ -161,6 +161,15 @@ class TextCompositeModel(CompositeModel):
         self.shards = ShardSet([LazyTextShard(partial(_fetch_text_shard, shard, self.base, tmp_root))
                                 for shard in self.spec["shards"]])
 
+    def _revoked(self) -> set[int]:
+        """As `CompositeModel._revoked`, and the prompt prior is dropped at the first revocation: it was fitted on
+        every component's owners' captions, the revoked ones' too (uniform weights until the composite that
+        replaces this one is served)."""
+        revoked = super()._revoked()
+        if revoked:
+            self.prior = None
+        return revoked
+
     def _predict(self, model_input) -> dict:
         from cdm.attribution import attribute
         from cdm.text.compose import TEXT_ESTIMATORS, GuidedComposite
@@ -182,13 +191,15 @@ class TextCompositeModel(CompositeModel):
             subset = [i for i in subset if i not in revoked]
             if not subset:
                 raise PermissionError("every shard of this composite that the request may use was revoked")
+            prior = self.prior  # read once: a concurrent request may drop it
             scheduler = copy.deepcopy(self.base.parts["scheduler"])
             composite = GuidedComposite(self.shards, estimator, scheduler=scheduler, subset=subset,
                                         generator=torch.Generator().manual_seed(r["seed"] + 1))
-            pipe = _pipeline(self.base.parts, composite, scheduler, self.prior, self.base.latent_shape)
+            pipe = _pipeline(self.base.parts, composite, scheduler, prior, self.base.latent_shape)
 
-            def stale(now: set[int], subset=subset) -> bool:
-                return bool(now & set(subset))
+            def stale(now: set[int], subset=subset, prior=prior, revoked=revoked) -> bool:
+                """A revocation reached this trajectory: one of its compartments, or the prior (fitted on all)."""
+                return bool(now & set(subset)) or (prior is not None and now != revoked)
 
             try:
                 out = pipe(r["prompts"], negative_prompt=r["negative_prompt"],

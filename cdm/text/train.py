@@ -189,7 +189,9 @@ def train_unet(unet, latents: torch.Tensor, cond: torch.Tensor, uncond: torch.Te
             stopped = "cap"
     model = acc.unwrap_model(model).to("cpu").eval()
     if best is not None:  # the best scored weights (step 0: the adapter at its start, the base itself)
-        model.load_state_dict(copy.deepcopy(best[2]), strict=False)
+        loaded = model.load_state_dict(copy.deepcopy(best[2]), strict=False)
+        if loaded.unexpected_keys or set(best[2]) & set(loaded.missing_keys):
+            raise RuntimeError("the best weights do not fit the model they were taken from")
     extra = {"val_losses": scores, "best_step": best[1] if best else None, "stopped": stopped}
     if cfg.adapter is None:
         return TextTrainResult(model.requires_grad_(False), losses, time.time() - t0, **extra)

@@ -77,12 +77,14 @@ def test_hex_digests_are_found_in_any_case_inside_longer_hex_runs_and_a_token_in
     cases = {"upper.bin": b"\x00\x01" + sha.upper().encode() + b"\x00",
              "inside-run.txt": b"deadbeef" + sha.encode() + b"cafe",  # one run of 76 hex digits holds it
              "md5.json": b'{"md5": "' + md5.encode() + b'"}', "token.log": b"token=" + token.upper().encode(),
-             "near-miss.txt": (sha[:-1] + "x" + md5[1:]).encode()}  # neither digest whole: nothing found
+             "near-miss.txt": (sha[:-1] + "x" + md5[1:]).encode(),  # neither digest whole: nothing found
+             "nested.txt": ("1" + sha[:20] + md5.upper() + sha[20:]).encode(),  # md5 inside a run that is no sha
+             "overlap.txt": (md5[:-2] + sha).encode()}  # a run of 94 digits holding the sha, not the md5
     for name, data in cases.items():
         (tmp_path / name).write_bytes(data)
     found = {(f.where, f.what) for f in scan([FolderStore("files", tmp_path)], n).findings}
     assert found == {("upper.bin", "sample sha256"), ("inside-run.txt", "sample sha256"), ("md5.json", "DVC object id"),
-                     ("token.log", "token")}
+                     ("token.log", "token"), ("nested.txt", "DVC object id"), ("overlap.txt", "sample sha256")}
 
 
 def test_the_owner_record_may_hold_the_raw_id_but_nothing_else(tmp_path):

@@ -110,4 +110,4 @@ def test_the_stopping_rule_keeps_the_base_when_fine_tuning_only_hurts_and_the_be
                         val=(z[val], cond[val]))
     assert result.best_step > 0 and result.stopped == "cap"
     assert heldout_loss(result.unet, z[val], cond[val], sched, seed=7919) == pytest.approx(
-        min(loss for _, loss in result.val_losses), rel=1e-4)
+        dict(result.val_losses)[result.best_step], rel=1e-4)
