@@ -234,7 +234,8 @@ def run(args) -> dict:
     return {"quick": q, "args": vars(args), "machine": {"cpus": os.cpu_count(), "torch_threads":
                                                           torch.get_num_threads(), "python": platform.python_version(),
                                                           "torch": torch.__version__},
-            "base": {"unet_steps": pcfg.unet_steps, "vae_steps": pcfg.vae_steps, "seconds": round(base_seconds, 1),
+            "base": {"unet_bytes": sum(v.numel() * v.element_size() for v in parts["unet"].state_dict().values()),
+                     "unet_steps": pcfg.unet_steps, "vae_steps": pcfg.vae_steps, "seconds": round(base_seconds, 1),
                      "final_unet_loss": float(np.mean(info["unet_losses"][-50:])),
                      "alignment": float(r_base.sum() / a_base.sum()), "fid": base_fid},
             "ceiling_alignment": ceiling, "fid_floor_real": floor, "n_prompts": prompts_n, "n_heldout_real": n_held,
@@ -304,7 +305,9 @@ def report(res: dict) -> str:
              f"({res['base']['seconds']:.0f} s); alignment {res['base']['alignment']:.3f}, FID {res['base']['fid']:.2f}. "
              f"Ceiling (real held-out images): alignment {res['ceiling_alignment']:.3f}. FID floor (real vs real, "
              f"disjoint halves of {res['n_heldout_real']}): {res['fid_floor_real']:.2f}. "
-             f"{res['n_prompts']} held-out prompts per figure.", "",
+             f"{res['n_prompts']} held-out prompts per figure. The base UNet: {res['base']['unet_bytes']} bytes "
+             "(what a full compartment would store per owner; a LoRA compartment stores the bytes in the last column).",
+             "",
              "| partition | alignment composite / paragon | FID composite / paragon | sampling cost composite / paragon |"
              " compartments worse than base | at cap (compartments / paragons) |",
              "|---|---|---|---|---|---|"]
