@@ -4,7 +4,10 @@
 2. serving cost of 8 shards vs the paragon at batch 256 and 1000 — prior, path sparse, path dense, each through the
    loop and through the grouped network (`bench/serving_cost.py`'s modes and interleaved timing);
 3. the paragon and the grouped network as CUDA graphs (`torch.compile(mode="reduce-overhead")`, fixed shapes);
-4. bf16 autocast for sampling: its time, and its FID change (paired sample sets, fp32 vs bf16, 95% interval).
+4. bf16 autocast for sampling: its time, and its FID change (paired sample sets, fp32 vs bf16, 95% interval);
+5. text-to-image: a LoRA compartment on the default text base (`cdm.text`), fp32 vs bf16 through accelerate, seconds
+   per step and the losses (`--text-only` runs this section alone). Sampling of text composites on the device is
+   not covered: `TextCompositePipeline` keeps its latents on the CPU.
 
 Writes a JSON report (default $OUT/gpu_check.json, else bench/gpu_check.json). Runs on a CPU too (slowly; sections
 3 and 4's timing need CUDA and are skipped there):
@@ -49,6 +52,42 @@ def _train(preset: str, mp: str, steps: int, batch_size: int) -> tuple[dict, dic
             {k: v.detach().cpu().clone() for k, v in r.unet.state_dict().items()})
 
 
+def _text_train(mp: str, steps: int, batch_size: int) -> dict:
+    """A LoRA compartment on a freshly built default text base (random weights: timing and numerics, not quality),
+    trained on compositional digits through accelerate at mixed precision `mp` (in its own process)."""
+    import tempfile
+
+    from cdm.text.base import TextBaseConfig, build_base, write_tokenizer
+    from cdm.text.digits import Domain, caption, glyph_pools, make_scenes, render_all
+    from cdm.text.train import TextTrainConfig, encode_captions, encode_latents, train_unet
+
+    scenes = make_scenes(512, Domain(), 0)
+    x = torch.from_numpy(render_all(scenes, glyph_pools(), 0)).permute(0, 3, 1, 2).float() / 127.5 - 1
+    captions = [caption(s) for s in scenes]
+    with tempfile.TemporaryDirectory() as tmp:
+        parts = build_base(TextBaseConfig(), write_tokenizer(captions, Path(tmp) / "tok", 64))
+    z = encode_latents(parts["vae"], x)
+    cond = encode_captions(parts["tokenizer"], parts["text_encoder"], captions)
+    empty = encode_captions(parts["tokenizer"], parts["text_encoder"], [""])
+    cfg = TextTrainConfig(steps=steps, batch_size=batch_size, mixed_precision=mp)
+    t0 = time.perf_counter()
+    r = train_unet(parts["unet"], z, cond, empty, parts["scheduler"], cfg)
+    seconds = time.perf_counter() - t0
+    return {"mixed_precision": mp, "steps": steps, "batch_size": batch_size, "seconds_per_step": seconds / steps,
+            "loss_first10": sum(r.losses[:10]) / 10, "loss_last10": sum(r.losses[-10:]) / 10,
+            "adapter_bytes": sum(v.numel() * v.element_size() for v in r.adapter.values())}
+
+
+def text_section(steps: int, cuda: bool, report: dict) -> None:
+    """5. Text LoRA training, fp32 vs bf16, each in a process of its own (accelerate keeps one precision each)."""
+    import multiprocessing
+
+    spawn = multiprocessing.get_context("spawn")
+    for name, mp in (("fp32", "no"), ("bf16", "bf16" if cuda else "no")):
+        with spawn.Pool(1) as pool:
+            report[f"text_train_{name}"] = pool.apply(_text_train, (mp, steps, 256 if cuda else 32))
+
+
 def bf16_fid(data, paragon, device: str, sets: int, set_size: int, log) -> dict:
     """FID of the paragon's samples under bf16 autocast over its fp32 samples, paired set by set (same seeds), on the
     digits feature network; the interval says whether bf16 moved FID beyond the instrument's noise."""
@@ -83,6 +122,7 @@ def main() -> None:
     ap.add_argument("--fid-sets", type=int, default=10, help="paired sample sets for the bf16 FID ratio")
     ap.add_argument("--fid-set-size", type=int, default=400)
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "bench"), "gpu_check.json"))
+    ap.add_argument("--text-only", action="store_true", help="section 5 alone (text-to-image LoRA training)")
     args = ap.parse_args()
     started = time.perf_counter()
 
@@ -108,6 +148,11 @@ def main() -> None:
         report["seconds"] = round(time.perf_counter() - started, 1)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(report, indent=2))
+    if args.text_only:
+        text_section(args.steps, cuda, report)
+        save()
+        print(json.dumps(report, indent=2))
+        return
     data = digits_dataset()
     # 1. Training through accelerate: fp32 vs bf16 mixed precision, same seed. accelerate keeps one precision per
     #    process, so each configuration trains in a process of its own (spawned).
@@ -165,6 +210,10 @@ def main() -> None:
             ["paragon", "prior grouped net"], members, paragon, priors, labels, 50, args.repeats, device,
             torch.bfloat16, log=log)
     report["bf16_fid"] = bf16_fid(data, paragon, device, args.fid_sets, args.fid_set_size, log)
+    save()
+    # 5. Text-to-image LoRA training on the device.
+    text_section(args.steps, cuda, report)
+    log("text training checks done")
     save()
     print(json.dumps(report, indent=2))
 

@@ -242,6 +242,8 @@ def train_shard(
     bar = tqdm(total=cfg.steps, initial=sum(steps_per_slice[: resumed + 1]), desc=desc, disable=not progress,
                leave=False)
     unet.train()
+    if judge is not None:  # step 0 is scored too: the starting weights (a shared base) may be the best there is
+        judge.stalled(accelerator.unwrap_model(unet), ema, 0)
     for k in range(resumed + 1, cfg.num_slices):
         g = _slice_generator(cfg.seed, k)
         n_avail = ends[k]

@@ -22,6 +22,12 @@ def evaluate(workspace: str, out: str | None = None, alias: str = "production") 
     metrics = evaluate_production(Context.load(workspace), alias)
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
-    create_markdown_artifact(evaluation_markdown(metrics), key="cdm-evaluation",
+    if metrics.get("conditioning") == "text":
+        from cdm.platform.text_evaluate import text_evaluation_text
+
+        markdown = "```\n" + text_evaluation_text(metrics) + "\n```"
+    else:
+        markdown = evaluation_markdown(metrics)
+    create_markdown_artifact(markdown, key="cdm-evaluation",
                              description=f"composite v{metrics['composite_version']}: figures with 95% intervals")
     return metrics

@@ -11,6 +11,11 @@ from cdm.platform.evaluate import evaluate, log_evaluation
 
 @task(cache_policy=NO_CACHE)
 def evaluate_production(ctx: Context, alias: str = "production") -> dict:
-    metrics = evaluate(ctx, alias)
+    if ctx.params.data.conditioning == "text":
+        from cdm.platform.text_evaluate import evaluate_text
+
+        metrics = evaluate_text(ctx, alias)
+    else:
+        metrics = evaluate(ctx, alias)
     metrics["mlflow_run"] = log_evaluation(ctx, metrics)
     return metrics

@@ -279,7 +279,7 @@ def regressions(metrics: dict, params: Params) -> list[str]:
     for key, auc in metrics.get("membership_auc", {}).items():
         if auc > e.membership_auc_max:
             out.append(f"membership AUC {auc:.3f} on revoked {key} > {e.membership_auc_max}")
-    if metrics["memorization"] > e.memorization_max:
+    if metrics.get("memorization") is not None and metrics["memorization"] > e.memorization_max:  # text: none
         out.append(f"memorization {metrics['memorization']:.3f} > {e.memorization_max}")
     return out
 
@@ -290,14 +290,18 @@ def log_evaluation(ctx: Context, metrics: dict) -> str:
     exp = registry.experiment_id(c, ctx.artifact_root, "cdm-evaluation")
     run = c.create_run(exp, run_name=f"evaluate-composite-v{metrics['composite_version']}",
                        tags={"cdm.composite_version": str(metrics["composite_version"]),
-                             "cdm.feature_sha256": metrics["feature_sha256"]})
+                             # a text composite's features: the attribute classifier, trained in the evaluation
+                             "cdm.feature_sha256": metrics.get("feature_sha256", "attribute classifier")})
     rid = run.info.run_id
     for k, v in metrics.items():
         if isinstance(v, (int, float)) and not isinstance(v, bool) and v is not None:
             c.log_metric(rid, k, float(v))
     for k in ("composite_bpd", "paragon_bpd", "gap_bpd"):
-        if k in metrics["nll"]:
+        if k in metrics.get("nll", {}):
             c.log_metric(rid, f"nll_{k}", float(metrics["nll"][k]["mean"]))
+    for k in ("alignment", "alignment_paragon", "alignment_ceiling"):  # a text composite's
+        if k in metrics:
+            c.log_metric(rid, k, float(metrics[k]["score"]))
     c.log_dict(rid, metrics, "metrics.json")
     c.set_terminated(rid)
     return rid

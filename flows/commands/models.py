@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from cdm.platform.errors import CommandFailed, WorkspaceError
-from flows.commands.common import _class_ctx, _ctx, _status
+from flows.commands.common import _ctx, _status
 
 
 def _owner_keys(ctx, owners: str | None) -> list[str] | None:
@@ -61,7 +61,7 @@ def promote(workspace: str, metrics: str):
     from cdm.platform import gate, registry
     from cdm.platform.composites import production
 
-    ctx = _class_ctx(workspace, "promote")
+    ctx = _ctx(workspace)
     cand = production(ctx, registry.CANDIDATE)
     if cand is None:
         raise WorkspaceError("no candidate composite; run `cdm compose --candidate` first")
@@ -191,14 +191,23 @@ def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history:
     from cdm.platform import pipeline_files
     from flows.evaluation import evaluate as run_evaluation
 
-    ctx = _class_ctx(workspace, "evaluate")
+    ctx = _ctx(workspace)
+    text_ws = ctx.params.data.conditioning == "text"
+    if text_ws and (history or grid):
+        raise WorkspaceError("--history and --grid are for class workspaces (`cdm sample --prompt ... --out` draws a "
+                             "text composite's grid)")
     alias = "candidate" if candidate else "production"
     metrics = run_evaluation(str(ctx.ws.root), out, alias)
     if history:
         pipeline_files.append_evaluation(history, metrics)
     if grid:
         pipeline_files.write_grid(ctx, grid, alias)
-    text = evaluation_text(metrics)
+    if text_ws:
+        from cdm.platform.text_evaluate import text_evaluation_text
+
+        text = text_evaluation_text(metrics)
+    else:
+        text = evaluation_text(metrics)
     if fail_on_regression and metrics["regressions"]:
         raise CommandFailed(f"{len(metrics['regressions'])} regression(s): " + "; ".join(metrics["regressions"]),
                             code=1, result=metrics, text=text)

@@ -113,7 +113,7 @@ def test_plateau_rule_stops_at_the_held_out_plateau_and_returns_the_best_weights
     # Stopped long before the cap, after `patience` evaluations without 10% progress.
     assert r.steps_run < cap and r.steps_run % rule.every == 0
     steps, values = zip(*r.heldout_losses)
-    assert list(steps) == list(range(rule.every, r.steps_run + 1, rule.every))
+    assert list(steps) == list(range(0, r.steps_run + 1, rule.every))  # step 0 (the starting weights) first
     assert r.best_step == steps[values.index(min(values))]
     # The returned weights are those of the best evaluation: re-scoring them gives the best loss.
     judge = _HeldoutJudge(held, rule, NoiseSchedule(), torch.device("cpu"))
@@ -129,3 +129,22 @@ def test_plateau_rule_needs_held_out_data_and_one_slice(tmp_path):
     with pytest.raises(ValueError, match="one slice"):
         train_shard(data, CFG, TrainConfig(steps=10, num_slices=2), progress=False, validation=data,
                     plateau=PlateauConfig())
+
+
+def test_the_plateau_rule_returns_the_starting_weights_when_training_only_makes_them_worse():
+    """Step 0 is scored: a fine-tune from a shared base at a rate far too high ends as the base itself (the
+    control: every later evaluation is worse than the base's, or not a number)."""
+    data = digits_dataset().subset(range(200))
+    train, held = data.subset(range(64)), data.subset(range(160, 200))
+    base = train_shard(train, CFG, TrainConfig(steps=60, batch_size=16, seed=1, ema_decay=None), progress=False)
+    init = {k: v.clone() for k, v in base.unet.state_dict().items()}
+    rule = PlateauConfig(every=5, patience=2, min_delta=0.0, draws=2)
+    from cdm.safetensors_io import state_sha256
+
+    r = train_shard(train, CFG, TrainConfig(steps=40, batch_size=16, seed=2, lr=5.0, ema_decay=None,
+                                            init_sha256=state_sha256(init)),
+                    progress=False, validation=held, plateau=rule, init_state=init)
+    steps, values = zip(*r.heldout_losses)
+    assert steps[0] == 0 and r.best_step == 0
+    assert all(not v <= values[0] for v in values[1:])
+    assert all(torch.equal(v, init[k]) for k, v in r.unet.state_dict().items())

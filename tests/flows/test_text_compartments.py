@@ -47,11 +47,13 @@ def story(tmp_path_factory):
     params.data.image_size = 16
     params.train.steps = 15
     params.compose.num_inference_steps = 4
+    params.evaluate.n_samples = 20
+    params.evaluate.feature_steps = 60  # the attribute classifier's steps (figures meaningless at this size)
     ws = init_workspace(tmp / "ws", params=params)
     assert cli(["pretrain", "--from", str(base), "--trained-on", "public digits", "--workspace", str(ws.root)]) == 0
     for owner, k in zip(OWNERS, range(3)):
         assert cli(["ingest", owner, str(folders[f"owner-{k:02d}"]), "--workspace", str(ws.root)]) == 0
-    assert cli(["train", "--workspace", str(ws.root)]) == 0
+    assert cli(["train", "--paragon", "--workspace", str(ws.root)]) == 0
     assert cli(["compose", "--workspace", str(ws.root)]) == 0
     return {"ws": ws, "folders": folders, "base": base}
 
@@ -101,6 +103,20 @@ def test_a_prompt_only_one_owner_matches_is_attributed_to_her(story, capsys):
     for args, why in ((["--label", "3"], "not a label"), ([], "--prompt")):
         code, doc, err = run(capsys, "sample", "--n", "2", *args, "--workspace", str(ws.root))
         assert code == 2 and why in doc["error"], doc
+
+
+def test_evaluate_reports_alignment_and_fid_with_the_paragon_beside_them(story, capsys):
+    ws = story["ws"]
+    code, m, _ = run(capsys, "evaluate", "--out", str(ws.root / "outputs" / "metrics.json"), "--workspace",
+                     str(ws.root))
+    assert code == 0, m
+    assert m["conditioning"] == "text" and m["n"] == 20 and m["fid"] > 0 and m["fid_ci"][0] <= m["fid"] <= m["fid_ci"][1]
+    assert m["floor_real"] > 0 and 0 <= m["alignment"]["score"] <= 1 and 0 <= m["alignment_ceiling"]["score"] <= 1
+    assert m["paragon_version"] and m["fid_ratio"] == pytest.approx(m["fid"] / m["fid_paragon"])
+    assert set(m["attribution"]) == {ws.owner_key(o) for o in OWNERS} and m["regressions"] == []
+    assert json.loads((ws.root / "outputs" / "metrics.json").read_text())["composite_version"] == m["composite_version"]
+    code, doc, _ = run(capsys, "evaluate", "--grid", "g.png", "--workspace", str(ws.root))
+    assert code == 2 and "class workspaces" in doc["error"]
 
 
 def test_revoking_a_text_owner_deletes_her_adapter_captions_and_latents_and_leaves_the_base(story, capsys):
