@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -197,6 +198,8 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
         with registry.start_run(ctx.experiment_id, f"train-{shard_id}", run_tags) as run:
             result = train_unet(copy.deepcopy(p["unet"]), latents[train_rows], cond[train_rows], uncond,
                                 p["scheduler"], tcfg, progress=progress, desc=shard_id, val=val)
+            if val is not None and not math.isfinite(dict(result.val_losses)[result.best_step]):
+                raise RuntimeError(f"{shard_id}: the held-out loss is not finite; nothing registered")
             with ws.tempdir() as tmp:
                 folder, record = stored_text_weights(result, tcfg, base, Path(tmp))
                 meta = Path(tmp) / "meta.json"

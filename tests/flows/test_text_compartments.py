@@ -47,6 +47,10 @@ def story(tmp_path_factory):
     params.data.image_size = 16
     params.train.steps = 15
     params.compose.num_inference_steps = 4
+    # One shard after another: a held-out loss of NaN was seen once in three full runs with the shards and the
+    # paragon training on threads at the same time (an open bug, under investigation); training refuses to register
+    # a model whose held-out loss is not finite.
+    params.train.task_runner = "sequential"
     params.evaluate.n_samples = 20
     params.evaluate.feature_steps = 60  # the attribute classifier's steps (figures meaningless at this size)
     ws = init_workspace(tmp / "ws", params=params)
