@@ -47,11 +47,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from cdm.quality import frechet_distance, t_interval  # noqa: E402
-from cdm.text.alignment import ClassifierConfig, answers, scene_targets, train_attribute_classifier  # noqa: E402
+from cdm.text.alignment import ClassifierConfig, answered, train_attribute_classifier  # noqa: E402
 from cdm.text.base import TextBaseConfig, build_base, write_tokenizer  # noqa: E402
 from cdm.text.compose import GuidedComposite, PromptPriorConfig, pooled, train_prompt_prior  # noqa: E402
-from cdm.text.digits import (SIDES, Domain, caption, glyph_pools, glyph_split, make_scenes, questions,  # noqa: E402
-                             render_all)
+from cdm.text.digits import Domain, caption, glyph_pools, glyph_split, make_scenes, render_all  # noqa: E402
 from cdm.text.pipeline import TextCompositePipeline, UNetCompartment  # noqa: E402
 from cdm.text.train import (PretrainConfig, TextTrainConfig, encode_captions, encode_latents, pretrain_base,  # noqa: E402
                             tokenize, train_unet)
@@ -69,18 +68,6 @@ def images_of(scenes, glyph_index, seed: int) -> torch.Tensor:
     """[N, 3, 32, 32] in [-1, 1]."""
     x = render_all(scenes, glyph_pools(glyph_index), seed)
     return torch.from_numpy(x).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def per_image_right(clf, x: torch.Tensor, scenes) -> tuple[np.ndarray, np.ndarray]:
-    """(questions answered right, questions asked) per image."""
-    got, want = answers(clf, x), scene_targets(scenes)
-    right, asked = np.zeros(len(scenes)), np.zeros(len(scenes))
-    for n, scene in enumerate(scenes):
-        for side, attribute, _ in questions(scene):
-            k = SIDES.index(side) * 2 + (0 if attribute == "digit" else 1)
-            asked[n] += 1
-            right[n] += float(got[n, k] == want[n, k])
-    return right, asked
 
 
 def feats(clf, x: torch.Tensor) -> np.ndarray:
@@ -162,7 +149,7 @@ def run(args) -> dict:
     base_seconds = time.perf_counter() - t
     print(f"base: {base_seconds:.0f} s", flush=True)
     clf = train_attribute_classifier(x_pub, public, ClassifierConfig(steps=100 if q else 1500))
-    right, asked = per_image_right(clf, x_held, held)
+    right, asked = answered(clf, x_held, held)
     ceiling = float(right.sum() / asked.sum())
     ref = feats(clf, x_held)
     half = n_held // 2
@@ -172,7 +159,7 @@ def run(args) -> dict:
     eval_scenes = make_scenes(prompts_n, Domain(), 3)
     eval_prompts = [caption(s) for s in eval_scenes]
     base_out = m.sample([parts["unet"]], None, eval_prompts, seed=5)
-    r_base, a_base = per_image_right(clf, base_out["images"], eval_scenes)
+    r_base, a_base = answered(clf, base_out["images"], eval_scenes)
     base_fid = frechet_distance(ref, feats(clf, base_out["images"]))
     rows = []
     cap_c, cap_p = (20, 40) if q else (args.compartment_cap, args.paragon_cap)
@@ -200,8 +187,8 @@ def run(args) -> dict:
             unets = [r.unet for r in comps]
             out_c = m.sample(unets, prior, eval_prompts, seed=1000 + seed)
             out_p = m.sample([para.unet], None, eval_prompts, seed=1000 + seed)
-            rc, ac = per_image_right(clf, out_c["images"], eval_scenes)
-            rp, ap = per_image_right(clf, out_p["images"], eval_scenes)
+            rc, ac = answered(clf, out_c["images"], eval_scenes)
+            rp, ap = answered(clf, out_p["images"], eval_scenes)
             fc, fp = feats(clf, out_c["images"]), feats(clf, out_p["images"])
             rng = np.random.default_rng(seed)
             row = {
@@ -262,7 +249,7 @@ def single_owner_and_forgetting(m, clf, comps, caps, doms, prior, owner_idx, fea
     base = m.sample([parts["unet"]], None, prompts, seed=3000)
 
     def align(out):
-        r, a = per_image_right(clf, out["images"], scenes)
+        r, a = answered(clf, out["images"], scenes)
         return float(r.sum() / a.sum())
 
     return {"single_owner_attribution": single,

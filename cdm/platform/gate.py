@@ -152,3 +152,15 @@ def unpromote(ctx: Context, expected: str) -> None:
             raise ProductionMoved(f"production moved from v{expected} to v{current.version}")
         if current is not None:
             c.delete_registered_model_alias(registry.COMPOSITE, registry.PRODUCTION)
+
+
+@contextlib.contextmanager
+def admit_run(ctx: Context, keys: list[str], run_id: str):
+    """`admit_owners` for a training run's new version: a refusal carries the run's id (the caller discards the
+    run once it has ended)."""
+    try:
+        with admit_owners(ctx, keys):
+            yield
+    except Refused as e:
+        e.run_id = run_id
+        raise

@@ -55,7 +55,7 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
     """
     from cdm.platform.weights import WEIGHTS_FILE, sha256_file
     from cdm.config import model_config, train_config
-    from cdm.platform.shards import code_version, preview_grid
+    from cdm.platform.shards import preview_grid
     from cdm.train import train_shard
 
     params, c = ctx.params, ctx.client
@@ -82,7 +82,7 @@ def train_and_register_init(ctx: Context, data: Dataset, source: str, steps: int
             "cdm.samples": str(len(data)),
             "cdm.class_counts": json.dumps(data.class_counts(cfg.num_classes).tolist()),
             "cdm.config_hash": tcfg.config_hash(cfg, NoiseSchedule()),
-            "cdm.code_version": code_version(),
+            "cdm.code_version": registry.code_version(),
             "cdm.weights_sha256": weights_sha,
             "cdm.state_sha256": state_sha256(result.unet.state_dict()),
         }
@@ -206,7 +206,6 @@ def register_text_base(ctx: Context, folder: str | Path, source: str, trained_on
     workspace's images) before anything is logged; each component's sha256 and their one hash recorded. A brought
     base carries the team's statement of its training data (`trained_on`); a trained one the list of its public
     samples. Raises WorkspaceError (nothing registered) for a folder that is not such a pipeline or does not fit."""
-    from cdm.platform.shards import code_version
     from cdm.text.base import BaseError, base_sha256, component_hashes, load_base
 
     folder = Path(folder)
@@ -222,7 +221,7 @@ def register_text_base(ctx: Context, folder: str | Path, source: str, trained_on
         meta.write_text(json.dumps({"components": components, "image_size": ctx.params.data.image_size}))
         files = []
         tags = {"cdm.public": "true", "cdm.conditioning": "text", "cdm.source": source,
-                "cdm.weights_sha256": base_sha256(folder), "cdm.code_version": code_version(),
+                "cdm.weights_sha256": base_sha256(folder), "cdm.code_version": registry.code_version(),
                 "cdm.components": json.dumps({k: v[:16] for k, v in components.items()}, sort_keys=True)}
         if brought:
             statement = Path(tmp) / "trained_on.txt"

@@ -397,3 +397,22 @@ def load_pyfunc(c, uri: str, dst: str | Path):
     check_model_code(path)
     return mlflow.pyfunc.load_model(str(path))
 
+
+def code_version() -> str:
+    """The git commit of the installed cdm (a version's `cdm.code_version` tag), else its package version."""
+    import subprocess
+
+    import cdm
+
+    root = Path(cdm.__file__).resolve().parent.parent
+    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else f"cdm-{cdm.__version__}"
+
+
+def unchanged(c, name: str, data_hash: str, config_hash: str) -> dict | None:
+    """A training's summary when the latest version of `name` has these data and config hashes (nothing to train),
+    else None."""
+    mv = latest(c, name)
+    if mv is not None and mv.tags.get("cdm.data_hash") == data_hash and mv.tags.get("cdm.config_hash") == config_hash:
+        return {"name": name, "version": mv.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
+    return None

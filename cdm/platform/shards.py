@@ -8,10 +8,8 @@ revoked owner is removed from its shard, and a shard left with no owner is dropp
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import subprocess
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -141,14 +139,6 @@ def manifest_hash(ws: Workspace, owners: list[str]) -> str:
     return h.hexdigest()
 
 
-def code_version() -> str:
-    import cdm
-
-    root = Path(cdm.__file__).resolve().parent.parent
-    proc = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True)
-    return proc.stdout.strip() if proc.returncode == 0 else f"cdm-{cdm.__version__}"
-
-
 def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 20, seed: int = 0) -> Path:
     """A 2-row grid: one sample per label, then unconditional samples."""
     from cdm.data import save_grid
@@ -189,9 +179,8 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
                         compartment=name != registry.PARAGON)
     schedule = NoiseSchedule()
     dhash, chash = data_hash(ws, shard), tcfg.config_hash(cfg, schedule)
-    latest = registry.latest(c, name)
-    if latest is not None and latest.tags.get("cdm.data_hash") == dhash and latest.tags.get("cdm.config_hash") == chash:
-        return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
+    if (skipped := registry.unchanged(c, name, dhash, chash)) is not None:
+        return skipped
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     kind = "paragon" if name == registry.PARAGON else "shard"
     try:
@@ -213,7 +202,7 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                    keys: list[str], cfg: ModelConfig, tcfg, schedule: NoiseSchedule, init: dict | None, chash: str,
                    dhash: str, checkpoints: bool, progress: bool):
     """Train in an MLflow run and log the model; its version is created only if `gate.admit_owners` lets it."""
-    from cdm.platform import dvc, registry
+    from cdm.platform import dvc, gate, registry
     from cdm.train import train_shard
 
     ws, c = ctx.ws, ctx.client
@@ -240,7 +229,7 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                 "cdm.samples": str(len(shard.data)),
                 "cdm.class_counts": json.dumps(counts),
                 "cdm.config_hash": chash,
-                "cdm.code_version": code_version(),
+                "cdm.code_version": registry.code_version(),
                 "cdm.slice_keys": json.dumps(result.slice_keys),
                 "cdm.weights_sha256": weights_sha,
                 "cdm.resumed_from_slice": str(result.resumed_from_slice),
@@ -257,7 +246,7 @@ def _train_and_log(ctx: Context, name: str, shard_id: str, kind: str, shard: Sha
                 params={"owners": len(owners), "samples": len(shard.data), "model": cfg.to_json(),
                         "train": json.dumps(asdict(tcfg)), "config_hash": chash},
                 metrics={"train_loss": result.smoothed_losses()}, files=[grid], version_tags=tags,
-                summary={"train_seconds": result.seconds}, admit=lambda: _admit(ctx, keys, run.info.run_id))
+                summary={"train_seconds": result.seconds}, admit=lambda: gate.admit_run(ctx, keys, run.info.run_id))
     return logged, result
 
 
@@ -275,18 +264,6 @@ def stored_weights(result, tcfg, init: dict | None, tmp: Path) -> tuple[Path, di
     base = {"model": registry.INIT, "version": init["version"], "state_sha256": init["sha256"]}
     return folder, {"kind": "lora", "weights_sha256": adapter_sha256(folder, base), "base": base,
                     **size(result.adapter)}
-
-
-@contextlib.contextmanager
-def _admit(ctx: Context, keys: list[str], run_id: str):
-    from cdm.platform import gate
-
-    try:
-        with gate.admit_owners(ctx, keys):
-            yield
-    except gate.Refused as e:
-        e.run_id = run_id  # discarded by the caller once the run has ended
-        raise
 
 
 def prune_checkpoints(ctx: Context, shard_id: str, versions: list) -> list[str]:

@@ -164,7 +164,6 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
     alone (`adapter/`) or a full UNet (`unet/`), with `meta.json` naming the base version and hash. Skipped when
     the latest version has the same data and config hashes. Same summary as `shards.train_and_register`."""
     from cdm.platform import cleanup, gate
-    from cdm.platform.shards import _admit, code_version
     from cdm.text.train import encode_captions, train_unet
 
     if not owners:
@@ -179,9 +178,8 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
     dhash = text_data_hash(ws, owners, data, index)
     chash = hashlib.sha256(json.dumps({"train": asdict(tcfg), "base": base.sha256}, sort_keys=True,
                                       default=str).encode()).hexdigest()
-    latest = registry.latest(c, name)
-    if latest is not None and latest.tags.get("cdm.data_hash") == dhash and latest.tags.get("cdm.config_hash") == chash:
-        return {"name": name, "version": latest.version, "skipped": True, "seconds": 0.0, "steps_run": 0}
+    if (skipped := registry.unchanged(c, name, dhash, chash)) is not None:
+        return skipped
     shard_id = name.removeprefix(registry.SHARD_PREFIX)
     kind = "paragon" if name == registry.PARAGON else "shard"
     latents = torch.cat([owner_latents(ctx, o, data.subset((index == i).nonzero().flatten().tolist()), base)
@@ -208,7 +206,7 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
                     "cdm.owner_keys": json.dumps(sorted(keys)),
                     "cdm.owner_counts": json.dumps(counts, sort_keys=True),
                     "cdm.data_hash": dhash, "cdm.config_hash": chash, "cdm.samples": str(len(data)),
-                    "cdm.class_counts": "[]", "cdm.code_version": code_version(),
+                    "cdm.class_counts": "[]", "cdm.code_version": registry.code_version(),
                     "cdm.slice_keys": "[]", "cdm.resumed_from_slice": "0",
                     "cdm.weights_sha256": record["weights_sha256"], "cdm.compartment": record["kind"],
                     "cdm.conditioning": "text",
@@ -236,7 +234,7 @@ def train_and_register_text(ctx: Context, name: str, owners: list[str], steps: i
                              **({"val_loss": [v for _, v in result.val_losses]} if val is not None else {})},
                     files=[], version_tags=tags,
                     summary={"train_seconds": result.seconds}, signature_kind="text",
-                    admit=lambda: _admit(ctx, keys, run.info.run_id))
+                    admit=lambda: gate.admit_run(ctx, keys, run.info.run_id))
     except gate.Refused as refused:
         # A revocation of one of these owners was accepted while this trained: the run and its model go.
         cleanup.discard_run(c, ctx.backend, ctx.experiment_id, refused.run_id)

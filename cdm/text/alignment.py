@@ -88,6 +88,18 @@ def answers(model: AttributeClassifier, x: torch.Tensor) -> torch.Tensor:
     return torch.stack([lg.argmax(1) for lg in model(x)], 1)
 
 
+def answered(model: AttributeClassifier, x: torch.Tensor, scenes: Sequence[Scene]) -> tuple[np.ndarray, np.ndarray]:
+    """(questions answered right, questions asked) per image [N] each."""
+    got, want = answers(model, x), scene_targets(scenes)
+    right, asked = np.zeros(len(scenes)), np.zeros(len(scenes))
+    for n, scene in enumerate(scenes):
+        for side, attribute, _ in questions(scene):
+            k = SIDES.index(side) * 2 + (0 if attribute == "digit" else 1)
+            asked[n] += 1
+            right[n] += float(got[n, k] == want[n, k])
+    return right, asked
+
+
 @dataclass
 class Alignment:
     score: float  # share of questions answered right
@@ -105,14 +117,7 @@ def alignment(model: AttributeClassifier, x: torch.Tensor, scenes: Sequence[Scen
               seed: int = 0) -> Alignment:
     """Share of the prompts' questions the classifier answers right on images `x` (one per scene), with a
     bootstrap interval over images."""
-    got = answers(model, x)
-    want = scene_targets(scenes)
-    right, asked = np.zeros(len(scenes)), np.zeros(len(scenes))
-    for n, scene in enumerate(scenes):
-        for side, attribute, _ in questions(scene):
-            k = SIDES.index(side) * 2 + (0 if attribute == "digit" else 1)
-            asked[n] += 1
-            right[n] += float(got[n, k] == want[n, k])
+    right, asked = answered(model, x, scenes)
     rng = np.random.default_rng(seed)
     idx = rng.integers(0, len(scenes), (boot, len(scenes)))
     shares = right[idx].sum(1) / asked[idx].sum(1)
