@@ -15,8 +15,14 @@ def generate(model, prompts: Sequence[str], seed: int = 0, batch: int = 100, **r
     """One image per prompt from a loaded text pyfunc (`prompts` requests of up to `batch`): {"images" [N, 3, H, W],
     "attribution" [{owner key: weight}] (composites only)}."""
     images, attribution = [], []
-    for i in range(0, len(prompts), batch):
-        out = model.predict({"prompts": list(prompts[i:i + batch]), "seed": seed + i, **request})
+    schema = model.metadata.get_input_schema()
+    if schema is not None and "prompts" not in schema.input_names():  # a version logged before `prompts` existed
+        requests = [{"prompt": p, "n": 1, "seed": seed + i, **request} for i, p in enumerate(prompts)]
+    else:
+        requests = [{"prompts": list(prompts[i:i + batch]), "seed": seed + i, **request}
+                    for i in range(0, len(prompts), batch)]
+    for r in requests:
+        out = model.predict(r)
         images.append(torch.from_numpy(np.asarray(out["images"])))
         attribution += out.get("attribution", [])
     return {"images": torch.cat(images), "attribution": attribution}
