@@ -50,8 +50,8 @@ from cdm.likelihood import BoundConfig, bits_per_dim, elbo, mixture_elbo  # noqa
 from cdm.metrics import auc_interval, memorization, membership_loss, train_feature_net  # noqa: E402
 from cdm.model import ModelConfig, UNetDenoiser  # noqa: E402
 from cdm.pipeline import CDMPipeline  # noqa: E402
-from cdm.quality import (Interval, features, frechet_distance, kid, paired_interval, precision_recall,  # noqa: E402
-                         ratio_of_means, real_floor, stratified_halves, stratified_labels, t_interval)
+from cdm.quality import (Interval, disjoint_floor, features, frechet_distance, minus, precision_recall,  # noqa: E402
+                         stratified_halves, stratified_labels, t_interval)
 from cdm.safetensors_io import state_sha256  # noqa: E402
 from cdm.schedulers import NoiseSchedule, sampling_scheduler, train_scheduler  # noqa: E402
 from cdm.train import PlateauConfig, TrainConfig, TrainResult, train_shard  # noqa: E402
@@ -87,7 +87,7 @@ class Bench:
         self.validation, self.unseen = heldout.subset(a), heldout.subset(b)
         if args.quick:
             self.owners = self.owners.subset(torch.arange(0, len(self.owners), 6))
-        self.rule = PlateauConfig(every=args.every, patience=args.patience, min_delta=0.0)
+        self.rule = PlateauConfig(every=args.every, patience=args.patience, min_delta=args.min_delta)
         self.dims = args.image_size ** 2
         # The independent classifier (and FID's feature network): trained on the public part only.
         self.net = train_feature_net(self.public, steps=args.classifier_steps)
@@ -95,7 +95,11 @@ class Bench:
         self.f_ref, self.f_ctl = features(self.net, self.owners.x[ref]), features(self.net, self.owners.x[ctl])
         self.n = min(args.samples, len(ctl))
         self.labels = stratified_labels(self.owners.y[ref].bincount(minlength=10), self.n)
-        self.floor = real_floor(self.f_ref, self.f_ctl, self.owners.y[ctl].numpy(), self.n)
+        # The floor from disjoint real sets of n with the samples' labels: the owners' control half, the held-out
+        # images and the public part (real digits no reference image is among; none of them is a sample).
+        pool = [self.owners.subset(ctl), heldout, self.public]
+        self.floor = disjoint_floor(self.f_ref, np.concatenate([self.f_ctl] + [features(self.net, d.x) for d in pool[1:]]),
+                                    torch.cat([d.y for d in pool]).numpy(), self.labels)
         # Precision and recall compare manifolds of equal size: a class-stratified draw of n reference images.
         ref_y = self.owners.y[ref]
         g = torch.Generator().manual_seed(3)
@@ -127,15 +131,15 @@ class Bench:
 
     def composite(self, unets, counts: torch.Tensor, seed: int = 0) -> CompositeDenoiser:
         return CompositeDenoiser([UNetDenoiser(u, self.null) for u in unets], class_priors(counts), "prior",
-                                 scheduler=sampling_scheduler(SCHEDULE), generator=torch.Generator().manual_seed(seed))
+                                 scheduler=sampling_scheduler(SCHEDULE), generator=torch.Generator().manual_seed(seed),
+                                 allocation="stratified")
 
     def score(self, images: torch.Tensor) -> dict:
         """Quality figures of one sample set (labels `self.labels`)."""
         f = features(self.net, images)
         fid = frechet_distance(self.f_ref, f)
         precision, recall = precision_recall(self.f_pr, f)
-        return {"fid": fid, "fid_minus_floor": fid - self.floor.mean, "kid": kid(self.f_ref, f),
-                "precision": precision, "recall": recall,
+        return {"fid": fid, "precision": precision, "recall": recall,
                 "class_accuracy": float((self.net.predict(images) == self.labels).float().mean())}
 
     def nll(self, unets, counts: torch.Tensor | None = None) -> torch.Tensor:
@@ -177,60 +181,194 @@ def summary(per_seed: list[dict], key: str) -> dict:
     return t_interval([r[key] for r in per_seed]).as_dict()
 
 
+def lr_for(bench: Bench, kind: str, n_images: int) -> float:
+    """The learning rate of a fine-tune on n images: `--ft-lr` (or `--lora-lr`) at the paragon's size, scaled by
+    (n / owners) ** `--lr-power` (the rule `--lr-sweep` chose on held-out loss; bench/lr_sweep.json)."""
+    a = bench.args
+    if kind == "scratch":
+        return a.lr
+    return (a.ft_lr if kind == "full" else a.lora_lr) * (n_images / len(bench.owners)) ** a.lr_power
+
+
+def sets_of(bench: Bench, denoiser, seed: int) -> list[torch.Tensor]:
+    """`--sets` sample sets of one model; set j's noise seed is 1000 (seed + 1) + j, so the composite and the
+    paragon of one training seed share their noise set by set (common random numbers) and two training seeds
+    share none."""
+    return [bench.sample(denoiser, bench.labels, 1000 * (seed + 1) + j) for j in range(bench.args.sets)]
+
+
 def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[int], base, results: dict) -> dict:
-    """Train and score one row (a kind of compartment under a regime) over every training seed."""
+    """Train and score one row (a kind of compartment under a regime) over every training seed: per seed a new
+    paragon and 8 new compartments (partition `seed % --partitions`), `--sets` paired sample sets of each."""
+    from cdm.quality import paired_difference, paired_ratio, standardized_kid, variance_components
+
     a, per_seed = bench.args, []
+    worse = 0
     for seed in seeds:
         t0 = time.perf_counter()
         plateau = regime == "plateau"
-        para, rp = bench.fit(bench.owners, kind, seed, a.paragon_cap if plateau else budget, plateau, base)
-        idx = partition(bench.owners.y.numpy(), N_OWNERS, "iid", seed=seed)
+        para, rp = bench.fit(bench.owners, kind, seed, a.paragon_cap if plateau else budget, plateau, base,
+                             lr=lr_for(bench, kind, len(bench.owners)))
+        part = seed % a.partitions
+        idx = partition(bench.owners.y.numpy(), N_OWNERS, "iid", seed=part)
         shards, fits = [], []
         for i, ix in enumerate(idx):
             u, r = bench.fit(bench.owners.subset(torch.as_tensor(ix)), kind, seed * 100 + i + 1,
-                             a.shard_cap if plateau else max(1, budget // N_OWNERS), plateau, base)
+                             a.shard_cap if plateau else max(1, budget // N_OWNERS), plateau, base,
+                             lr=lr_for(bench, kind, len(ix)))
             shards.append(u)
             fits.append(r)
         train_s = time.perf_counter() - t0
         counts = torch.stack([bench.owners.subset(torch.as_tensor(ix)).class_counts(10) for ix in idx]).float()
         comp = bench.composite(shards, counts, seed)
-        s_para = bench.score(bench.sample(UNetDenoiser(para, bench.null), bench.labels, 1000 + seed))
-        s_comp = bench.score(bench.sample(comp, bench.labels, 1000 + seed))
+        x_para, x_comp = sets_of(bench, UNetDenoiser(para, bench.null), seed), sets_of(bench, comp, seed)
+        s_para, s_comp = [bench.score(x) for x in x_para], [bench.score(x) for x in x_comp]
         e_para, e_comp = bench.nll(para), bench.nll(shards, counts)
         bpd_para, bpd_comp = bits_per_dim(e_para, bench.dims), bits_per_dim(e_comp, bench.dims)
-        rec = {"seed": seed, "train_seconds": round(train_s, 1),
+        # A compartment is worse than the base when its kept held-out loss is above the base's (step 0) on the
+        # same held-out images and noise.
+        worse_here = sum(1 for r in fits if plateau and r.best_step is not None
+                         and dict(r.heldout_losses)[r.best_step] > r.heldout_losses[0][1])
+        worse += worse_here
+        rec = {"seed": seed, "partition": part, "train_seconds": round(train_s, 1),
+               "paragon_lr": lr_for(bench, kind, len(bench.owners)),
+               "shard_lr": [lr_for(bench, kind, len(ix)) for ix in idx],
                "paragon_steps": rp.best_step if rp.best_step is not None else rp.steps_run,
-               "paragon_steps_run": rp.steps_run, "paragon_capped": bool(plateau and rp.steps_run >= a.paragon_cap),
+               "paragon_steps_run": rp.steps_run, "paragon_capped": bool(plateau and rp.capped),
                "shard_steps": [r.best_step if r.best_step is not None else r.steps_run for r in fits],
-               "shards_capped": sum(bool(plateau and r.steps_run >= a.shard_cap) for r in fits),
+               "shards_capped": sum(bool(plateau and r.capped) for r in fits),
+               "shards_kept_base": sum(bool(plateau and r.best_step == 0) for r in fits),
+               "shards_worse_than_base": worse_here,
                "paragon_heldout_losses": rp.heldout_losses, "shard_heldout_losses": [r.heldout_losses for r in fits],
-               **{f"paragon_{k}": v for k, v in s_para.items()}, **{f"composite_{k}": v for k, v in s_comp.items()},
+               "sets": {m: {"paragon": [x[m] for x in s_para], "composite": [x[m] for x in s_comp]}
+                        for m in s_para[0]},
+               "kid_std_x1e3": {"paragon": [standardized_kid(bench.f_ref, features(bench.net, x)) for x in x_para],
+                                "composite": [standardized_kid(bench.f_ref, features(bench.net, x)) for x in x_comp]},
                "paragon_bpd": float(bpd_para.mean()), "composite_bpd": float(bpd_comp.mean()),
-               "bpd_gap": paired_interval(bpd_comp, bpd_para).as_dict()}
+               "bpd_per_image": {"paragon": bpd_para.tolist(), "composite": bpd_comp.tolist()}}
+        for m in s_para[0]:
+            rec[f"paragon_{m}"] = float(np.mean(rec["sets"][m]["paragon"]))
+            rec[f"composite_{m}"] = float(np.mean(rec["sets"][m]["composite"]))
         if kind == "lora":
             rec["adapter"] = {**size(fits[0].adapter or {}), "full_model": size(para.state_dict())} \
                 if getattr(fits[0], "adapter", None) is not None else None
         per_seed.append(rec)
-        log(f"{kind} {regime} {budget or ''} seed {seed}: FID comp {s_comp['fid']:.2f} para {s_para['fid']:.2f} "
-            f"(floor {bench.floor.mean:.2f}); bpd comp {rec['composite_bpd']:.3f} para {rec['paragon_bpd']:.3f}; "
-            f"steps para {rec['paragon_steps']} shards {rec['shard_steps']} ({train_s:.0f} s)")
-        if kind == a.forget_kind and regime == "plateau" and seed == seeds[0] and not a.no_memorization:
+        log(f"{kind} {regime} {budget or ''} seed {seed} (partition {part}): FID comp {rec['composite_fid']:.2f} "
+            f"para {rec['paragon_fid']:.2f} over {a.sets} sets (floor {bench.floor.mean:.2f}); bpd comp "
+            f"{rec['composite_bpd']:.4f} para {rec['paragon_bpd']:.4f}; steps para {rec['paragon_steps']}"
+            f"{' (capped)' if rec['paragon_capped'] else ''} shards {rec['shard_steps']} ({train_s:.0f} s)")
+        if kind == a.forget_kind and regime == "plateau" and seed == seeds[0] and a.memorization:
             results["forgetting"] = forgetting(bench, shards, counts, idx)
     out = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed, "training_seeds": len(seeds),
-           "composition": "prior over 8 iid compartments (lambda(y) = each compartment's share of class y)"}
-    for m in ("fid", "fid_minus_floor", "kid", "precision", "recall", "class_accuracy"):
+           "partitions": sorted({r["partition"] for r in per_seed}), "sets_per_model": a.sets,
+           "composition": "prior over 8 iid compartments (lambda(y) = each compartment's share of class y), "
+                          "stratified allocation",
+           "compartments_worse_than_base": worse, "compartments": N_OWNERS * len(seeds),
+           "compartments_capped": sum(r["shards_capped"] for r in per_seed),
+           "compartments_kept_base": sum(r["shards_kept_base"] for r in per_seed),
+           "paragons_capped": sum(r["paragon_capped"] for r in per_seed)}
+
+    def grid(model: str, m: str) -> np.ndarray:  # [seeds, sets]
+        return np.array([r["sets"][m][model] for r in per_seed])
+
+    for m in per_seed[0]["sets"]:
         out[f"composite_{m}"] = summary(per_seed, f"composite_{m}")
         out[f"paragon_{m}"] = summary(per_seed, f"paragon_{m}")
-    out["fid_ratio"] = ratio_of_means([r["composite_fid"] for r in per_seed], [r["paragon_fid"] for r in per_seed]).as_dict()
-    out["fid_minus_floor_ratio"] = ratio_of_means([r["composite_fid_minus_floor"] for r in per_seed],
-                                                  [r["paragon_fid_minus_floor"] for r in per_seed]).as_dict()
-    out["bpd_gap"] = t_interval([r["composite_bpd"] - r["paragon_bpd"] for r in per_seed]).as_dict()
+    out["fid_variance"] = {model: variance_components(grid(model, "fid")) for model in ("composite", "paragon")}
+    out["fid_variance"]["ratio"] = variance_components(grid("composite", "fid") / grid("paragon", "fid"))
+    out["fid_ratio"] = paired_ratio(grid("composite", "fid"), grid("paragon", "fid")).as_dict()
+    floor = bench.floor
+    out["fid_minus_floor"] = {model: minus(Interval(**out[f"{model}_fid"]), floor).as_dict()
+                              for model in ("composite", "paragon")}
+    out["fid_minus_floor_ratio"] = paired_ratio(grid("composite", "fid") - floor.mean,
+                                                grid("paragon", "fid") - floor.mean).as_dict()
+    kid_c = np.array([r["kid_std_x1e3"]["composite"] for r in per_seed])
+    kid_p = np.array([r["kid_std_x1e3"]["paragon"] for r in per_seed])
+    out["kid_std_difference_x1e3"] = paired_difference(kid_c, kid_p).as_dict()
+    gap = np.array([np.array(r["bpd_per_image"]["composite"]) - np.array(r["bpd_per_image"]["paragon"])
+                    for r in per_seed])  # [seeds, images]
+    out["bpd_gap"] = crossed_mean(gap).as_dict()
     out["paragon_bpd"], out["composite_bpd"] = summary(per_seed, "paragon_bpd"), summary(per_seed, "composite_bpd")
+    b = results["base"]
+    fid_base = float(np.mean(b["sets"]["fid"]))
+    out["gain_kept"] = {
+        "fid": paired_ratio(fid_base - grid("composite", "fid"), fid_base - grid("paragon", "fid")).as_dict(),
+        "bpd": paired_ratio(b["bpd"] - np.array([[r["composite_bpd"]] for r in per_seed]),
+                            b["bpd"] - np.array([[r["paragon_bpd"]] for r in per_seed])).as_dict(),
+        "note": "(base - composite) / (base - paragon) per seed, jackknifed over seeds; the base's own figure is "
+                "one model's (its set noise is not in the interval)"}
     if kind == "lora" and per_seed[0].get("adapter"):
         out["bytes_per_owner"] = per_seed[0]["adapter"]["bytes"]
         out["full_shard_bytes"] = per_seed[0]["adapter"]["full_model"]["bytes"]
-    log(f"ROW {kind} {regime} {budget or ''}: FID ratio {out['fid_ratio']} floor-subtracted "
-        f"{out['fid_minus_floor_ratio']} bpd gap {out['bpd_gap']}")
+    log(f"ROW {kind} {regime} {budget or ''}: FID ratio {out['fid_ratio']} bpd gap {out['bpd_gap']} "
+        f"worse than base {worse}/{out['compartments']} variance {out['fid_variance']}")
+    return out
+
+
+def crossed_mean(m: np.ndarray) -> Interval:
+    """Grand mean of a [seeds, images] table where both are random samples (crossed random effects): var(mean) =
+    (MS_seed + MS_image - MS_residual) / (seeds images) (Cornfield-Tukey), Student t with seeds - 1 degrees of
+    freedom (the scarcer unit). A t interval over seed means alone would treat the fixed held-out images as the
+    whole population."""
+    from scipy import stats
+
+    s, i = m.shape
+    g = m.mean()
+    r, c = m.mean(1), m.mean(0)
+    ms_s = i * ((r - g) ** 2).sum() / max(s - 1, 1)
+    ms_i = s * ((c - g) ** 2).sum() / max(i - 1, 1)
+    ms_e = ((m - r[:, None] - c[None] + g) ** 2).sum() / max((s - 1) * (i - 1), 1)
+    var = max(ms_s + ms_i - ms_e, ms_i if s == 1 else 0.0) / (s * i)
+    half = float(stats.t.ppf(0.975, max(s - 1, 1)) * np.sqrt(var))
+    return Interval(float(g), float(g - half), float(g + half), s)
+
+
+def headline(r: dict) -> dict:
+    """The headline row's figures in the shape issue #29 asks for (bench/regime.json's top level)."""
+    def fig(d: dict) -> dict:
+        return {"point": d["mean"], "low": d["low"], "high": d["high"], "seeds": r["training_seeds"],
+                "sets_per_model": r["sets_per_model"]}
+
+    return {"row": "full fine-tunes, 8 iid compartments, prior composite vs paragon",
+            "fid_ratio": fig(r["fid_ratio"]), "bpd_gap": {**fig(r["bpd_gap"]), "images": len(
+                r["seeds"][0]["bpd_per_image"]["paragon"])},
+            "gain_kept": {"fid": r["gain_kept"]["fid"], "bpd": r["gain_kept"]["bpd"]},
+            "compartments_worse_than_base": r["compartments_worse_than_base"], "compartments": r["compartments"],
+            "partitions": r["partitions"],
+            "goals": {"fid_ratio": "half-width <= 0.08 and point <= 1.05", "bpd_gap": "<= 0.03 with its interval",
+                      "compartments_worse_than_base": 0},
+            "met": {"fid_ratio": (r["fid_ratio"]["high"] - r["fid_ratio"]["low"]) / 2 <= 0.08
+                    and r["fid_ratio"]["mean"] <= 1.05,
+                    "bpd_gap": r["bpd_gap"]["high"] <= 0.03,
+                    "compartments_worse_than_base": r["compartments_worse_than_base"] == 0}}
+
+
+def lr_sweep(bench: Bench, base) -> dict:
+    """The learning-rate rule, chosen on held-out loss: three compartments of partition 0 (375 images each)
+    fine-tuned under the plateau rule at lr = ft-lr (375 / 3000) ** p for p in 0, 0.5, 1, and the paragon (all
+    owners) at ft-lr and 2 ft-lr for `--sweep-paragon-steps` steps. The best held-out loss decides."""
+    a = bench.args
+    idx = partition(bench.owners.y.numpy(), N_OWNERS, "iid", seed=0)
+    out: dict = {"compartments": [], "paragon": []}
+    for p in (0.0, 0.5, 1.0):
+        for i in range(3):
+            data = bench.owners.subset(torch.as_tensor(idx[i]))
+            lr = a.ft_lr * (len(data) / len(bench.owners)) ** p
+            _, r = bench.fit(data, "full", 500 + i, a.shard_cap, True, base, lr=lr)
+            kept = dict(r.heldout_losses)[r.best_step]
+            out["compartments"].append({"power": p, "lr": lr, "compartment": i, "images": len(data),
+                                        "base_loss": r.heldout_losses[0][1], "kept_loss": kept,
+                                        "best_step": r.best_step, "capped": r.capped})
+            log("lr sweep", out["compartments"][-1])
+    for lr in (a.ft_lr, 2 * a.ft_lr):
+        _, r = bench.fit(bench.owners, "full", 500, a.sweep_paragon_steps, True, base, lr=lr)
+        out["paragon"].append({"lr": lr, "steps": a.sweep_paragon_steps, "kept_loss": dict(r.heldout_losses)[r.best_step],
+                               "best_step": r.best_step, "capped": r.capped})
+        log("lr sweep", out["paragon"][-1])
+    mean = {p: float(np.mean([c["kept_loss"] for c in out["compartments"] if c["power"] == p])) for p in (0.0, 0.5, 1.0)}
+    out["compartment_mean_kept_loss_by_power"] = mean
+    out["chosen_power"] = min(mean, key=mean.get)
+    out["chosen_paragon_lr"] = min(out["paragon"], key=lambda d: d["kept_loss"])["lr"]
     return out
 
 
@@ -321,27 +459,36 @@ def base_unet(bench: Bench, state: dict):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="training seeds (each: new models)")
-    ap.add_argument("--kinds", nargs="+", default=["full", "lora"], choices=["scratch", "full", "lora"])
+    ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="training seeds (each: new models)")
+    ap.add_argument("--partitions", type=int, default=2, help="iid partitions: seed s uses partition s %% this")
+    ap.add_argument("--sets", type=int, default=3, help="paired sample sets per model and seed")
+    ap.add_argument("--kinds", nargs="+", default=["full"], choices=["scratch", "full", "lora"])
     ap.add_argument("--regimes", nargs="+", default=["plateau"], choices=["plateau", "equal"])
     ap.add_argument("--budgets", type=int, nargs="+", default=[400, 1600],
                     help="equal compute: paragon steps = total compartment steps, one row each")
     ap.add_argument("--image-size", type=int, default=16)
-    ap.add_argument("--samples", type=int, default=1000, help="images per sample set (one set per model and seed)")
+    ap.add_argument("--samples", type=int, default=1000, help="images per sample set")
     ap.add_argument("--sampling-steps", type=int, default=50)
-    ap.add_argument("--nll-images", type=int, default=500, help="held-out images scored by the likelihood bound")
+    ap.add_argument("--nll-images", type=int, default=250, help="held-out images scored by the likelihood bound")
     ap.add_argument("--nll-steps", type=int, default=50)
     ap.add_argument("--base-cap", type=int, default=4000, help="most steps of the base's pretraining")
-    ap.add_argument("--paragon-cap", type=int, default=3000)
-    ap.add_argument("--shard-cap", type=int, default=1200)
+    ap.add_argument("--paragon-cap", type=int, default=6000, help="a cap only: the rule should fire first (flagged)")
+    ap.add_argument("--shard-cap", type=int, default=2000)
     ap.add_argument("--every", type=int, default=100, help="steps between two held-out loss evaluations")
     ap.add_argument("--patience", type=int, default=3, help="evaluations without a new minimum before stopping")
+    ap.add_argument("--min-delta", type=float, default=0.001,
+                    help="relative gain that counts as a new minimum (0.1%%: a slow descent is a plateau)")
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate from random weights (and the base's)")
-    ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of full fine-tunes (paragon too)")
-    ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of LoRA adapters (paragon too)")
+    ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of a full fine-tune on all owners")
+    ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of a LoRA adapter on all owners")
+    ap.add_argument("--lr-power", type=float, default=0.5,
+                    help="fine-tunes on n images: lr = ft-lr (n / owners) ** this (chosen by --lr-sweep)")
+    ap.add_argument("--lr-sweep", action="store_true", help="only the learning-rate sweep: bench/lr_sweep.json")
+    ap.add_argument("--sweep-paragon-steps", type=int, default=1500)
     ap.add_argument("--lora-rank", type=int, default=8)
     ap.add_argument("--classifier-steps", type=int, default=1500)
-    ap.add_argument("--no-memorization", action="store_true")
+    ap.add_argument("--memorization", action="store_true",
+                    help="add memorization, membership and forgetting (not independent evidence: own target)")
     ap.add_argument("--mem-per-class", type=int, default=10)
     ap.add_argument("--mem-steps", type=int, default=1500)
     ap.add_argument("--mem-samples", type=int, default=400)
@@ -351,7 +498,8 @@ def main() -> None:
     ap.add_argument("--out-name", default="regime", help="bench/<name>.json and bench/<NAME>.md")
     args = ap.parse_args()
     if args.quick:
-        args.seeds, args.samples, args.nll_images, args.nll_steps, args.sampling_steps = [0, 1], 200, 50, 10, 10
+        args.seeds, args.samples, args.nll_images, args.nll_steps, args.sampling_steps = [0, 1, 2], 200, 50, 10, 10
+        args.sets, args.sweep_paragon_steps = 2, 40
         args.base_cap, args.paragon_cap, args.shard_cap, args.every, args.patience = 60, 40, 20, 20, 1
         args.classifier_steps, args.mem_steps, args.mem_samples, args.budgets = 100, 30, 80, [16, 32]
         args.out_name = "regime.quick"
@@ -378,7 +526,9 @@ def main() -> None:
         from cdm.safetensors_io import load_tree
 
         saved = load_tree(cache)
-        base_unet_, rb = base_unet(bench, saved["state"]), TrainResult(None, [], [], -1, *json.loads(saved["meta"]))
+        seconds, steps_run, losses, best = json.loads(saved["meta"])
+        base_unet_, rb = base_unet(bench, saved["state"]), TrainResult(None, [], [], -1, seconds, steps_run, losses,
+                                                                       best, capped=steps_run >= args.base_cap)
     else:
         base_unet_, rb = bench.fit(bench.public, "scratch", 1000, args.base_cap, True)
         if cache is not None:
@@ -387,12 +537,20 @@ def main() -> None:
             save_tree({"state": base_unet_.state_dict(), "meta": json.dumps(
                 [rb.seconds, rb.steps_run, rb.heldout_losses, rb.best_step])}, cache)
     base = {k: v.detach().clone() for k, v in base_unet_.state_dict().items()}
+    if args.lr_sweep:
+        sweep = lr_sweep(bench, base)
+        (Path(__file__).parent / "lr_sweep.json").write_text(json.dumps(
+            {"command": "python bench/regime.py " + " ".join(sys.argv[1:]), **sweep}, indent=1) + "\n")
+        log("wrote bench/lr_sweep.json")
+        return
+    base_den = UNetDenoiser(base_unet_, bench.null)
+    base_sets = [bench.score(x) for x in sets_of(bench, base_den, 998)]
     results["base"] = {"trained_on": "public split", "images": len(bench.public), "steps": rb.best_step,
-                       "steps_run": rb.steps_run, "capped": rb.steps_run >= args.base_cap,
+                       "steps_run": rb.steps_run, "capped": rb.capped,
                        "train_seconds": round(rb.seconds, 1), "heldout_losses": rb.heldout_losses,
                        "state_sha256": state_sha256(base), "bpd": float(bits_per_dim(bench.nll(base_unet_), bench.dims).mean()),
-                       **{k: v for k, v in bench.score(bench.sample(UNetDenoiser(base_unet_, bench.null), bench.labels,
-                                                                     999)).items()}}
+                       "sets": {m: [x[m] for x in base_sets] for m in base_sets[0]},
+                       **{m: float(np.mean([x[m] for x in base_sets])) for m in base_sets[0]}}
     log("base:", {k: v for k, v in results["base"].items() if k != "heldout_losses"})
     save()
     for regime in args.regimes:
@@ -400,8 +558,11 @@ def main() -> None:
             for kind in args.kinds:
                 results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results))
                 save()
-    if not args.no_memorization:
+    if args.memorization:
         results["memorization"] = memorization_rows(bench, base)
+    head = next((r for r in results["rows"] if r["kind"] == "full" and r["regime"] == "plateau"), None)
+    if head is not None:
+        results["headline"] = headline(head)
     save()
     from bench.regime_report import write_report
 

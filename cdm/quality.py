@@ -210,3 +210,82 @@ def features(net, x: torch.Tensor, batch: int = 512) -> np.ndarray:
     """Feature-network embeddings [N, F] (float64) of images in [-1, 1]."""
     with torch.no_grad():
         return torch.cat([net(x[i:i + batch]) for i in range(0, len(x), batch)]).numpy()
+
+
+# -- paired sample sets over training seeds (benchmark v3's headline; docs/design.md §6) ---------------------------
+# A model's quality figure has two levels of noise: the training seed (data order, initialisation: a new model) and
+# the sample set (a new draw of n images from the same model). Arrays below are [seeds, sets]; set j of seed i of
+# two models shares its noise and labels (common random numbers), so their difference cancels what the sets share.
+
+
+def variance_components(values: np.ndarray) -> dict:
+    """Split the spread of [seeds, sets] values into the seed level and the set level (one-way random effects,
+    method of moments): `set` is the pooled within-seed variance, `seed` the variance of the seed means beyond what
+    their sets explain (var(seed means) - set / k, floored at 0). The standard error of the grand mean is
+    sqrt((seed + set / k) / seeds): more sets only shrink the second term."""
+    v = np.asarray(values, dtype=np.float64)
+    seeds, k = v.shape
+    within = float(v.var(axis=1, ddof=1).mean()) if k > 1 else float("nan")
+    between = float(v.mean(axis=1).var(ddof=1)) if seeds > 1 else float("nan")
+    seed = max(0.0, between - within / k) if k > 1 else between
+    return {"seed": seed, "set": within, "seeds": seeds, "sets_per_seed": k}
+
+
+def paired_ratio(a: np.ndarray, b: np.ndarray) -> Interval:
+    """mean(a) / mean(b) over paired [seeds, sets] values with a delete-one-seed jackknife 95% interval (Student t,
+    seeds - 1 degrees of freedom). Seeds are the independent units: the sets of one seed share its model, so they
+    are averaged inside the seed, never counted as independent. The point is the plain ratio of grand means."""
+    from scipy import stats
+
+    a, b = np.atleast_2d(np.asarray(a, dtype=np.float64)), np.atleast_2d(np.asarray(b, dtype=np.float64))
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need one shape, got {a.shape} and {b.shape}")
+    ma, mb = a.mean(axis=1), b.mean(axis=1)  # [seeds]
+    s = len(ma)
+    r = float(ma.mean() / mb.mean())
+    if s < 2:
+        return Interval(r, float("nan"), float("nan"), s)
+    loo = np.array([np.delete(ma, i).mean() / np.delete(mb, i).mean() for i in range(s)])
+    pseudo = s * r - (s - 1) * loo
+    half = float(stats.t.ppf(0.975, s - 1) * pseudo.std(ddof=1) / np.sqrt(s))
+    return Interval(r, r - half, r + half, s)
+
+
+def paired_difference(a: np.ndarray, b: np.ndarray) -> Interval:
+    """mean(a - b) over paired [seeds, sets] values: the seed means of the differences with a Student-t interval."""
+    d = np.atleast_2d(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return t_interval(d.mean(axis=1))
+
+
+def minus(value: Interval, floor: Interval) -> Interval:
+    """value - floor for two independent measurements, the half-widths added in quadrature (the floor's own
+    uncertainty carried into the floor-subtracted figure, not dropped)."""
+    half = float(np.hypot((value.high - value.low) / 2, (floor.high - floor.low) / 2))
+    mid = value.mean - floor.mean
+    return Interval(mid, mid - half, mid + half, min(value.n, floor.n))
+
+
+def disjoint_floor(reference: np.ndarray, pool: np.ndarray, pool_labels: np.ndarray, labels: torch.Tensor,
+                   seed: int = 0) -> Interval:
+    """The real-vs-real floor from disjoint draws: the pool (real images no reference image is among) is split into
+    as many class-stratified sets with the sample sets' labels (`labels`, [n]) as it holds, each scored against the
+    reference, and the interval is taken over those sets. Unlike overlapping draws (`real_floor`) the sets share no
+    image, so their spread is the floor's sampling noise and its interval means what it says."""
+    rng = np.random.default_rng(seed)
+    want = torch.bincount(torch.as_tensor(labels), minlength=int(pool_labels.max()) + 1).numpy()
+    by_class = {c: rng.permutation(np.flatnonzero(pool_labels == c)) for c in np.flatnonzero(want)}
+    sets = min(len(by_class[c]) // want[c] for c in by_class)
+    if sets < 1:
+        raise ValueError("the pool holds no full set")
+    values = [frechet_distance(reference, pool[np.concatenate([by_class[c][j * want[c]:(j + 1) * want[c]]
+                                                               for c in by_class])]) for j in range(sets)]
+    return t_interval(values)
+
+
+def standardized_kid(reference: np.ndarray, fake: np.ndarray) -> float:
+    """KID (x1e3) on features standardized by the reference's per-feature mean and sd. The cubic kernel on raw
+    features is dominated by a few large-scale directions (the base scored KID -36.7 there, "better" than real
+    images); standardized, every feature counts alike and two draws of one distribution score ~0 +- its noise.
+    Read it as a difference between two models scored against the same reference (`paired_difference`)."""
+    mu, sd = reference.mean(0), reference.std(0) + 1e-8
+    return 1e3 * kid((reference - mu) / sd, (fake - mu) / sd)

@@ -88,6 +88,9 @@ class TrainResult:
     best_step: int | None = None
     # A LoRA compartment: the adapter's weights alone (what is registered); `unet` is the base with it merged.
     adapter: dict[str, torch.Tensor] | None = None
+    # With a plateau rule: True when the run ended at the step cap before the rule fired (still improving, or not
+    # yet stalled for `patience` evaluations): a model that was stopped by its budget, not by its data.
+    capped: bool = False
 
     def smoothed_losses(self, alpha: float = 0.05) -> list[float]:
         """The training loss as logged: the per-step batch MSE, exponentially smoothed (weight `alpha` on the new
@@ -238,7 +241,7 @@ def train_shard(
     x_all, y_all = data.x.to(device), data.y.to(device)
     rank, world = accelerator.process_index, accelerator.num_processes
     judge = _HeldoutJudge(validation, plateau, schedule, device) if plateau is not None else None
-    started, steps_run = time.perf_counter(), 0
+    started, steps_run, fired = time.perf_counter(), 0, False
     bar = tqdm(total=cfg.steps, initial=sum(steps_per_slice[: resumed + 1]), desc=desc, disable=not progress,
                leave=False)
     unet.train()
@@ -277,6 +280,7 @@ def train_shard(
             # 5. With a plateau rule: score the held-out loss every `plateau.every` steps; stop when it has stalled.
             if (judge is not None and steps_run % plateau.every == 0
                     and judge.stalled(accelerator.unwrap_model(unet), ema, steps_run)):
+                fired = True
                 break
         # 6. Checkpoint after the slice.
         if ckpt_dir is not None and accelerator.is_main_process:
@@ -302,7 +306,8 @@ def train_shard(
         final = final.merge_and_unload()  # a plain UNet: base + the adapter's update
     final.eval()
     return TrainResult(final, losses, keys, resumed, time.perf_counter() - started, steps_run,
-                       judge.history if judge else None, judge.best_step if judge else None, adapter)
+                       judge.history if judge else None, judge.best_step if judge else None, adapter,
+                       capped=judge is not None and not fired)
 
 
 class _HeldoutJudge:

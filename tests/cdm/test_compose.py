@@ -318,3 +318,20 @@ def test_auto_evaluation_groups_small_steps_and_loops_large_ones():
         CompositeDenoiser(GroupedUNet(unets), priors, "average", evaluation="auto")
     with pytest.raises(ValueError, match="needs a stack"):
         CompositeDenoiser(Both().single, priors, "average", evaluation="grouped")
+
+
+def test_stratified_allocation_gives_each_label_its_shares_exactly():
+    """The `prior` draw per label group by systematic sampling: counts within one of lambda_i(y) n_y, never a shard
+    with lambda 0 (excluded or without the label), and each shard lambda-often in expectation."""
+    from cdm.compose import stratified_choice
+
+    probs = torch.tensor([[0.5, 0.3, 0.2, 0.0]] * 100 + [[0.05, 0.05, 0.0, 0.9]] * 7)
+    labels = torch.tensor([0] * 100 + [1] * 7)
+    g = torch.Generator().manual_seed(0)
+    total = torch.zeros(4)
+    for _ in range(200):
+        c = stratified_choice(probs, labels, g)
+        assert c[:100].bincount(minlength=4).tolist() == [50, 30, 20, 0]
+        assert c[100:].bincount(minlength=4)[2] == 0 and (c[100:].bincount(minlength=4) - probs[100] * 7).abs().max() < 1
+        total += c[100:].bincount(minlength=4)
+    assert torch.allclose(total / (200 * 7), probs[100], atol=0.03)

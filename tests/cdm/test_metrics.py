@@ -51,11 +51,23 @@ def test_the_auc_interval_covers_the_truth_at_its_stated_rate():
     from cdm.metrics import auc_interval
 
     rng = np.random.default_rng(0)
-    for d, n in ((0.0, 60), (0.8, 60), (0.8, 300)):
+    for d, n in ((0.0, 60), (0.8, 60), (0.8, 300), (3.0, 24)):
         truth = float(stats.norm.cdf(d / np.sqrt(2)))
         hits = [(i.low <= truth <= i.high) for i in (auc_interval(rng.normal(d, 1, n), rng.normal(0, 1, n))
                                                       for _ in range(400))]
-        assert 0.9 <= np.mean(hits) <= 0.99, (d, n, np.mean(hits))
+        assert 0.9 <= np.mean(hits) <= 0.995, (d, n, np.mean(hits))
+
+
+def test_auc_bounds_at_one_and_zero_are_not_zero_width():
+    """24 vs 24 perfectly separated scores: the Wald interval said "1.000 [1.000, 1.000]"; the score interval keeps
+    a lower bound below 1 (and above 0.5: the attack fired), and mirrors at 0."""
+    from cdm.metrics import auc_interval, auc_interval_of
+
+    top = auc_interval(np.arange(24) + 100.0, np.arange(24.0))
+    assert top.mean == 1.0 and top.high == 1.0 and 0.5 < top.low < 0.97
+    bottom = auc_interval_of(0.0, 24, 24)
+    assert bottom.low == 0.0 and bottom.high == pytest.approx(1 - top.low, abs=1e-6)
+    assert auc_interval_of(1.0, 500, 500).low > top.low  # more items, a tighter bound
 
 
 def test_the_membership_score_separates_an_overfitted_denoiser():

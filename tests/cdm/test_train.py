@@ -110,8 +110,8 @@ def test_plateau_rule_stops_at_the_held_out_plateau_and_returns_the_best_weights
     cap = 3000
     r = train_shard(train, CFG, TrainConfig(steps=cap, batch_size=16, seed=1), progress=False, validation=held,
                     plateau=rule)
-    # Stopped long before the cap, after `patience` evaluations without 10% progress.
-    assert r.steps_run < cap and r.steps_run % rule.every == 0
+    # Stopped long before the cap, after `patience` evaluations without 10% progress: not flagged as capped.
+    assert r.steps_run < cap and r.steps_run % rule.every == 0 and not r.capped
     steps, values = zip(*r.heldout_losses)
     assert list(steps) == list(range(0, r.steps_run + 1, rule.every))  # step 0 (the starting weights) first
     assert r.best_step == steps[values.index(min(values))]
@@ -120,6 +120,10 @@ def test_plateau_rule_stops_at_the_held_out_plateau_and_returns_the_best_weights
     assert judge.loss(r.unet) == pytest.approx(min(values), rel=1e-5)
     # ...and training went somewhere: the best held-out loss is below the first evaluation's.
     assert min(values) < values[0]
+    # A cap the rule cannot reach is flagged: the model was stopped by its budget, not by its data.
+    short = train_shard(train, CFG, TrainConfig(steps=rule.every * 2, batch_size=16, seed=1), progress=False,
+                        validation=held, plateau=rule)
+    assert short.capped and short.steps_run == rule.every * 2
 
 
 def test_plateau_rule_needs_held_out_data_and_one_slice(tmp_path):
