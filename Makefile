@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install postgres test test-slow demo demo-text bench bench-text bench-sweep bench-v2 bench-v1 clean
+.PHONY: install postgres test test-slow demo demo-text bench bench-lora bench-memorization bench-lr bench-text bench-sweep bench-v2 bench-v1 clean
 
 install: $(STAMP)
 
@@ -43,13 +43,22 @@ demo-text: install
 bench-text: install
 	$(PY) bench/text.py
 
-# Benchmark v3's headline (~80 min on 2 cores): bench/regime.json and bench/REGIME.md.
+# Benchmark v3's headline (~90 min on 2 cores): full fine-tunes, 8 seeds x 2 partitions x 3 paired sample sets:
+# bench/regime.json (its `headline` object) and bench/REGIME.md.
 bench: install
 	$(PY) bench/regime.py
 
-# The equal-compute budget sweep with scratch, full and LoRA compartments (its own, longer run).
+# LoRA compartments, and memorization / membership / forgetting: their own targets (not the headline's evidence).
+bench-lora: install
+	$(PY) bench/regime.py --kinds lora --seeds 0 1 2 --out-name lora
+bench-memorization: install
+	$(PY) bench/regime.py --kinds full --seeds 0 --memorization --out-name memorization
+
+# The learning-rate rule's sweep (bench/lr_sweep.json), and the equal-compute budget sweep.
+bench-lr: install
+	$(PY) bench/regime.py --lr-sweep --shard-cap 1200
 bench-sweep: install
-	$(PY) bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --no-memorization --out-name sweep
+	$(PY) bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --out-name sweep
 
 bench-v2: install
 	$(PY) bench/quality.py

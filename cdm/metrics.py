@@ -149,6 +149,28 @@ def memorization(generated: torch.Tensor, train: torch.Tensor, ratio: float = 1 
     return {"share": float(flags.float().mean()), "flags": flags, "nearest": two.indices[:, 0]}
 
 
+def memorization_check(generated: torch.Tensor, train: torch.Tensor, noise: float = 0.05, planted: int = 50,
+                       seed: int = 0) -> dict:
+    """`memorization` with its interval and its positive control: `planted` training images with Gaussian noise
+    of sd `noise` (on [-1, 1]) added, near-copies a memorizing model would emit, put through the same detector.
+    When the detector misses them (fewer than 90% flagged) it cannot see copies in these images, and its share on
+    the samples is no evidence of anything: `fired` is False and a reader prints no verdict.
+
+    Returns {"share", "low", "high" (Wilson 95%), "n", "control_found" (share of planted copies flagged),
+    "fired"}."""
+    from scipy.stats import binomtest
+
+    m = memorization(generated, train)
+    k = int(m["flags"].sum())
+    ci = binomtest(k, len(generated)).proportion_ci(method="wilson")
+    g = torch.Generator().manual_seed(seed)
+    pick = torch.randperm(len(train), generator=g)[: min(planted, len(train))]
+    copies = (train[pick] + noise * torch.randn(train[pick].shape, generator=g, dtype=train.dtype)).clamp(-1, 1)
+    found = float(memorization(copies, train)["flags"].float().mean())
+    return {"share": m["share"], "low": float(ci.low), "high": float(ci.high), "n": len(generated),
+            "control_found": found, "fired": found >= 0.9}
+
+
 @torch.no_grad()
 def denoising_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, alphas_cumprod: torch.Tensor,
                    timesteps: tuple[int, ...] = (50, 100, 200, 300, 400), repeats: int = 4,
@@ -184,28 +206,41 @@ def membership_loss(denoiser: Denoiser, x0: torch.Tensor, labels: torch.Tensor, 
                           MEMBERSHIP_DRAWS // len(MEMBERSHIP_TIMESTEPS), seed)
 
 
-def membership_verdict(auc_before: float | None, auc_after: float | None, n_members: int, n_nonmembers: int) -> str:
-    """A revocation's membership check, read from 95% intervals (`auc_interval_of`), not from a cut-off:
+def membership_verdict(auc_before: float | None, auc_after: float | None, n_members: int, n_nonmembers: int,
+                       auc_control: float | None = None) -> str:
+    """A revocation's membership check, read from 95% intervals (`auc_interval_of`) against a negative control:
 
-    - `inconclusive` when the attack had no power on the owner before the revocation (the positive control did
-      not fire: its interval holds 0.5), so the AUC after it is no evidence of forgetting;
-    - `failed` when the attack still tells the owner's images from unseen ones after (the interval lies above 0.5);
-    - `met` when it fired before, cannot tell them apart after, and the drop is larger than both intervals;
+    The control is the attack on the same images through a model that never saw any of them (the shared base,
+    `auc_control`); without one it is 0.5, which assumes the owner's images and the held-out images come from one
+    distribution (images by the same writers as other owners' score as "members" of a model that never saw them:
+    that is resemblance, not memory).
+
+    - `inconclusive` when the attack had no power on the owner before the revocation (its interval does not lie
+      above the control's), so the AUC after it is no evidence of forgetting;
+    - `failed` when the attack still tells the owner's images from unseen ones after, beyond the control;
+    - `met` when it fired before, is at the control's level after, and the drop is larger than both intervals;
       an AUC that fell less than that is `inconclusive` too."""
     if auc_before is None or auc_after is None:
         return "not measured"
     before = auc_interval_of(auc_before, n_members, n_nonmembers)
     after = auc_interval_of(auc_after, n_members, n_nonmembers)
-    n = f"{n_members} vs {n_nonmembers} images"
-    if before.low <= 0.5:
-        return (f"inconclusive: the attack had no power on this owner before the revocation (AUC {before} holds 0.5, "
-                f"{n}), so the AUC after it is no evidence of forgetting")
-    if after.low > 0.5:
-        return f"failed: the attack still separates the owner's images after the revocation (AUC {after}, {n})"
+    if auc_control is None:
+        level, c_low, c_high, name = "0.5", 0.5, 0.5, "0.5 (no model that never saw them to compare with)"
+    else:
+        control = auc_interval_of(auc_control, n_members, n_nonmembers)
+        level, c_low, c_high, name = str(control), control.low, control.high, f"the base that never saw them ({control})"
+    n = f"{n_members} vs {n_nonmembers} images; control: {name}"
+    if before.low <= c_high:
+        return (f"inconclusive: the attack had no power on this owner before the revocation (AUC {before} does not "
+                f"lie above the control {level}; {n}), so the AUC after it is no evidence of forgetting")
+    if after.low > c_high:
+        return (f"failed: the attack still separates the owner's images after the revocation (AUC {after}), beyond "
+                f"the control {level} ({n})")
     if after.high >= before.low:
         return (f"inconclusive: the attack fired before the revocation (AUC {before}) but the AUC after it ({after}) "
                 f"did not drop by more than the two intervals' noise ({n})")
-    return f"met: the attack fired before the revocation (AUC {before}) and cannot tell after it (AUC {after}, {n})"
+    return (f"met: the attack fired before the revocation (AUC {before}) and after it scores the owner's images as "
+            f"the control does (AUC {after}; {n})")
 
 
 def auc(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray | torch.Tensor) -> float:

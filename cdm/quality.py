@@ -289,3 +289,12 @@ def standardized_kid(reference: np.ndarray, fake: np.ndarray) -> float:
     Read it as a difference between two models scored against the same reference (`paired_difference`)."""
     mu, sd = reference.mean(0), reference.std(0) + 1e-8
     return 1e3 * kid((reference - mu) / sd, (fake - mu) / sd)
+
+
+def verdict(low: float, high: float, goal: float) -> str:
+    """A figure against an upper goal, read from its 95% interval: `met` when the whole interval is at or below the
+    goal, `failed` when the whole interval is above it, `inconclusive` when it holds the goal (the instrument cannot
+    tell at this sample size: more sample sets would)."""
+    if high != high or low != low:  # nan: one set, no interval
+        return "inconclusive"
+    return "met" if high <= goal else "failed" if low > goal else "inconclusive"

@@ -130,7 +130,7 @@ def measure(m: Models, real: Dataset, unseen_data: Dataset, net, e: EvaluatePara
 
     Returns metrics keyed as in metrics.json; `_composites` (the seed's composites) and `_sets` are for the caller.
     """
-    from cdm.metrics import fid_kid, memorization
+    from cdm.metrics import memorization_check
     from cdm.model import UNetDenoiser
     from cdm.quality import (features, fid_interval, ratio_interval, real_floor, seed_floor, stratified_halves,
                              stratified_labels)
@@ -150,14 +150,16 @@ def measure(m: Models, real: Dataset, unseen_data: Dataset, net, e: EvaluatePara
 
     fakes = sample_sets(composite, labels, m, seeds)
     f_fake = [features(net, x) for x in fakes]
-    fid, kid = fid_interval(f_ref, f_fake), fid_kid(real.x[ref_idx], fakes[0], net)
+    fid = fid_interval(f_ref, f_fake)
+    mem = memorization_check(fakes[0], real.x, seed=e.seed)
     out = {
         "n_samples": n, "sets": e.sets, "n_real": len(ref_idx), "labels": "class-conditional, stratified",
         "fid": fid.mean, "fid_ci": [fid.low, fid.high],
         "floor_real": real_floor(f_ref, f_ctl, real.y[ctl_idx].numpy(), n, seed=e.seed).as_dict(),
         "floor_seed": seed_floor(f_fake).as_dict(),
-        "kid": kid.kid_mean, "kid_std": kid.kid_std, "feature_sha256": kid.feature_sha256,
-        "memorization": memorization(fakes[0], real.x)["share"],
+        "feature_sha256": net.sha256(),
+        # Share of samples that copy an owner's image, with its interval and the detector's positive control.
+        "memorization": mem["share"], "memorization_check": mem,
         "_composites": composites,
     }
     # 3. The paragon with the same seeds, labels and sampler: the ratio is paired set by set.
@@ -166,7 +168,7 @@ def measure(m: Models, real: Dataset, unseen_data: Dataset, net, e: EvaluatePara
         f_para = [features(net, x) for x in para]
         p_fid, ratio = fid_interval(f_ref, f_para), ratio_interval(f_ref, f_fake, f_para)
         out.update(paragon_fid=p_fid.mean, paragon_fid_ci=[p_fid.low, p_fid.high], fid_ratio=ratio.mean,
-                   fid_ratio_ci=[ratio.low, ratio.high], paragon_memorization=memorization(para[0], real.x)["share"])
+                   fid_ratio_ci=[ratio.low, ratio.high], paragon_memorization=memorization_check(para[0], real.x, seed=e.seed)["share"])
     else:
         out.update(fid_ratio=None, fid_ratio_ci=None)
     # 4. Likelihood bounds on the unseen split.
@@ -250,8 +252,34 @@ def evaluate(ctx: Context, alias: str = "production") -> dict:
     checks = revoked_membership(ctx)
     metrics["membership_auc"] = {k: f.auc_after for k, f in checks.items()}
     metrics["membership_verdict"] = {k: f.verdict for k, f in checks.items()}
+    metrics["verdicts"] = verdicts(metrics, ctx.params)
     metrics["regressions"] = regressions(metrics, ctx.params)
     return metrics
+
+
+def verdicts(metrics: dict, params: Params) -> dict[str, str]:
+    """What a user can act on, one word and its reason per figure (`cdm.quality.verdict`: met / inconclusive /
+    failed from the 95% interval against the goal in params.yaml's `evaluate`; a check without a control that fired
+    gets no verdict)."""
+    from cdm.quality import verdict
+
+    e, out = params.evaluate, {}
+    if metrics.get("fid_ratio_ci"):
+        lo, hi = metrics["fid_ratio_ci"]
+        out["fid_ratio"] = f"{verdict(lo, hi, e.fid_ratio_max)} (goal <= {e.fid_ratio_max}, 95% CI [{lo:.3f}, {hi:.3f}])"
+    gap = (metrics.get("nll") or {}).get("gap_bpd")
+    if gap:
+        out["nll_gap"] = (f"{verdict(gap['low'], gap['high'], e.nll_gap_max)} (goal <= {e.nll_gap_max} bits/dim, "
+                          f"95% CI [{gap['low']:.3f}, {gap['high']:.3f}])")
+    mem = metrics.get("memorization_check")
+    if mem is not None:
+        out["memorization"] = (
+            f"{verdict(mem['low'], mem['high'], e.memorization_max)} (goal <= {e.memorization_max}, 95% CI "
+            f"[{mem['low']:.3f}, {mem['high']:.3f}]; the detector found {mem['control_found']:.0%} of planted "
+            "near-copies)" if mem["fired"] else
+            f"no verdict: the detector found only {mem['control_found']:.0%} of planted near-copies of owners' images,"
+            " so it cannot see copies in these images")
+    return out
 
 
 def revoked_membership(ctx: Context) -> dict:
@@ -279,8 +307,9 @@ def regressions(metrics: dict, params: Params) -> list[str]:
     for key, auc in metrics.get("membership_auc", {}).items():
         if auc > e.membership_auc_max:
             out.append(f"membership AUC {auc:.3f} on revoked {key} > {e.membership_auc_max}")
-    if metrics.get("memorization") is not None and metrics["memorization"] > e.memorization_max:  # text: none
-        out.append(f"memorization {metrics['memorization']:.3f} > {e.memorization_max}")
+    mem = metrics.get("memorization_check")  # text: none
+    if mem is not None and mem["fired"] and mem["low"] > e.memorization_max:
+        out.append(f"memorization {mem['share']:.3f} (95% CI from {mem['low']:.3f}) > {e.memorization_max}")
     return out
 
 
@@ -305,6 +334,26 @@ def log_evaluation(ctx: Context, metrics: dict) -> str:
     c.log_dict(rid, metrics, "metrics.json")
     c.set_terminated(rid)
     return rid
+
+
+def base_membership_auc(ctx: Context, members: Dataset, nonmembers: Dataset) -> float | None:
+    """The membership attack's AUC through the shared base (`cdm-init@current`, trained on public data only): the
+    negative control on the same images (it saw neither set). None without a registered class-conditional base."""
+    from cdm.config import model_config
+    from cdm.metrics import membership_auc, membership_loss
+    from cdm.model import UNetDenoiser, build_unet
+    from cdm.platform.weights import load_init
+    from cdm.schedulers import NoiseSchedule, train_scheduler
+
+    init = load_init(ctx.client, ctx.ws.tmp_dir)
+    if init is None:
+        return None
+    cfg = model_config(ctx.params)
+    unet = build_unet(cfg, seed=0)
+    unet.load_state_dict(init["state"])
+    den = UNetDenoiser(unet.eval(), cfg.null_label)
+    ac = train_scheduler(NoiseSchedule()).alphas_cumprod
+    return membership_auc(membership_loss(den, members.x, members.y, ac), membership_loss(den, nonmembers.x, nonmembers.y, ac))
 
 
 def composite_membership_auc(ctx: Context, versions: dict[str, str], members: Dataset,

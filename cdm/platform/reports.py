@@ -27,9 +27,7 @@ def evaluation_markdown(m: dict) -> str:
              "everything |",
              f"| NLL bound, bits/dim | {_bpd(nll.get('composite_bpd'))} | paragon {_bpd(nll.get('paragon_bpd'))} |",
              f"| NLL gap to the paragon | {_bpd(nll.get('gap_bpd'))} | 0 = no cost |",
-             f"| KID (×10³) | {1e3 * m['kid']:.2f} ± {1e3 * m['kid_std']:.2f} | comparable only with feature net "
-             f"{m['feature_sha256'][:12]} |",
-             f"| memorization | {m['memorization']:.3f} | paragon {m.get('paragon_memorization', 'n/a')} |"]
+             *[f"| {k.replace('_', ' ')} verdict | {v} | |" for k, v in (m.get("verdicts") or {}).items()]]
     return "\n".join(lines) + "\n"
 
 

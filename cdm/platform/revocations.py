@@ -39,6 +39,7 @@ class Forgetting(BaseModel):
     n: int = 0
     auc_before: float | None = None
     auc_after: float | None = None
+    auc_control: float | None = None  # the shared base (saw neither set) on the same images; None: no base
     verdict: str = "not measured"  # `membership_verdict` (95% intervals): met only if the attack fired before
     skipped: str | None = None
 

@@ -272,7 +272,7 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     """Membership-inference AUC of the owner's samples vs held-out samples of the same labels, before and after.
     Score: the lowest denoising loss over the composite's shards (an attacker who can query every component)."""
     from cdm.metrics import membership_verdict
-    from cdm.platform.evaluate import composite_membership_auc, heldout
+    from cdm.platform.evaluate import base_membership_auc, composite_membership_auc, heldout
 
     if ctx.params.data.conditioning == "text":
         return Forgetting(skipped="no membership check for text compartments yet")
@@ -293,8 +293,10 @@ def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retra
     versions = {tag: v for tag, v in (("before", plan.composite_before), ("after", retrained.composite_after))
                 if v is not None}
     aucs = composite_membership_auc(ctx, versions, members, nonmembers)
-    verdict = membership_verdict(aucs.get("before"), aucs.get("after"), n, n)
-    return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"), verdict=verdict)
+    control = base_membership_auc(ctx, members, nonmembers)
+    verdict = membership_verdict(aucs.get("before"), aucs.get("after"), n, n, control)
+    return Forgetting(n=n, auc_before=aucs.get("before"), auc_after=aucs.get("after"), auc_control=control,
+                      verdict=verdict)
 
 
 def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retrained) -> PurgeIntent:

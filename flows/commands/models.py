@@ -215,9 +215,6 @@ def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history:
 
 
 def evaluation_text(m: dict) -> str:
-    def f(v, spec=".3f"):
-        return "n/a" if v is None else format(v, spec)
-
     def ci(v, bounds, spec=".2f"):
         return "n/a" if v is None else f"{v:{spec}} [{bounds[0]:{spec}}, {bounds[1]:{spec}}]"
 
@@ -233,9 +230,7 @@ def evaluation_text(m: dict) -> str:
              f", one model vs itself {ci(m['floor_seed']['mean'], (m['floor_seed']['low'], m['floor_seed']['high']))}",
              f"  NLL bound on {nll.get('images')} unseen images (bits/dim): composite {bpd(nll.get('composite_bpd'))}"
              f"   paragon {bpd(nll.get('paragon_bpd'))}   gap {bpd(nll.get('gap_bpd'))}",
-             f"  KID {f(m['kid'], '.4f')} ± {f(m['kid_std'], '.4f')} (unbiased MMD² in feature-net units, as torchmetrics "
-             f"computes it; compare only with the same feature net {m['feature_sha256'][:12]})",
-             f"  memorization {f(m['memorization'])} (paragon {f(m.get('paragon_memorization'))})",
+             *[f"  {name.replace('_', ' ')}: {v}" for name, v in (m.get("verdicts") or {}).items()],
              "  membership of revoked owners: " + ("; ".join(f"{k} {v}" for k, v in
                                                              m.get("membership_verdict", {}).items()) or "none revoked"),
              "  attribution by owner key: " + ", ".join(f"{k} {v:.2f}" for k, v in m["attribution"].items())]

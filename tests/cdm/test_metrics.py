@@ -43,6 +43,18 @@ def test_membership_is_met_only_when_the_attack_fired_before():
     assert membership_verdict(None, 0.5, 100, 100) == "not measured"
 
 
+def test_the_membership_verdict_reads_against_the_negative_control_on_the_same_images():
+    """The owner's images resemble the remaining owners' (same writers): a model that never saw them scores AUC 0.62
+    on them too. Read against 0.5 that is "failed"; against the control it is what forgetting looks like; and an
+    attack that was at the control's level before had no power."""
+    from cdm.metrics import membership_verdict
+
+    assert membership_verdict(0.90, 0.62, 300, 300).startswith("failed")
+    assert membership_verdict(0.90, 0.62, 300, 300, auc_control=0.62).startswith("met")
+    assert membership_verdict(0.90, 0.80, 300, 300, auc_control=0.62).startswith("failed")
+    assert membership_verdict(0.64, 0.62, 300, 300, auc_control=0.62).startswith("inconclusive")
+
+
 def test_the_auc_interval_covers_the_truth_at_its_stated_rate():
     """Hanley-McNeil's interval on two normal score sets with a known AUC (Phi(d / sqrt 2)) covers it in ~95% of
     draws, and an attack on identical distributions is called "cannot tell" about as often."""
