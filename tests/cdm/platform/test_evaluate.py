@@ -68,3 +68,18 @@ def test_every_figure_comes_with_its_interval_and_floor(evaluations):
         assert m["nll"][k]["low"] <= m["nll"][k]["mean"] <= m["nll"][k]["high"]
     assert len(m["nll"]["shards_bpd"]) == 2
 
+
+
+def test_users_read_one_verdict_per_figure_from_its_interval(evaluations):
+    """met / inconclusive / failed from each interval against the params' goal: the untrained shard's composite fails
+    the ratio and the gap, the production one does not; memorization carries its positive control."""
+    from cdm.platform.evaluate import verdicts
+
+    params = Params()
+    good, bad = verdicts(evaluations["production"], params), verdicts(evaluations["degraded"], params)
+    assert bad["fid_ratio"].startswith("failed") and bad["nll_gap"].startswith("failed"), bad
+    assert not good["fid_ratio"].startswith("failed") and not good["nll_gap"].startswith("failed"), good
+    mem = evaluations["production"]["memorization_check"]
+    assert mem["fired"] and good["memorization"].split()[0] in ("met", "inconclusive")
+    blind = {**evaluations["production"], "memorization_check": {**mem, "fired": False, "control_found": 0.4}}
+    assert verdicts(blind, params)["memorization"].startswith("no verdict")
