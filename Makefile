@@ -52,7 +52,7 @@ bench: install
 bench-lora: install
 	$(PY) bench/regime.py --kinds lora --seeds 0 1 2 --out-name lora
 bench-memorization: install
-	$(PY) bench/regime.py --kinds full --seeds 0 --memorization --out-name memorization
+	$(PY) bench/memorization.py
 
 # The learning-rate rule's sweep (bench/lr_sweep.json), and the equal-compute budget sweep.
 bench-lr: install

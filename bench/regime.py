@@ -198,7 +198,8 @@ def sets_of(bench: Bench, denoiser, seed: int) -> list[torch.Tensor]:
     return [bench.sample(denoiser, bench.labels, 1000 * (seed + 1) + j) for j in range(bench.args.sets)]
 
 
-def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[int], base, results: dict) -> dict:
+def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[int], base, results: dict,
+        checkpoint=lambda: None) -> dict:
     """Train and score one row (a kind of compartment under a regime) over every training seed: per seed a new
     paragon and 8 new compartments (partition `seed % --partitions`), `--sets` paired sample sets of each."""
     from cdm.quality import paired_difference, paired_ratio, standardized_kid, variance_components
@@ -254,6 +255,8 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
             rec["adapter"] = {**size(fits[0].adapter or {}), "full_model": size(para.state_dict())} \
                 if getattr(fits[0], "adapter", None) is not None else None
         per_seed.append(rec)
+        results["in_progress"] = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed}
+        checkpoint()  # a run cut short keeps its finished seeds
         log(f"{kind} {regime} {budget or ''} seed {seed} (partition {part}): FID comp {rec['composite_fid']:.2f} "
             f"para {rec['paragon_fid']:.2f} over {a.sets} sets (floor {bench.floor.mean:.2f}); bpd comp "
             f"{rec['composite_bpd']:.4f} para {rec['paragon_bpd']:.4f}; steps para {rec['paragon_steps']}"
@@ -457,6 +460,27 @@ def base_unet(bench: Bench, state: dict):
     return unet.eval()
 
 
+def train_base(bench: Bench, cache_path: str = ""):
+    """The base pretrained on the public part to its plateau -> (UNet, TrainResult); `cache_path` keeps it (and
+    reuses it: the same settings only)."""
+    args = bench.args
+    cache = Path(cache_path) if cache_path else None
+    if cache is not None and cache.exists():  # the same base as an earlier run with the same settings (a rerun)
+        from cdm.safetensors_io import load_tree
+
+        saved = load_tree(cache)
+        seconds, steps_run, losses, best = json.loads(saved["meta"])
+        return base_unet(bench, saved["state"]), TrainResult(None, [], [], -1, seconds, steps_run, losses, best,
+                                                             capped=steps_run >= args.base_cap)
+    unet, rb = bench.fit(bench.public, "scratch", 1000, args.base_cap, True)
+    if cache is not None:
+        from cdm.safetensors_io import save_tree
+
+        save_tree({"state": unet.state_dict(), "meta": json.dumps(
+            [rb.seconds, rb.steps_run, rb.heldout_losses, rb.best_step])}, cache)
+    return unet, rb
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -482,7 +506,7 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate from random weights (and the base's)")
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of a full fine-tune on all owners")
     ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of a LoRA adapter on all owners")
-    ap.add_argument("--lr-power", type=float, default=0.5,
+    ap.add_argument("--lr-power", type=float, default=1.0,
                     help="fine-tunes on n images: lr = ft-lr (n / owners) ** this (chosen by --lr-sweep)")
     ap.add_argument("--lr-sweep", action="store_true", help="only the learning-rate sweep: bench/lr_sweep.json")
     ap.add_argument("--sweep-paragon-steps", type=int, default=1500)
@@ -522,21 +546,7 @@ def main() -> None:
         results["minutes"] = round((time.perf_counter() - T0) / 60, 1)
         out_json.write_text(json.dumps(results, indent=1) + "\n")
 
-    cache = Path(args.base_cache) if args.base_cache else None
-    if cache is not None and cache.exists():  # the same base as an earlier run with the same settings (a rerun)
-        from cdm.safetensors_io import load_tree
-
-        saved = load_tree(cache)
-        seconds, steps_run, losses, best = json.loads(saved["meta"])
-        base_unet_, rb = base_unet(bench, saved["state"]), TrainResult(None, [], [], -1, seconds, steps_run, losses,
-                                                                       best, capped=steps_run >= args.base_cap)
-    else:
-        base_unet_, rb = bench.fit(bench.public, "scratch", 1000, args.base_cap, True)
-        if cache is not None:
-            from cdm.safetensors_io import save_tree
-
-            save_tree({"state": base_unet_.state_dict(), "meta": json.dumps(
-                [rb.seconds, rb.steps_run, rb.heldout_losses, rb.best_step])}, cache)
+    base_unet_, rb = train_base(bench, args.base_cache)
     base = {k: v.detach().clone() for k, v in base_unet_.state_dict().items()}
     if args.lr_sweep:
         sweep = lr_sweep(bench, base)
@@ -557,7 +567,8 @@ def main() -> None:
     for regime in args.regimes:
         for budget in (args.budgets if regime == "equal" else [None]):
             for kind in args.kinds:
-                results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results))
+                results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results, save))
+                results.pop("in_progress", None)
                 save()
     if args.memorization:
         results["memorization"] = memorization_rows(bench, base)
