@@ -96,9 +96,9 @@ class Bench:
         self.f_ref, self.f_ctl = features(self.net, self.owners.x[ref]), features(self.net, self.owners.x[ctl])
         self.n = min(args.samples, len(ctl))
         self.labels = stratified_labels(self.owners.y[ref].bincount(minlength=10), self.n)
-        # The floor from disjoint real sets of n with the samples' labels: the owners' control half, the held-out
-        # images and the public part (real digits no reference image is among; none of them is a sample).
-        pool = [self.owners.subset(ctl), heldout, self.public]
+        # The floor from disjoint real sets of n with the samples' labels: the owners' control half and the held-out
+        # images (real digits no reference image is among, none of them a sample, none seen by the feature net).
+        pool = [self.owners.subset(ctl), heldout]  # not the public part: the feature network trained on it
         self.floor = disjoint_floor(self.f_ref, np.concatenate([self.f_ctl] + [features(self.net, d.x) for d in pool[1:]]),
                                     torch.cat([d.y for d in pool]).numpy(), self.labels)
         # Precision and recall compare manifolds of equal size: a class-stratified draw of n reference images.
@@ -108,6 +108,10 @@ class Bench:
                           for c, k in enumerate(self.labels.bincount(minlength=10).tolist())])
         self.f_pr = self.f_ref[pick.numpy()]
         self.bound = BoundConfig(steps=args.nll_steps)
+        # The plateau rule scores validation[0::2]; whether a compartment ended worse than the base is judged on the
+        # other half, which no stopping decision saw (on the rule's own half the kept loss cannot exceed step 0's).
+        self.judge_half = self.validation.subset(torch.arange(1, len(self.validation), 2))
+        self.base_judge_losses: torch.Tensor | None = None  # set once the base exists
         self.nll_images = self.unseen.subset(torch.arange(0, len(self.unseen), max(1, len(self.unseen) // args.nll_images)))
 
     # -- training --------------------------------------------------------------------------------------------
@@ -178,6 +182,25 @@ class Bench:
         return auc_interval(mix(lm, members.y), mix(ln, nonmembers.y))
 
 
+def judge_losses(bench: Bench, unet) -> torch.Tensor:
+    """Per-image denoising loss on the half of the held-out images the plateau rule never scored: 10 timesteps
+    across the chain x 4 fixed noise draws (the same for every model: paired). -> [n]"""
+    from cdm.metrics import denoising_loss
+
+    ac = train_scheduler(SCHEDULE).alphas_cumprod
+    return denoising_loss(UNetDenoiser(unet, bench.null), bench.judge_half.x, bench.judge_half.y, ac,
+                          timesteps=tuple(range(50, 1000, 100)), repeats=4, seed=5)
+
+
+def versus_base(bench: Bench, unet) -> dict:
+    """A model's held-out loss minus the base's on the same images and noise, with its 95% interval: `worse` when
+    the whole interval lies above 0 (the model is worse than the base it started from, beyond the noise)."""
+    from cdm.quality import paired_interval
+
+    d = paired_interval(judge_losses(bench, unet), bench.base_judge_losses)
+    return {**d.as_dict(), "worse": d.low > 0, "above_base": d.mean > 0}
+
+
 def summary(per_seed: list[dict], key: str) -> dict:
     return t_interval([r[key] for r in per_seed]).as_dict()
 
@@ -229,8 +252,8 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
         bpd_para, bpd_comp = bits_per_dim(e_para, bench.dims), bits_per_dim(e_comp, bench.dims)
         # A compartment is worse than the base when its kept held-out loss is above the base's (step 0) on the
         # same held-out images and noise.
-        worse_here = sum(1 for r in fits if plateau and r.best_step is not None
-                         and dict(r.heldout_losses)[r.best_step] > r.heldout_losses[0][1])
+        vs_base = [versus_base(bench, u) for u in shards]
+        worse_here = sum(v["worse"] for v in vs_base)
         worse += worse_here
         rec = {"seed": seed, "partition": part, "train_seconds": round(train_s, 1),
                "paragon_lr": lr_for(bench, kind, len(bench.owners)),
@@ -240,7 +263,8 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
                "shard_steps": [r.best_step if r.best_step is not None else r.steps_run for r in fits],
                "shards_capped": sum(bool(plateau and r.capped) for r in fits),
                "shards_kept_base": sum(bool(plateau and r.best_step == 0) for r in fits),
-               "shards_worse_than_base": worse_here,
+               "shards_worse_than_base": worse_here, "shards_vs_base": vs_base,
+               "shards_above_base_point": sum(v["above_base"] for v in vs_base),
                "paragon_heldout_losses": rp.heldout_losses, "shard_heldout_losses": [r.heldout_losses for r in fits],
                "sets": {m: {"paragon": [x[m] for x in s_para], "composite": [x[m] for x in s_comp]}
                         for m in s_para[0]},
@@ -268,6 +292,7 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
            "composition": "prior over 8 iid compartments (lambda(y) = each compartment's share of class y), "
                           "stratified allocation",
            "compartments_worse_than_base": worse, "compartments": N_OWNERS * len(seeds),
+           "compartments_above_base_point": sum(r["shards_above_base_point"] for r in per_seed),
            "compartments_capped": sum(r["shards_capped"] for r in per_seed),
            "compartments_kept_base": sum(r["shards_kept_base"] for r in per_seed),
            "paragons_capped": sum(r["paragon_capped"] for r in per_seed)}
@@ -284,8 +309,11 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
     floor = bench.floor
     out["fid_minus_floor"] = {model: minus(Interval(**out[f"{model}_fid"]), floor).as_dict()
                               for model in ("composite", "paragon")}
-    out["fid_minus_floor_ratio"] = paired_ratio(grid("composite", "fid") - floor.mean,
-                                                grid("paragon", "fid") - floor.mean).as_dict()
+    r = paired_ratio(grid("composite", "fid") - floor.mean, grid("paragon", "fid") - floor.mean)
+    c, p = grid("composite", "fid").mean(), grid("paragon", "fid").mean()
+    # The floor's own uncertainty, carried by the delta method: dR/dF = (C - P) / (P - F)^2.
+    half = float(np.hypot((r.high - r.low) / 2, (c - p) / (p - floor.mean) ** 2 * (floor.high - floor.low) / 2))
+    out["fid_minus_floor_ratio"] = Interval(r.mean, r.mean - half, r.mean + half, r.n).as_dict()
     kid_c = np.array([r["kid_std_x1e3"]["composite"] for r in per_seed])
     kid_p = np.array([r["kid_std_x1e3"]["paragon"] for r in per_seed])
     out["kid_std_difference_x1e3"] = paired_difference(kid_c, kid_p).as_dict()
@@ -322,7 +350,7 @@ def crossed_mean(m: np.ndarray) -> Interval:
     ms_s = i * ((r - g) ** 2).sum() / max(s - 1, 1)
     ms_i = s * ((c - g) ** 2).sum() / max(i - 1, 1)
     ms_e = ((m - r[:, None] - c[None] + g) ** 2).sum() / max((s - 1) * (i - 1), 1)
-    var = max(ms_s + ms_i - ms_e, ms_i if s == 1 else 0.0) / (s * i)
+    var = max(ms_s + ms_i - ms_e, ms_e) / (s * i)  # floored at the residual's share, never a zero width
     half = float(stats.t.ppf(0.975, max(s - 1, 1)) * np.sqrt(var))
     return Interval(float(g), float(g - half), float(g + half), s)
 
@@ -338,6 +366,10 @@ def headline(r: dict) -> dict:
                 r["seeds"][0]["bpd_per_image"]["paragon"])},
             "gain_kept": {"fid": r["gain_kept"]["fid"], "bpd": r["gain_kept"]["bpd"]},
             "compartments_worse_than_base": r["compartments_worse_than_base"], "compartments": r["compartments"],
+            "compartments_above_base_point": r["compartments_above_base_point"],
+            "worse_than_base_means": "held-out denoising loss minus the base's on the half of the held-out images "
+                                     "the plateau rule never scored, paired per image: the whole 95% interval "
+                                     "above 0",
             "partitions": r["partitions"],
             "goals": {"fid_ratio": "half-width <= 0.08 and point <= 1.05", "bpd_gap": "<= 0.03 with its interval",
                       "compartments_worse_than_base": 0},
@@ -485,7 +517,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="training seeds (each: new models)")
-    ap.add_argument("--partitions", type=int, default=2, help="iid partitions: seed s uses partition s %% this")
+    ap.add_argument("--partitions", type=int, default=8,
+                    help="iid partitions: seed s uses partition s %% this (8: every seed its own partition)")
     ap.add_argument("--sets", type=int, default=3, help="paired sample sets per model and seed")
     ap.add_argument("--kinds", nargs="+", default=["full"], choices=["scratch", "full", "lora"])
     ap.add_argument("--regimes", nargs="+", default=["plateau"], choices=["plateau", "equal"])
@@ -548,6 +581,7 @@ def main() -> None:
 
     base_unet_, rb = train_base(bench, args.base_cache)
     base = {k: v.detach().clone() for k, v in base_unet_.state_dict().items()}
+    bench.base_judge_losses = judge_losses(bench, base_unet_)
     if args.lr_sweep:
         sweep = lr_sweep(bench, base)
         (Path(__file__).parent / "lr_sweep.json").write_text(json.dumps(

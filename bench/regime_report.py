@@ -70,7 +70,8 @@ def write_report(res: dict, path: str | Path) -> Path:
             f"per model), **bits/dim gap {g['point']:.4f} [{g['low']:.4f}, {g['high']:.4f}]** ({g['images']} held-out "
             f"images x {g['seeds']} seeds), gain kept from base to paragon: FID {ci(h['gain_kept']['fid'], digits=2)}, "
             f"bits/dim {ci(h['gain_kept']['bpd'], digits=2)}; compartments worse than the base: "
-            f"**{h['compartments_worse_than_base']} of {h['compartments']}**.",
+            f"**{h['compartments_worse_than_base']} of {h['compartments']}** ({h['worse_than_base_means']}; "
+            f"{h['compartments_above_base_point']} have a point estimate above the base's).",
             "",
             f"Goals (issue #29): FID ratio {h['goals']['fid_ratio']}: **{'met' if h['met']['fid_ratio'] else 'not met'}**; "
             f"bits/dim gap {h['goals']['bpd_gap']}: **{'met' if h['met']['bpd_gap'] else 'not met'}**; zero "
