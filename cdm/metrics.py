@@ -261,28 +261,27 @@ def auc_interval(scores_pos: np.ndarray | torch.Tensor, scores_neg: np.ndarray |
 
 def auc_interval_of(a: float, n_pos: int, n_neg: int):
     """The 95% interval of an AUC measured on n_pos positives and n_neg negatives, as a `cdm.quality.Interval`
-    (n: the items scored): the score interval of Newcombe (2006, method 5), every A with
-    (a - A)^2 <= z^2 var(A), where var(A) is Hanley and McNeil's (1982) variance evaluated at the candidate A, not at
-    the estimate. The Wald interval a +- z se(a) collapses to zero width at a = 1 (se(1) = 0: "1.000 [1.000,
-    1.000]" on 24 vs 24); the score interval keeps its width there as Wilson's does for a proportion."""
+    (n: the items scored): a score interval (Newcombe 2006), every A with (a - A)^2 <= z^2 var(A), where var(A) is
+    Hanley and McNeil's (1982) variance evaluated at the candidate A, not at the estimate. The Wald interval
+    a +- z se(a) collapses to zero width at a = 1 (se(1) = 0: "1.000 [1.000, 1.000]" on 24 vs 24); the score
+    interval keeps its width there as Wilson's does for a proportion."""
     from scipy.optimize import brentq
 
     from cdm.quality import Interval
 
+    if n_pos < 1 or n_neg < 1:
+        raise ValueError("an AUC interval needs positives and negatives")
     z2 = 1.959964 ** 2
 
-    def gap(x: float) -> float:  # <= 0 inside the interval
+    def gap(x: float) -> float:  # <= 0 inside the interval; gap(a) = -z^2 var(a) <= 0
         q1, q2 = x / (2 - x), 2 * x * x / (1 + x)
         var = (x * (1 - x) + (n_pos - 1) * (q1 - x * x) + (n_neg - 1) * (q2 - x * x)) / (n_pos * n_neg)
         return (a - x) ** 2 - z2 * max(var, 0.0)
 
-    grid = np.linspace(0.0, 1.0, 2001)
-    inside = np.flatnonzero([gap(x) <= 0 for x in grid])
-    if len(inside) == 0:  # only where var vanishes at the estimate too (no items): the point itself
-        return Interval(a, a, a, n_pos + n_neg)
-    i, j = inside[0], inside[-1]
-    low = grid[i] if i == 0 else brentq(gap, grid[i - 1], grid[i])
-    high = grid[j] if j == len(grid) - 1 else brentq(gap, grid[j], grid[j + 1])
+    tiny = 1e-12  # var vanishes at 0 and 1: start just inside, where gap < 0
+    lo_end, hi_end = max(a - tiny, 0.0) if a >= 1 else a, min(a + tiny, 1.0) if a <= 0 else a
+    low = brentq(gap, 0.0, lo_end) if a > 0 and gap(0.0) > 0 else 0.0
+    high = brentq(gap, hi_end, 1.0) if a < 1 and gap(1.0) > 0 else 1.0
     return Interval(a, float(min(low, a)), float(max(high, a)), n_pos + n_neg)
 
 

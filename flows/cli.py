@@ -410,7 +410,8 @@ def finish_revocation(owner_key, token_stdin, workspace, want_json, verbose):
 @click.option("--candidate", is_flag=True, help="evaluate the `candidate` composite instead of production")
 @common
 def evaluate(fail_on_regression, out, history, grid, candidate, workspace, want_json, verbose):
-    """FID/KID, ratio to the paragon, attribution, memorization, membership AUC of revoked owners."""
+    """FID and its ratio to the paragon, the NLL bound, attribution, memorization, membership of revoked owners:
+    each figure with its 95% interval, noise floor and a verdict (met / inconclusive / failed)."""
     from flows import commands
 
     run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression, history,

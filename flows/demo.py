@@ -149,7 +149,6 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
         "nll_before": before["nll"]["composite_bpd"], "nll_after": after["nll"]["composite_bpd"],
         "nll_gap_before": before["nll"].get("gap_bpd"), "nll_gap_after": after["nll"].get("gap_bpd"),
         "regressions_before": before["regressions"], "regressions_after": after["regressions"],
-        "memorization_composite": before["memorization"], "memorization_paragon": before.get("paragon_memorization"),
         "verdicts_before": before.get("verdicts", {}), "verdicts_after": after.get("verdicts", {}),
         "membership_auc_before": (cert["forgetting"] or {}).get("auc_before"),
         "membership_auc_after": (cert["forgetting"] or {}).get("auc_after"),
@@ -219,9 +218,7 @@ def report(s: dict, ctx, names: dict[str, str]) -> str:
         f"{s['paragon_retrain_seconds']:.1f} s: {s['speedup_live_vs_retrain']:.0f}x the time to go live, "
         f"{faster:.1f}x the purge",
         f"membership check of the revoked owner (a statistical test of the models' behaviour; 'verification' above "
-        f"is the scan of every store for the owner's bytes, a different question): {s['membership_verdict']}"
-        + (f" (base that never saw them: AUC {_fmt(s['membership_auc_control'])})"
-           if s.get("membership_auc_control") is not None and "control" not in str(s['membership_verdict']) else ""),
+        f"is the scan of every store for the owner's bytes, a different question): {s['membership_verdict']}",
         *[f"verdict {k.replace('_', ' ')}: before {v}; after {s['verdicts_after'].get(k, 'n/a')}"
           for k, v in s["verdicts_before"].items()],
         "attribution of samples before revocation: " + ", ".join(

@@ -24,7 +24,7 @@ from cdm.platform.context import Context
 from cdm.platform.fileio import atomic_write
 
 EVALUATION_COLUMNS = ("composite_version", "fid", "fid_low", "fid_high", "floor_real", "fid_ratio",
-                      "fid_ratio_low", "fid_ratio_high", "nll_bpd", "nll_bpd_low", "nll_bpd_high", "kid")
+                      "fid_ratio_low", "fid_ratio_high", "nll_bpd", "nll_bpd_low", "nll_bpd_high", "memorization")
 
 
 def write_json(path: str | Path, result: dict) -> Path:
@@ -81,7 +81,7 @@ def evaluation_row(m: dict) -> dict:
     return {"composite_version": m["composite_version"], "fid": m["fid"], "fid_low": m["fid_ci"][0],
             "fid_high": m["fid_ci"][1], "floor_real": m["floor_real"]["mean"], "fid_ratio": m.get("fid_ratio"),
             "fid_ratio_low": ratio_ci[0], "fid_ratio_high": ratio_ci[1], "nll_bpd": nll.get("mean"),
-            "nll_bpd_low": nll.get("low"), "nll_bpd_high": nll.get("high"), "kid": m.get("kid")}
+            "nll_bpd_low": nll.get("low"), "nll_bpd_high": nll.get("high"), "memorization": m.get("memorization")}
 
 
 def append_evaluation(path: str | Path, m: dict) -> Path:
@@ -95,7 +95,8 @@ def append_evaluation(path: str | Path, m: dict) -> Path:
     rows.sort(key=lambda r: int(r["composite_version"]))
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(EVALUATION_COLUMNS))
+        # extrasaction: rows written before a column was retired (KID, unreadable units) keep the rest
+        writer = csv.DictWriter(f, fieldnames=list(EVALUATION_COLUMNS), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     return path

@@ -412,7 +412,7 @@ def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
         m = evaluate(ctx)
     except ShardRevoked as e:  # another revocation accepted meanwhile has not gone live yet
         return {"skipped": str(e)}
-    out = {k: m[k] for k in ("fid", "fid_ci", "floor_real", "kid", "fid_ratio", "fid_ratio_ci", "memorization",
+    out = {k: m[k] for k in ("fid", "fid_ci", "floor_real", "fid_ratio", "fid_ratio_ci", "memorization",
                              "composite_version", "regressions") if k in m}
     out["nll_bpd"] = m["nll"]["composite_bpd"]
     return out

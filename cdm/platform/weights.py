@@ -33,7 +33,8 @@ def load_verified_unet(folder: str | Path, expected_sha256: str | None):
 
 
 def load_init(c, tmp_root: Path | None = None) -> dict | None:
-    """The shared initialization `cdm-init@current` as {"state", "sha256", "version"} (weights verified), or None."""
+    """The shared initialization `cdm-init@current` as {"state", "sha256", "version", "unet"} (weights verified), or
+    None."""
     from cdm.platform import registry
     from cdm.safetensors_io import state_sha256
 
@@ -41,11 +42,12 @@ def load_init(c, tmp_root: Path | None = None) -> dict | None:
     if mv is None:
         return None
     with registry.model_files(c, registry.INIT, str(mv.version), tmp_root) as files:
-        state = load_verified_unet(files / UNET_ARTIFACT, mv.tags.get("cdm.weights_sha256")).state_dict()
+        unet = load_verified_unet(files / UNET_ARTIFACT, mv.tags.get("cdm.weights_sha256"))
+    state = unet.state_dict()
     sha = state_sha256(state)
     if sha != mv.tags.get("cdm.state_sha256"):
         raise ValueError(f"{registry.INIT} v{mv.version}: loaded weights hash {sha[:12]} != recorded state hash")
-    return {"state": state, "sha256": sha, "version": str(mv.version)}
+    return {"state": state, "sha256": sha, "version": str(mv.version), "unet": unet}
 
 
 def load_compartment(c, files: Path, weights_sha256: str | None, tmp_root: Path | None = None):

@@ -335,3 +335,6 @@ def test_stratified_allocation_gives_each_label_its_shares_exactly():
         assert c[100:].bincount(minlength=4)[2] == 0 and (c[100:].bincount(minlength=4) - probs[100] * 7).abs().max() < 1
         total += c[100:].bincount(minlength=4)
     assert torch.allclose(total / (200 * 7), probs[100], atol=0.03)
+    # Each position (not only each group) gets shard i lambda_i-often: the order is shuffled, not sorted by shard.
+    first = torch.stack([stratified_choice(probs, labels, g)[0] for _ in range(400)]).bincount(minlength=4) / 400
+    assert torch.allclose(first.float(), probs[0], atol=0.08), first

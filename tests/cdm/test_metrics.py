@@ -100,3 +100,20 @@ def test_the_membership_score_separates_an_overfitted_denoiser():
     loss_m = membership_loss(Memorizer(), members, torch.zeros(16, dtype=torch.long), ac)
     loss_o = membership_loss(Memorizer(), others, torch.zeros(16, dtype=torch.long), ac)
     assert membership_auc(loss_m, loss_o) > 0.9
+
+
+def test_the_memorization_check_fires_its_control_and_says_when_it_is_blind():
+    """On distinct digits the planted near-copies are found (the control fires) and copies are counted with a Wilson
+    interval; on a training set where every image is duplicated the nearest and second-nearest are the same image,
+    the detector cannot see a copy (d1/d2 is undefined) and the control says so instead of reporting a clean 0."""
+    from cdm.data import digits_dataset
+    from cdm.metrics import memorization_check
+
+    d = digits_dataset()
+    train = d.x[:600]
+    copies = memorization_check(train[:100], train)
+    assert copies["fired"] and copies["share"] == 1.0 and copies["low"] < 1.0
+    fresh = memorization_check(d.x[1200:1400], train)
+    assert fresh["fired"] and fresh["share"] < 0.05 and fresh["high"] > fresh["share"]
+    blind = memorization_check(d.x[1200:1400], torch.cat([train, train]))
+    assert not blind["fired"] and blind["control_found"] < 0.9
