@@ -225,7 +225,7 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
         checkpoint=lambda: None) -> dict:
     """Train and score one row (a kind of compartment under a regime) over every training seed: per seed a new
     paragon and 8 new compartments (partition `seed % --partitions`), `--sets` paired sample sets of each."""
-    from cdm.quality import paired_difference, paired_ratio, standardized_kid, variance_components
+    from cdm.quality import standardized_kid
 
     a, per_seed = bench.args, []
     worse = 0
@@ -250,8 +250,8 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
         s_para, s_comp = [bench.score(x) for x in x_para], [bench.score(x) for x in x_comp]
         e_para, e_comp = bench.nll(para), bench.nll(shards, counts)
         bpd_para, bpd_comp = bits_per_dim(e_para, bench.dims), bits_per_dim(e_comp, bench.dims)
-        # A compartment is worse than the base when its kept held-out loss is above the base's (step 0) on the
-        # same held-out images and noise.
+        # A compartment is worse than the base when its held-out loss, on images no stopping decision saw, is
+        # above the base's beyond the noise (`versus_base`).
         vs_base = [versus_base(bench, u) for u in shards]
         worse_here = sum(v["worse"] for v in vs_base)
         worse += worse_here
@@ -287,11 +287,23 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
             f"{' (capped)' if rec['paragon_capped'] else ''} shards {rec['shard_steps']} ({train_s:.0f} s)")
         if kind == a.forget_kind and regime == "plateau" and seed == seeds[0] and a.memorization:
             results["forgetting"] = forgetting(bench, shards, counts, idx)
-    out = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed, "training_seeds": len(seeds),
-           "partitions": sorted({r["partition"] for r in per_seed}), "sets_per_model": a.sets,
+    out = summarize_row(kind, regime, budget, per_seed, Interval(**results["floor_real"]), results["base"], a.sets)
+    log(f"ROW {kind} {regime} {budget or ''}: FID ratio {out['fid_ratio']} bpd gap {out['bpd_gap']} "
+        f"worse than base {worse}/{out['compartments']} variance {out['fid_variance']}")
+    return out
+
+
+def summarize_row(kind: str, regime: str, budget: int | None, per_seed: list[dict], floor: Interval, b: dict,
+                  sets: int) -> dict:
+    """A row's figures from its finished seeds (also `--finish`: a run cut short reports the seeds it finished)."""
+    from cdm.quality import paired_difference, paired_ratio, variance_components
+
+    out = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed, "training_seeds": len(per_seed),
+           "partitions": sorted({r["partition"] for r in per_seed}), "sets_per_model": sets,
            "composition": "prior over 8 iid compartments (lambda(y) = each compartment's share of class y), "
                           "stratified allocation",
-           "compartments_worse_than_base": worse, "compartments": N_OWNERS * len(seeds),
+           "compartments_worse_than_base": sum(r["shards_worse_than_base"] for r in per_seed),
+           "compartments": N_OWNERS * len(per_seed),
            "compartments_above_base_point": sum(r["shards_above_base_point"] for r in per_seed),
            "compartments_capped": sum(r["shards_capped"] for r in per_seed),
            "compartments_kept_base": sum(r["shards_kept_base"] for r in per_seed),
@@ -306,7 +318,6 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
     out["fid_variance"] = {model: variance_components(grid(model, "fid")) for model in ("composite", "paragon")}
     out["fid_variance"]["ratio"] = variance_components(grid("composite", "fid") / grid("paragon", "fid"))
     out["fid_ratio"] = paired_ratio(grid("composite", "fid"), grid("paragon", "fid")).as_dict()
-    floor = bench.floor
     out["fid_minus_floor"] = {model: minus(Interval(**out[f"{model}_fid"]), floor).as_dict()
                               for model in ("composite", "paragon")}
     r = paired_ratio(grid("composite", "fid") - floor.mean, grid("paragon", "fid") - floor.mean)
@@ -321,7 +332,6 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
                     for r in per_seed])  # [seeds, images]
     out["bpd_gap"] = crossed_mean(gap).as_dict()
     out["paragon_bpd"], out["composite_bpd"] = summary(per_seed, "paragon_bpd"), summary(per_seed, "composite_bpd")
-    b = results["base"]
     fid_base = float(np.mean(b["sets"]["fid"]))
     out["gain_kept"] = {
         "fid": paired_ratio(fid_base - grid("composite", "fid"), fid_base - grid("paragon", "fid")).as_dict(),
@@ -332,8 +342,6 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
     if kind == "lora" and per_seed[0].get("adapter"):
         out["bytes_per_owner"] = per_seed[0]["adapter"]["bytes"]
         out["full_shard_bytes"] = per_seed[0]["adapter"]["full_model"]["bytes"]
-    log(f"ROW {kind} {regime} {budget or ''}: FID ratio {out['fid_ratio']} bpd gap {out['bpd_gap']} "
-        f"worse than base {worse}/{out['compartments']} variance {out['fid_variance']}")
     return out
 
 
@@ -492,6 +500,26 @@ def base_unet(bench: Bench, state: dict):
     return unet.eval()
 
 
+def finish(path: Path) -> None:
+    """Summarize the row an interrupted run was in (its finished seeds, saved after each) and write the report."""
+    from bench.regime_report import write_report
+
+    results = json.loads(path.read_text())
+    part = results.pop("in_progress", None)
+    if part is not None:
+        results["rows"].append(summarize_row(part["kind"], part["regime"], part["budget"], part["seeds"],
+                                             Interval(**results["floor_real"]), results["base"],
+                                             results["settings"]["sets"]))
+        results["interrupted"] = (f"the run stopped after {len(part['seeds'])} of "
+                                  f"{len(results['settings']['seeds'])} seeds of its last row; figures are over those")
+    head = next((r for r in results["rows"] if r["kind"] == "full" and r["regime"] == "plateau"), None)
+    if head is not None:
+        results["headline"] = headline(head)
+    path.write_text(json.dumps(results, indent=1) + "\n")
+    write_report(results, path.parent / f"{path.stem.upper()}.md")
+    log("finished", path)
+
+
 def train_base(bench: Bench, cache_path: str = ""):
     """The base pretrained on the public part to its plateau -> (UNet, TrainResult); `cache_path` keeps it (and
     reuses it: the same settings only)."""
@@ -519,7 +547,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=list(range(8)), help="training seeds (each: new models)")
     ap.add_argument("--partitions", type=int, default=8,
                     help="iid partitions: seed s uses partition s %% this (8: every seed its own partition)")
-    ap.add_argument("--sets", type=int, default=3, help="paired sample sets per model and seed")
+    ap.add_argument("--sets", type=int, default=2, help="paired sample sets per model and seed")
     ap.add_argument("--kinds", nargs="+", default=["full"], choices=["scratch", "full", "lora"])
     ap.add_argument("--regimes", nargs="+", default=["plateau"], choices=["plateau", "equal"])
     ap.add_argument("--budgets", type=int, nargs="+", default=[400, 1600],
@@ -530,17 +558,19 @@ def main() -> None:
     ap.add_argument("--nll-images", type=int, default=250, help="held-out images scored by the likelihood bound")
     ap.add_argument("--nll-steps", type=int, default=50)
     ap.add_argument("--base-cap", type=int, default=4000, help="most steps of the base's pretraining")
-    ap.add_argument("--paragon-cap", type=int, default=6000, help="a cap only: the rule should fire first (flagged)")
-    ap.add_argument("--shard-cap", type=int, default=2000)
+    ap.add_argument("--paragon-cap", type=int, default=4000, help="a cap only: the rule should fire first (flagged)")
+    ap.add_argument("--shard-cap", type=int, default=1000)
     ap.add_argument("--every", type=int, default=100, help="steps between two held-out loss evaluations")
     ap.add_argument("--patience", type=int, default=3, help="evaluations without a new minimum before stopping")
-    ap.add_argument("--min-delta", type=float, default=0.001,
-                    help="relative gain that counts as a new minimum (0.1%%: a slow descent is a plateau)")
+    ap.add_argument("--min-delta", type=float, default=0.002,
+                    help="relative gain that counts as progress (0.2%%, as the text trainer: a slow descent is a "
+                         "plateau)")
     ap.add_argument("--lr", type=float, default=2e-3, help="learning rate from random weights (and the base's)")
     ap.add_argument("--ft-lr", type=float, default=1e-3, help="learning rate of a full fine-tune on all owners")
     ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of a LoRA adapter on all owners")
-    ap.add_argument("--lr-power", type=float, default=1.0,
-                    help="fine-tunes on n images: lr = ft-lr (n / owners) ** this (chosen by --lr-sweep)")
+    ap.add_argument("--lr-power", type=float, default=0.5,
+                    help="fine-tunes on n images: lr = ft-lr (n / owners) ** this (--lr-sweep: p = 1 kept the lowest "
+                         "held-out loss, p = 0.5 within 0.3%% of it in ~60%% of the steps: the default)")
     ap.add_argument("--lr-sweep", action="store_true", help="only the learning-rate sweep: bench/lr_sweep.json")
     ap.add_argument("--sweep-paragon-steps", type=int, default=1500)
     ap.add_argument("--lora-rank", type=int, default=8)
@@ -554,7 +584,11 @@ def main() -> None:
     ap.add_argument("--base-cache", default="", help="a file to keep the base in (and reuse: same settings only)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, one seed (numbers meaningless)")
     ap.add_argument("--out-name", default="regime", help="bench/<name>.json and bench/<NAME>.md")
+    ap.add_argument("--finish", action="store_true",
+                    help="no training: finish bench/<out-name>.json from the seeds an interrupted run saved")
     args = ap.parse_args()
+    if args.finish:
+        return finish(Path(__file__).parent / f"{args.out_name}.json")
     if args.quick:
         args.seeds, args.samples, args.nll_images, args.nll_steps, args.sampling_steps = [0, 1, 2], 200, 50, 10, 10
         args.sets, args.sweep_paragon_steps = 2, 40
