@@ -58,6 +58,8 @@ def write_report(res: dict, path: str | Path) -> Path:
         f"{res['machine']['torch']}). Figures: `{Path(path).with_suffix('').name.lower()}.json`.",
         "",
     ]
+    if res.get("interrupted"):
+        lines += [f"**Interrupted:** {res['interrupted']}.", ""]
     h = res.get("headline")
     if h:
         f, g = h["fid_ratio"], h["bpd_gap"]
