@@ -22,6 +22,11 @@ interval, `cdm.metrics.auc_interval_of`) for the paragon (its ELBO), the composi
 (the mixture `log sum_i lambda_i(y) exp ELBO_i`, what the composite is as a density), and the composite as an
 attacker who queries each compartment (the lowest low-t denoising loss); every AUC is read as a paired difference
 to the negative control's on the same images, over seeds.
+
+Known limits (not yet run in full; `--quick` exercises every path): the seeds reuse the same 100 members and 100
+non-members and the base control is one model, so the t interval over seeds leaves out the image-sampling noise of
+an AUC and "leaks beyond the control" is overconfident; a paired bootstrap over images inside each seed, combined
+with the seed variance, is the fix. The equal-epochs and equal-steps arms differ only in the compartments' steps.
 """
 
 from __future__ import annotations
