@@ -43,8 +43,9 @@ demo-text: install
 bench-text: install
 	$(PY) bench/text.py
 
-# Benchmark v3's headline (~90 min on 2 cores): full fine-tunes, 8 seeds x 2 partitions x 3 paired sample sets:
-# bench/regime.json (its `headline` object) and bench/REGIME.md.
+# Benchmark v3's headline: full fine-tunes, 8 seeds (each its own partition) x 2 paired sample sets per model:
+# bench/regime.json (its `headline` object) and bench/REGIME.md. ~11 min a seed on 2 cores, ~100 min in all with the
+# base's pretraining (`--base-cache FILE` keeps the base for reruns; `--finish` reports an interrupted run's seeds).
 bench: install
 	$(PY) bench/regime.py
 
