@@ -570,7 +570,7 @@ def main() -> None:
     ap.add_argument("--lora-lr", type=float, default=2e-3, help="learning rate of a LoRA adapter on all owners")
     ap.add_argument("--lr-power", type=float, default=0.5,
                     help="fine-tunes on n images: lr = ft-lr (n / owners) ** this (--lr-sweep: p = 1 kept the lowest "
-                         "held-out loss, p = 0.5 within 0.3%% of it in ~60%% of the steps: the default)")
+                         "held-out loss, p = 0.5 within 0.3%% of it in ~2/3 of the steps: the default)")
     ap.add_argument("--lr-sweep", action="store_true", help="only the learning-rate sweep: bench/lr_sweep.json")
     ap.add_argument("--sweep-paragon-steps", type=int, default=1500)
     ap.add_argument("--lora-rank", type=int, default=8)
