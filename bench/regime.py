@@ -222,14 +222,17 @@ def sets_of(bench: Bench, denoiser, seed: int) -> list[torch.Tensor]:
 
 
 def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[int], base, results: dict,
-        checkpoint=lambda: None) -> dict:
+        checkpoint=lambda: None, done: list[dict] | None = None) -> dict:
     """Train and score one row (a kind of compartment under a regime) over every training seed: per seed a new
-    paragon and 8 new compartments (partition `seed % --partitions`), `--sets` paired sample sets of each."""
+    paragon and 8 new compartments (partition `seed % --partitions`), `--sets` paired sample sets of each.
+    `done`: seeds an interrupted run of the same settings finished (`--resume`), kept as they were."""
     from cdm.quality import standardized_kid
 
-    a, per_seed = bench.args, []
-    worse = 0
+    a, per_seed = bench.args, list(done or [])
+    worse = sum(r["shards_worse_than_base"] for r in per_seed)
     for seed in seeds:
+        if any(r["seed"] == seed for r in per_seed):
+            continue
         t0 = time.perf_counter()
         plateau = regime == "plateau"
         para, rp = bench.fit(bench.owners, kind, seed, a.paragon_cap if plateau else budget, plateau, base,
@@ -520,6 +523,30 @@ def finish(path: Path) -> None:
     log("finished", path)
 
 
+def resumed(results: dict, path: Path) -> dict:
+    """The seeds an interrupted run saved, by row: {(kind, regime, budget): [seed records]}. Only when this run
+    reproduces that one's setup exactly (settings, the base's weights, the feature network's accuracy, the floor):
+    each seed's models and samples depend on nothing else, so its record is what this run would compute."""
+    prev = json.loads(path.read_text())
+    ignore = {"resume", "finish", "base_cache"}
+    same = {k: v for k, v in prev["settings"].items() if k not in ignore} == \
+        {k: v for k, v in results["settings"].items() if k not in ignore}
+    checks = {"settings": same, "base": prev["base"]["state_sha256"] == results["base"]["state_sha256"],
+              "feature network": prev["classifier_accuracy_on_unseen"] == results["classifier_accuracy_on_unseen"],
+              "floor": prev["floor_real"] == results["floor_real"]}
+    if not all(checks.values()):
+        sys.exit(f"--resume: {path} was made with another setup ({', '.join(k for k, v in checks.items() if not v)} "
+                 f"differ); run without --resume")
+    rows = [(r["kind"], r["regime"], r["budget"], r["seeds"]) for r in prev["rows"]]
+    if prev.get("in_progress"):
+        p = prev["in_progress"]
+        rows.append((p["kind"], p["regime"], p["budget"], p["seeds"]))
+    results["resumed"] = {"from_minutes": prev.get("minutes"), "seeds_kept": {f"{k} {r} {b or ''}".strip(): [
+        s["seed"] for s in seeds] for k, r, b, seeds in rows}}
+    log("resuming:", results["resumed"])
+    return {(k, r, b): seeds for k, r, b, seeds in rows}
+
+
 def train_base(bench: Bench, cache_path: str = ""):
     """The base pretrained on the public part to its plateau -> (UNet, TrainResult); `cache_path` keeps it (and
     reuses it: the same settings only)."""
@@ -584,6 +611,9 @@ def main() -> None:
     ap.add_argument("--base-cache", default="", help="a file to keep the base in (and reuse: same settings only)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny budgets, one seed (numbers meaningless)")
     ap.add_argument("--out-name", default="regime", help="bench/<name>.json and bench/<NAME>.md")
+    ap.add_argument("--resume", action="store_true",
+                    help="go on with an interrupted run: keep the seeds bench/<out-name>.json saved, train the rest "
+                         "(refused unless the settings, base, feature network and floor reproduce exactly)")
     ap.add_argument("--finish", action="store_true",
                     help="no training: finish bench/<out-name>.json from the seeds an interrupted run saved")
     args = ap.parse_args()
@@ -631,11 +661,13 @@ def main() -> None:
                        "sets": {m: [x[m] for x in base_sets] for m in base_sets[0]},
                        **{m: float(np.mean([x[m] for x in base_sets])) for m in base_sets[0]}}
     log("base:", {k: v for k, v in results["base"].items() if k != "heldout_losses"})
+    done = resumed(results, out_json) if args.resume else {}
     save()
     for regime in args.regimes:
         for budget in (args.budgets if regime == "equal" else [None]):
             for kind in args.kinds:
-                results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results, save))
+                results["rows"].append(row(bench, kind, regime, budget, args.seeds, base, results, save,
+                                           done.get((kind, regime, budget))))
                 results.pop("in_progress", None)
                 save()
     if args.memorization:

@@ -60,6 +60,11 @@ def write_report(res: dict, path: str | Path) -> Path:
     ]
     if res.get("interrupted"):
         lines += [f"**Interrupted:** {res['interrupted']}.", ""]
+    if res.get("resumed"):
+        kept = "; ".join(f"{k}: seeds {', '.join(map(str, v))}" for k, v in res["resumed"]["seeds_kept"].items())
+        lines += [f"**Resumed** (`--resume`) from a run of {res['resumed']['from_minutes']} min that saved {kept}; "
+                  "those seeds' records are kept as saved (the resumed run reproduced the settings, the base's "
+                  "weights, the feature network and the floor exactly, or it would have refused).", ""]
     h = res.get("headline")
     if h:
         f, g = h["fid_ratio"], h["bpd_gap"]
