@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install postgres test test-slow demo demo-text bench bench-lora bench-memorization bench-lr bench-text bench-sweep bench-v2 bench-v1 clean
+.PHONY: install postgres test test-slow demo demo-text bench bench-lora bench-memorization bench-lr bench-text bench-sweep clean
 
 install: $(STAMP)
 
@@ -60,12 +60,6 @@ bench-lr: install
 	$(PY) bench/regime.py --lr-sweep --shard-cap 1200
 bench-sweep: install
 	$(PY) bench/regime.py --regimes equal --kinds scratch full lora --budgets 400 1600 --out-name sweep
-
-bench-v2: install
-	$(PY) bench/quality.py
-
-bench-v1: install
-	$(PY) bench/run.py
 
 clean:
 	rm -rf $(VENV) demo-workspace demo-workspace.sources demo-text-workspace demo-text-workspace.sources .pytest_cache

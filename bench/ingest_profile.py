@@ -37,8 +37,9 @@ def main() -> None:
     os.environ.setdefault("PREFECT_HOME", str(root / "prefect"))
 
     from cdm.data import digits_uint8, write_class_folders
-    from cdm.platform import dvc, ingest as ingest_mod, owner_records
-    from cdm.platform.context import Context
+    from cdm.platform.data import dvc, ingest as ingest_mod
+    from cdm.platform.workspace import owner_records
+    from cdm.platform.workspace.context import Context
     from cdm.platform.create import init_workspace
     from flows import ingestion
     from tasks import ingest as ingest_tasks

@@ -32,8 +32,9 @@ def run_n(n: int, images: int, steps: int, root: Path) -> dict:
 
     from cdm.config import Params
     from cdm.data import digits_uint8, write_class_folders
-    from cdm.platform import owner_records, unlearn
-    from cdm.platform.context import Context
+    from cdm.platform.workspace import owner_records
+    from cdm.platform.forgetting import unlearn
+    from cdm.platform.workspace.context import Context
     from cdm.platform.create import init_workspace
     from flows.commands import status
     from flows.composition import compose

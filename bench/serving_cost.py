@@ -35,7 +35,7 @@ from cdm.compose import CompositeDenoiser, ShardStack, class_priors  # noqa: E40
 from cdm.grouped_unet import GroupedUNet  # noqa: E402
 from cdm.data import digits_dataset  # noqa: E402
 from cdm.model import ModelConfig, UNetDenoiser  # noqa: E402
-from cdm.platform.serving import LazyShard, ShardSet  # noqa: E402
+from cdm.platform.models.serving import LazyShard, ShardSet  # noqa: E402
 from cdm.pipeline import CDMPipeline  # noqa: E402
 from cdm.safetensors_io import state_sha256  # noqa: E402
 from cdm.schedulers import NoiseSchedule, sampling_scheduler  # noqa: E402

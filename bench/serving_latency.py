@@ -36,9 +36,9 @@ def main() -> None:
     import mlflow
     import torch
 
-    from cdm.platform.composites import production
-    from cdm.platform.context import Context
-    from cdm.platform.evaluate import paragon_unet
+    from cdm.platform.models.composites import production
+    from cdm.platform.workspace.context import Context
+    from cdm.platform.evaluation.evaluate import paragon_unet
     from cdm.model import UNetDenoiser
     from cdm.pipeline import CDMPipeline
     from cdm.schedulers import NoiseSchedule, sampling_scheduler
@@ -64,7 +64,7 @@ def main() -> None:
     # 2. Warm requests through the pyfunc, and the paragon on the same labels and steps.
     paragon, _ = paragon_unet(ctx, {k for s in served.spec["shards"] for k in s["owners"]})
     if paragon is None:  # trained before a revocation: its data differ, its cost does not
-        from cdm.platform import registry
+        from cdm.platform.models import registry
 
         mv = registry.latest(ctx.client, registry.PARAGON)
         paragon = mlflow.pyfunc.load_model(f"models:/{registry.PARAGON}/{mv.version}").unwrap_python_model().unet

@@ -11,8 +11,8 @@ def load_served(workspace: str):
     import os
     from pathlib import Path
 
-    from cdm.platform.context import Context
-    from cdm.platform.errors import WorkspaceError
+    from cdm.platform.workspace.context import Context
+    from cdm.platform.workspace.errors import WorkspaceError
 
     served = [Path(p).resolve() for p in os.environ.get(SERVED_WORKSPACES, "").split(os.pathsep) if p]
     if served and Path(workspace).resolve() not in served:
@@ -38,7 +38,7 @@ def api_log_handlers() -> list:
 def redact_run_logs(ws) -> None:
     """In a serving process or worker (no `cdm` command around it): raw owner ids in log records become their keys
     before the records reach Prefect's API (once per workspace and process)."""
-    from cdm.platform.owner_records import RedactOwnerIds
+    from cdm.platform.workspace.owner_records import RedactOwnerIds
 
     for handler in api_log_handlers():
         if not any(isinstance(f, RedactOwnerIds) and f.ws.root == ws.root for f in handler.filters):

@@ -63,8 +63,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     redact = None
     if log_file.parent == root / ".cdm" / "logs" and (root / ".cdm" / "secret").exists():
-        from cdm.platform.owner_records import RedactOwnerIds
-        from cdm.platform.workspace import Workspace
+        from cdm.platform.workspace.owner_records import RedactOwnerIds
+        from cdm.platform.workspace.paths import Workspace
 
         redact = RedactOwnerIds(Workspace(root), also=owners)
         handler.addFilter(redact)
@@ -109,8 +109,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
 
 def _stack_env(root: Path) -> dict[str, str]:
     """Where the workspace's stack is and its credentials when it is up (`cdm stack up`), else {}."""
-    from cdm.platform.stack import active, client_env, stack_dir
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.stack.services import active, client_env, stack_dir
+    from cdm.platform.workspace.paths import Workspace
 
     ws = Workspace(root)
     stack = active(ws)
@@ -122,8 +122,8 @@ def _stack_env(root: Path) -> dict[str, str]:
 def classify(e: BaseException) -> tuple[int, str]:
     """(exit code, one-line message) for an exception."""
     from cdm.config import ConfigError
-    from cdm.platform.dvc import RemoteError
-    from cdm.platform.errors import CommandFailed, WorkspaceError
+    from cdm.platform.data.dvc import RemoteError
+    from cdm.platform.workspace.errors import CommandFailed, WorkspaceError
 
     if isinstance(e, CommandFailed):
         code, message = e.code, str(e)
@@ -378,7 +378,7 @@ def sign_revocation(owner_key, reason, token_stdin, token):
     ingestion), as one JSON line. Only the token's holder can make one; the workspace keeps just the key that checks
     it, and a payload is accepted for 10 minutes. Needs no workspace. Emit it with Prefect:
     `emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.OWNER_KEY"}, payload=PAYLOAD)`."""
-    from cdm.platform.errors import WorkspaceError
+    from cdm.platform.workspace.errors import WorkspaceError
     from flows import commands
 
     try:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from prefect import flow
 
-from cdm.platform.context import Context
+from cdm.platform.workspace.context import Context
 from tasks.compose import compose as compose_task
 
 

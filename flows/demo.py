@@ -47,12 +47,12 @@ def demo(out: str = "demo-workspace", quick: bool = True, owners: int = 4, parti
     import torch
 
     from cdm.data import save_grid, write_demo_owners
-    from cdm.platform.composites import load_production
-    from cdm.platform.context import Context
+    from cdm.platform.models.composites import load_production
+    from cdm.platform.workspace.context import Context
     from cdm.platform.create import init_workspace
-    from cdm.platform.ingest import IngestionRejected
-    from cdm.platform.owner_records import sign_revocation
-    from cdm.platform.shards import load_plan
+    from cdm.platform.data.ingest import IngestionRejected
+    from cdm.platform.workspace.owner_records import sign_revocation
+    from cdm.platform.models.shards import load_plan
     from flows.composition import compose
     from flows.evaluation import evaluate
     from flows.ingestion import ingest

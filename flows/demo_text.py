@@ -54,12 +54,12 @@ def demo_text(out: str = "demo-text-workspace", owners: int = 4, progress: bool 
     import torch
 
     from cdm.data import save_grid
-    from cdm.platform.composites import load_production
-    from cdm.platform.context import Context
+    from cdm.platform.models.composites import load_production
+    from cdm.platform.workspace.context import Context
     from cdm.platform.create import init_workspace
-    from cdm.platform.ingest import IngestionRejected
-    from cdm.platform.owner_records import sign_revocation
-    from cdm.platform.text_evaluate import alignment_of, generate, owner_share
+    from cdm.platform.data.ingest import IngestionRejected
+    from cdm.platform.workspace.owner_records import sign_revocation
+    from cdm.platform.evaluation.text_evaluate import alignment_of, generate, owner_share
     from cdm.text.alignment import ClassifierConfig, alignment, train_attribute_classifier
     from cdm.text.captions import load_imagefolder
     from cdm.text.digits import Domain, caption, colour_domains, make_scenes, parse_caption, write_demo_owners
@@ -137,7 +137,7 @@ def demo_text(out: str = "demo-text-workspace", owners: int = 4, progress: bool 
     t = time.perf_counter()
     with load_production(ctx) as model:
         before = measure(model, "before")
-    from cdm.platform import registry
+    from cdm.platform.models import registry
 
     with ctx.ws.tempdir() as tmp:  # the base alone: the reference a revoked domain falls back toward
         base_model = registry.load_pyfunc(ctx.client, f"models:/{registry.INIT}/{base['version']}", tmp)

@@ -7,7 +7,7 @@ Emit a revocation (the owner signs it with the token issued at their first inges
 owner key printed then; neither the raw id nor the token reaches Prefect; `cdm sign-revocation` prints the payload):
 
     from prefect.events import emit_event
-    from cdm.platform.owner_records import sign_revocation
+    from cdm.platform.workspace.owner_records import sign_revocation
     emit_event("cdm.owner.revoked", resource={"prefect.resource.id": "cdm.owner.ok-…"},
                payload=sign_revocation(token, "ok-…", reason="consent withdrawn"))
 """
@@ -29,8 +29,8 @@ def deployments(workspace: str) -> list:
     Parameters carry owner keys only."""
     from prefect.events.schemas.deployment_triggers import DeploymentEventTrigger
 
-    from cdm.platform import owner_records
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.workspace import owner_records
+    from cdm.platform.workspace.paths import Workspace
     from flows.ingestion import ingest_owner
     from tasks.ingest import ingestion_deployment
     from flows.unlearning import unlearn_owner
@@ -62,8 +62,8 @@ def deploy_to_pool(workspace: str, stack) -> list[str]:
 
     from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    from cdm.platform.stack import credentials
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.stack.services import credentials
+    from cdm.platform.workspace.paths import Workspace
 
     checkout = str(Path(__file__).resolve().parent.parent)  # where the entrypoints (flows/…) resolve
     auth = credentials(Workspace(workspace))["prefect_auth"]
@@ -102,8 +102,8 @@ def serve(workspace: str) -> None:
     from flows import SERVED_WORKSPACES
 
     os.environ[SERVED_WORKSPACES] = workspace  # flow runs started here refuse any other workspace
-    from cdm.platform.stack import credentials
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.stack.services import credentials
+    from cdm.platform.workspace.paths import Workspace
 
     server = None
     if not os.environ.get("PREFECT_API_URL"):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from prefect import flow
 
-from cdm.platform.context import Context
+from cdm.platform.workspace.context import Context
 from tasks.evaluate import evaluate_production
 
 
@@ -17,13 +17,13 @@ def evaluate(workspace: str, out: str | None = None, alias: str = "production") 
     run as a Markdown artifact."""
     from prefect.artifacts import create_markdown_artifact
 
-    from cdm.platform.reports import evaluation_markdown
+    from cdm.platform.workspace.reports import evaluation_markdown
 
     metrics = evaluate_production(Context.load(workspace), alias)
     if out:
         Path(out).write_text(json.dumps(metrics, indent=2, sort_keys=True))
     if metrics.get("conditioning") == "text":
-        from cdm.platform.text_evaluate import text_evaluation_text
+        from cdm.platform.evaluation.text_evaluate import text_evaluation_text
 
         markdown = "```\n" + text_evaluation_text(metrics) + "\n```"
     else:

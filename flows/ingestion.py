@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from prefect import flow
 
-from cdm.platform import owner_records
-from cdm.platform.context import Context
+from cdm.platform.workspace import owner_records
+from cdm.platform.workspace.context import Context
 from flows import load_served
-from cdm.platform.ingest import requested
+from cdm.platform.data.ingest import requested
 from tasks.ingest import commit_batch, read_owner_source, validate_batch
 
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 from prefect import flow
 
 from cdm.config import TrainParams
-from cdm.platform.context import Context
-from cdm.platform.errors import WorkspaceError
-from cdm.platform.gate import active_owners
+from cdm.platform.workspace.context import Context
+from cdm.platform.workspace.errors import WorkspaceError
+from cdm.platform.models.gate import active_owners
 from tasks.ingest import validate_batch
 from tasks.train import plan, train_init, train_paragon, train_shard, train_text_base
 
@@ -118,14 +118,14 @@ def run_training(ctx: Context, owner_keys: list[str] | None = None, paragon: boo
 def pretrain(workspace: str, source: str, steps: int | None = None, progress: bool = False) -> dict:
     """The shared initialization: validate public data (folder or s3://, the ingestion checks) and train on it.
     Nothing is copied into data/: the public samples are identified by the hashes logged with `cdm-init`."""
-    from cdm.platform.ingest import read_source
-    from cdm.platform.pretrain import public_dataset
+    from cdm.platform.data.ingest import read_source
+    from cdm.platform.models.pretrain import public_dataset
 
     ctx = Context.load(workspace)
     files = read_source(ctx, source)
     validate_batch(ctx, "public", files)
     if ctx.params.data.conditioning == "text":
-        from cdm.platform.pretrain import public_captioned
+        from cdm.platform.models.pretrain import public_captioned
 
         return train_text_base(ctx, public_captioned(files, ctx.params), source, steps, progress)
     return train_init(ctx, public_dataset(files, ctx.params), source, steps, progress)

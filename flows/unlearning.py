@@ -7,7 +7,7 @@ Parameters are the owner key and, for a request that comes as an event, the owne
 (`owner_records.sign_revocation`): never the token or the raw id (Prefect stores flow parameters), and nothing a
 reader of Prefect's database could reuse for another request. `cdm revoke` checks the token itself and begins the
 request before the flow runs, so no proof reaches Prefect on that path. `until="go_live"` stops once the owner is out of serving; running the
-flow again finishes the job (each step is recorded, see cdm/platform/unlearn.py).
+flow again finishes the job (each step is recorded, see cdm/platform/forgetting/unlearn.py).
 """
 
 from __future__ import annotations
@@ -18,10 +18,10 @@ from typing import Literal
 
 from prefect import flow
 
-from cdm.platform import unlearn
+from cdm.platform.forgetting import unlearn
 from flows import load_served
-from cdm.platform.revocations import load
-from cdm.platform.verification import needles
+from cdm.platform.workspace.revocations import load
+from cdm.platform.forgetting.verification import needles
 from tasks import unlearn as steps
 
 
@@ -61,7 +61,7 @@ def unlearn_owner(workspace: str, owner_key: str, signature: str | None = None, 
         cert = steps.certify(ctx, rev.request_id, verification, evaluation)
     from prefect.artifacts import create_markdown_artifact
 
-    from cdm.platform.reports import certificate_markdown
+    from cdm.platform.workspace.reports import certificate_markdown
 
     create_markdown_artifact(certificate_markdown(cert), key="cdm-revocation",
                              description=f"erasure certificate {cert['request_id']} (owner key {owner_key})")

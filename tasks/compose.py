@@ -5,9 +5,9 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform import cleanup
-from cdm.platform.composites import build_spec, register
-from cdm.platform.context import Context
+from cdm.platform.models import cleanup
+from cdm.platform.models.composites import build_spec, register
+from cdm.platform.workspace.context import Context
 
 
 @task(cache_policy=NO_CACHE)

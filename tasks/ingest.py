@@ -5,10 +5,10 @@ from __future__ import annotations
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform import owner_records
-from cdm.platform.context import Context
-from cdm.platform.ingest import IngestionRejected, IngestResult, commit, owner_metadata, read_source, validate
-from cdm.platform.sources import SourceFile
+from cdm.platform.workspace import owner_records
+from cdm.platform.workspace.context import Context
+from cdm.platform.data.ingest import IngestionRejected, IngestResult, commit, owner_metadata, read_source, validate
+from cdm.platform.data.sources import SourceFile
 from tasks import retry_on_io
 
 

@@ -12,9 +12,9 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from cdm.data import Dataset
-from cdm.platform import cleanup, gate, registry
-from cdm.platform.context import Context
-from cdm.platform.shards import load_plan, plan_shards, save_plan, train_and_register
+from cdm.platform.models import cleanup, gate, registry
+from cdm.platform.workspace.context import Context
+from cdm.platform.models.shards import load_plan, plan_shards, save_plan, train_and_register
 
 
 @task(cache_policy=NO_CACHE)
@@ -74,7 +74,7 @@ def train_paragon(ctx: Context, owners: list[str], n_shards: int, progress: bool
 @task(cache_policy=NO_CACHE)
 def train_init(ctx: Context, data: Dataset, source: str, steps: int | None, progress: bool = False) -> dict:
     """The shared initialization on validated public data, registered as `cdm-init` (alias `current`)."""
-    from cdm.platform.pretrain import train_and_register_init
+    from cdm.platform.models.pretrain import train_and_register_init
 
     return train_and_register_init(ctx, data, source, steps, progress)
 
@@ -83,6 +83,6 @@ def train_init(ctx: Context, data: Dataset, source: str, steps: int | None, prog
 def train_text_base(ctx: Context, data, source: str, steps: int | None, progress: bool = False) -> dict:
     """A text workspace's shared base on validated public captioned data (a StableDiffusionPipeline folder),
     registered as `cdm-init` (alias `current`)."""
-    from cdm.platform.pretrain import train_and_register_text_base
+    from cdm.platform.models.pretrain import train_and_register_text_base
 
     return train_and_register_text_base(ctx, data, source, steps, progress)

@@ -1,4 +1,4 @@
-"""Unlearning tasks: one Prefect task per step of `cdm.platform.unlearn`, typed inputs and outputs.
+"""Unlearning tasks: one Prefect task per step of `cdm.platform.forgetting.unlearn`, typed inputs and outputs.
 
 Each task returns the step's recorded output when the step is already done (a rerun after a crash), else runs it
 and records the output before returning. Steps that talk to remote stores retry on I/O failures.
@@ -17,10 +17,11 @@ from pathlib import Path
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform import cleanup, unlearn
-from cdm.platform.context import Context
-from cdm.platform.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
-                                      record_step, run_step, save)
+from cdm.platform.models import cleanup
+from cdm.platform.forgetting import unlearn
+from cdm.platform.workspace.context import Context
+from cdm.platform.workspace.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
+                                                record_step, run_step, save)
 from tasks import retry_on_io
 
 
@@ -89,7 +90,7 @@ def purge(ctx: Context, request_id: str, plan: Plan, live: Live, retrained: Retr
 def verify(ctx: Context, request_id: str, purged: Purged, needles) -> Verification:
     """A verification that finds anything is kept with the request (`failed_verifications`), the purge is reopened
     and the run fails (exit 1): the next run purges and verifies again; only an ok verification is recorded."""
-    from cdm.platform.verification import verify as verify_step
+    from cdm.platform.forgetting.verification import verify as verify_step
 
     rev = load(ctx.ws, request_id)
     if rev.verify is not None:

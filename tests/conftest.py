@@ -105,7 +105,7 @@ def digit_owners():
 def workspace_snapshot():
     """A factory: the state a refused request must leave unchanged (data files, git HEAD, data.dvc, remote)."""
     def take(ws, s3=None) -> dict:
-        from cdm.platform import dvc
+        from cdm.platform.data import dvc
 
         files = sorted(str(p.relative_to(ws.root)) for p in ws.data_dir.rglob("*"))
         head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ws.root, capture_output=True, text=True).stdout
@@ -119,8 +119,9 @@ def workspace_snapshot():
 def interrupted_ingestion():
     """A factory: the state a kill -9 leaves between `dvc add` and the git commit of an owner's batch."""
     def make(ctx, owner: str, source: Path, png: bytes):
-        from cdm.platform import dvc, owner_records
-        from cdm.platform.ingest import _begin_journal, _write_owner_files
+        from cdm.platform.data import dvc
+        from cdm.platform.workspace import owner_records
+        from cdm.platform.data.ingest import _begin_journal, _write_owner_files
 
         key = ctx.ws.owner_key(owner)
         owner_records.update(ctx.ws, key, owner=owner, source=str(source))

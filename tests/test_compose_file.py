@@ -121,7 +121,7 @@ def check_mlflow_basic_auth(doc: dict) -> None:
     assert ini.parent == ROOT / "mlflow", ini
     cfg = configparser.ConfigParser()
     cfg.read(ini)
-    assert cfg["mlflow"]["default_permission"] == "NO_PERMISSIONS"  # as cdm/platform/stack.py's mlflow_auth_config
+    assert cfg["mlflow"]["default_permission"] == "NO_PERMISSIONS"  # as cdm/platform/stack/services.py's mlflow_auth_config
     assert "admin_password" not in cfg["mlflow"], "the admin's password in the auth config"
     assert not URL_WITH_PASSWORD.search(cfg["mlflow"]["database_uri"]), "a password in the user store's URI"
     from_stack_env(doc, "mlflow", "MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD",

@@ -1,6 +1,6 @@
 # MLflow "model from code" for one shard: executed by mlflow on load; nothing is unpickled.
 from mlflow.models import set_model
 
-from cdm.platform.serving import ShardModel
+from cdm.platform.models.serving import ShardModel
 
 set_model(ShardModel())

@@ -3,6 +3,6 @@
 # nothing is unpickled.
 from mlflow.models import set_model
 
-from cdm.platform.text_serving import TextModel
+from cdm.platform.models.text_serving import TextModel
 
 set_model(TextModel())

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdm.platform.gitrepo import commit, git
-from cdm.platform.workspace import Workspace
+from cdm.platform.workspace.gitrepo import commit, git
+from cdm.platform.workspace.paths import Workspace
 
 GITIGNORE = """\
 /mlflow/mlflow.db
@@ -116,7 +116,7 @@ def init_workspace(root: str | Path, remote: str | None = None, endpoint_url: st
     import yaml
 
     from cdm.config import Params
-    from cdm.platform import dvc
+    from cdm.platform.data import dvc
 
     ws = Workspace(Path(root))
     ws.root.mkdir(parents=True, exist_ok=True)
@@ -142,7 +142,7 @@ def init_workspace(root: str | Path, remote: str | None = None, endpoint_url: st
     ws.config_path.write_text("# Where this workspace keeps models and reaches S3.\n" + yaml.safe_dump(config or {
         "mlflow": {"tracking_uri": None, "artifact_root": None}, "s3": {"endpoint_url": None}}, sort_keys=False))
     (ws.root / "mlflow").mkdir(exist_ok=True)
-    from cdm.platform import registry
+    from cdm.platform.models import registry
 
     # The tracking store and experiment exist from the start (creating the SQLite tables takes seconds, which
     # would otherwise land on the first training run): a new SQLite store is a copy of an empty, migrated one.

@@ -3,7 +3,7 @@
 text-to-image scripts read).
 
 `caption_table` turns a batch's files into one row per image *and* one row per metadata line, so that the
-great-expectations suite (`cdm.platform.validation.validate_captioned_batch`) can refuse every kind of mismatch
+great-expectations suite (`cdm.platform.data.validation.validate_captioned_batch`) can refuse every kind of mismatch
 by name: an image without a caption, a caption without an image, a file captioned twice, an empty, over-long or
 control-character caption, a line that is not JSON.
 """

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from cdm.platform.errors import WorkspaceError
+from cdm.platform.workspace.errors import WorkspaceError
 from flows.commands.common import _ctx
 
 
@@ -22,7 +22,7 @@ def metrics_diff(root: Path, base: str) -> str:
 
 def report(m: dict, diff: str, base: str, grid: str | None) -> str:
     """The evaluation's Markdown, `dvc metrics diff BASE` and where the sample grid is."""
-    from cdm.platform.reports import evaluation_markdown
+    from cdm.platform.workspace.reports import evaluation_markdown
 
     text = evaluation_markdown(m) + f"\n### `dvc metrics diff {base}`\n\n{diff}\n"
     if grid:

@@ -7,7 +7,7 @@ import sys
 
 
 def _ctx(workspace: str):
-    from cdm.platform.context import Context
+    from cdm.platform.workspace.context import Context
 
     return Context.load(workspace)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdm.platform.errors import CommandFailed, WorkspaceError
+from cdm.platform.workspace.errors import CommandFailed, WorkspaceError
 from flows.commands.common import _ctx
 
 
@@ -25,9 +25,9 @@ def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: 
 
 def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None,
            token_stdin: bool = False, operator: bool = False):
-    from cdm.platform.ingest import IngestionRejected
-    from cdm.platform.sources import SourceError
-    from cdm.platform.workspace import check_owner_id
+    from cdm.platform.data.ingest import IngestionRejected
+    from cdm.platform.data.sources import SourceError
+    from cdm.platform.workspace.paths import check_owner_id
     from flows.ingestion import ingest as run_ingestion
 
     check_owner_id(owner)
@@ -43,8 +43,9 @@ def ingest(workspace: str, owner: str, source: str, license: str | None, cron: s
     except SourceError as e:
         raise WorkspaceError(f"{source}: {e}") from None
     if changed_by:  # recorded once the batch from the new source is in (a refused batch changes nothing)
-        from cdm.platform import ledger, registry
-        from cdm.platform.workspace import now
+        from cdm.platform.workspace import ledger
+        from cdm.platform.models import registry
+        from cdm.platform.workspace.paths import now
 
         _, head = ledger.record(ctx.ws, {"event": "source-changed", "owner_key": result["owner_key"],
                                          "by": changed_by, "received": now()})
@@ -61,8 +62,8 @@ def _source_change(ctx, owner: str, source: str, token: str | None, operator: bo
     """Who changes an existing owner's recorded source: the owner (their token) or an operator who says so
     (`--operator`, written in the ledger); anyone else is refused — whoever could re-point a source could feed the
     workspace data in the owner's name. None when the source is new or unchanged."""
-    from cdm.platform import owner_records
-    from cdm.platform.ingest import absolute_source
+    from cdm.platform.workspace import owner_records
+    from cdm.platform.data.ingest import absolute_source
 
     _, rec = owner_records.record_of(ctx.ws, owner)
     if rec is None or not rec.source or rec.source == absolute_source(source):
@@ -76,8 +77,9 @@ def _source_change(ctx, owner: str, source: str, token: str | None, operator: bo
 
 
 def consent(workspace: str, owner: str):
-    from cdm.platform import ledger, owner_records, registry
-    from cdm.platform.workspace import check_owner_id, now
+    from cdm.platform.workspace import ledger, owner_records
+    from cdm.platform.models import registry
+    from cdm.platform.workspace.paths import check_owner_id, now
 
     ctx = _ctx(workspace)
     key, rec = owner_records.record_of(ctx.ws, check_owner_id(owner))
@@ -85,7 +87,7 @@ def consent(workspace: str, owner: str):
         raise WorkspaceError(f"no record of owner {owner!r}: a first `cdm ingest` records their consent")
     if rec.state != "revoked":
         raise WorkspaceError(f"owner {owner!r} has not revoked consent; nothing to record")
-    from cdm.platform.revocations import load
+    from cdm.platform.workspace.revocations import load
 
     if rec.revocation and not load(ctx.ws, rec.revocation).completed:
         raise WorkspaceError(f"the revocation of {owner!r} is still in progress; consent can follow once it ends")
@@ -101,7 +103,7 @@ def consent(workspace: str, owner: str):
 
 def pretrain(workspace: str, source: str | None, steps: int | None, progress: bool, brought: str | None = None,
              trained_on: str | None = None):
-    from cdm.platform.ingest import IngestionRejected
+    from cdm.platform.data.ingest import IngestionRejected
     from flows.training import pretrain as run_pretrain
 
     ctx = _ctx(workspace)
@@ -109,7 +111,7 @@ def pretrain(workspace: str, source: str | None, steps: int | None, progress: bo
         if brought is None or source is not None or steps is not None or trained_on is None:
             raise WorkspaceError("give either SOURCE (public data to train the base on) or --from DIR with "
                                  "--trained-on TEXT (a base you already have), not both")
-        from cdm.platform.pretrain import register_brought_init, register_text_base
+        from cdm.platform.models.pretrain import register_brought_init, register_text_base
 
         if ctx.params.data.conditioning == "text":
             if not trained_on.strip():

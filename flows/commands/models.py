@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cdm.platform.errors import CommandFailed, WorkspaceError
+from cdm.platform.workspace.errors import CommandFailed, WorkspaceError
 from flows.commands.common import _ctx, _status
 
 
 def _owner_keys(ctx, owners: str | None) -> list[str] | None:
-    from cdm.platform.workspace import check_owner_id
+    from cdm.platform.workspace.paths import check_owner_id
 
     if not owners:
         return None
@@ -22,7 +22,7 @@ def _owner_keys(ctx, owners: str | None) -> list[str] | None:
 
 def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out: str | None = None,
           curves: str | None = None):
-    from cdm.platform import pipeline_files
+    from cdm.platform.models import pipeline_files
     from flows.training import run_training
 
     ctx = _ctx(workspace)
@@ -41,7 +41,7 @@ def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out
 
 
 def compose(workspace: str, estimator: str | None, progress: bool, out: str | None = None, candidate: bool = False):
-    from cdm.platform import pipeline_files
+    from cdm.platform.models import pipeline_files
     from flows.composition import compose as run_compose
 
     ctx = _ctx(workspace)
@@ -58,8 +58,8 @@ def promote(workspace: str, metrics: str):
     """The candidate goes to production, only with an evaluation of that very version that passed."""
     import json
 
-    from cdm.platform import gate, registry
-    from cdm.platform.composites import production
+    from cdm.platform.models import gate, registry
+    from cdm.platform.models.composites import production
 
     ctx = _ctx(workspace)
     cand = production(ctx, registry.CANDIDATE)
@@ -112,7 +112,7 @@ def sample_text(ctx, n: int, consumer: str | None, seed: int, out: str | None, t
     import torch
 
     from cdm.data import save_grid
-    from cdm.platform.composites import load_production, production
+    from cdm.platform.models.composites import load_production, production
 
     if text.get("prompt") is None:
         raise WorkspaceError("a text workspace samples a prompt: give --prompt TEXT ('' for none)")
@@ -149,7 +149,7 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
     import torch
 
     from cdm.data import save_grid
-    from cdm.platform.composites import load_production, production
+    from cdm.platform.models.composites import load_production, production
 
     ctx = _ctx(workspace)
     if n < 1 or n > 10_000:
@@ -188,7 +188,7 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
 
 def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history: str | None = None,
              grid: str | None = None, candidate: bool = False):
-    from cdm.platform import pipeline_files
+    from cdm.platform.models import pipeline_files
     from flows.evaluation import evaluate as run_evaluation
 
     ctx = _ctx(workspace)
@@ -203,7 +203,7 @@ def evaluate(workspace: str, out: str | None, fail_on_regression: bool, history:
     if grid:
         pipeline_files.write_grid(ctx, grid, alias)
     if text_ws:
-        from cdm.platform.text_evaluate import text_evaluation_text
+        from cdm.platform.evaluation.text_evaluate import text_evaluation_text
 
         text = text_evaluation_text(metrics)
     else:

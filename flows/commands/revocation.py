@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from cdm.platform.errors import CommandFailed, WorkspaceError
+from cdm.platform.workspace.errors import CommandFailed, WorkspaceError
 from flows.commands.common import _ctx, _status
 
 
@@ -25,9 +25,10 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
            token_stdin: bool = False):
     """Checked and begun here (the token stays in this process), out of serving in this process, the rest in a
     background process unless `wait` (it gets the token through a pipe, to search the stores for it)."""
-    from cdm.platform import owner_records, unlearn
-    from cdm.platform.revocations import load, run_step, sweep_needles
-    from cdm.platform.workspace import check_owner_id
+    from cdm.platform.workspace import owner_records
+    from cdm.platform.forgetting import unlearn
+    from cdm.platform.workspace.revocations import load, run_step, sweep_needles
+    from cdm.platform.workspace.paths import check_owner_id
     from flows.unlearning import known_token, unlearn_owner
 
     token = read_token(token, token_stdin)
@@ -111,7 +112,7 @@ def finish_revocation(workspace: str, owner_key: str, token_stdin: bool):
 def sign_revocation(owner_key: str, reason: str | None, token: str | None, token_stdin: bool):
     """The payload of a `cdm.owner.revoked` event, signed with the owner's token (no workspace needed: an owner runs
     this on their own machine and sends the event, or hands the payload to whoever sends it)."""
-    from cdm.platform.owner_records import sign_revocation as sign
+    from cdm.platform.workspace.owner_records import sign_revocation as sign
 
     token = read_token(token, token_stdin)
     if not token:

@@ -1,4 +1,4 @@
-"""`cdm stack up` / `cdm stack down`: the workspace's production stack on this machine (cdm/platform/stack.py)."""
+"""`cdm stack up` / `cdm stack down`: the workspace's production stack on this machine (cdm/platform/stack/services.py)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,8 @@ from flows.commands.common import _status
 
 
 def stack_up(workspace: str, pool: str, s3_endpoint: str | None, progress: bool):
-    from cdm.platform.stack import StackConfig, up
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.stack.services import StackConfig, up
+    from cdm.platform.workspace.paths import Workspace
     from flows.deployments import deploy_to_pool
 
     ws = Workspace(workspace).require()
@@ -24,8 +24,8 @@ def stack_up(workspace: str, pool: str, s3_endpoint: str | None, progress: bool)
 
 
 def stack_down(workspace: str):
-    from cdm.platform.stack import down
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.stack.services import down
+    from cdm.platform.workspace.paths import Workspace
 
     ws = Workspace(workspace).require()
     result = down(ws)

@@ -6,16 +6,17 @@ import contextlib
 import subprocess
 import sys
 
-from cdm.platform.errors import CommandFailed
+from cdm.platform.workspace.errors import CommandFailed
 from flows.commands.common import _ctx
 
 
 def status(workspace: str):
-    from cdm.platform import ledger, owner_records, registry
-    from cdm.platform.composites import production
-    from cdm.platform.gate import active_owners
-    from cdm.platform.revocations import all_revocations, sweep_needles
-    from cdm.platform.shards import load_plan
+    from cdm.platform.workspace import ledger, owner_records
+    from cdm.platform.models import registry
+    from cdm.platform.models.composites import production
+    from cdm.platform.models.gate import active_owners
+    from cdm.platform.workspace.revocations import all_revocations, sweep_needles
+    from cdm.platform.models.shards import load_plan
 
     ctx = _ctx(workspace)
     ws, c = ctx.ws, ctx.client
@@ -78,7 +79,7 @@ def ui(workspace: str, port: int, print_only: bool):
     admin; the password stays in `.cdm/stack/credentials.json` (0600), never on a command line or in output."""
     import os
 
-    from cdm.platform.stack import credentials, mlflow_server_env
+    from cdm.platform.stack.services import credentials, mlflow_server_env
 
     ctx = _ctx(workspace)
     if ctx.stack:  # the stack's tracking server is the UI, authenticated already

@@ -207,7 +207,7 @@ def test_classifier_free_guidance_inside_a_composite_is_refused():
     with pytest.raises(ValueError, match="guidance"):
         CompositeDenoiser(guided, priors, "prior")
     # Also when the members come in a container that is not a list (a served composite's ShardSet).
-    from cdm.platform.serving import ShardSet
+    from cdm.platform.models.serving import ShardSet
 
     with pytest.raises(ValueError, match="guidance"):
         CompositeDenoiser(ShardSet(guided), priors, "prior", evaluation="auto")

@@ -18,10 +18,10 @@ import pytest
 import yaml
 
 from cdm.config import Params
-from cdm.platform import registry
-from cdm.platform.context import Context
+from cdm.platform.models import registry
+from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
-from cdm.platform.gitrepo import commit
+from cdm.platform.workspace.gitrepo import commit
 
 pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 

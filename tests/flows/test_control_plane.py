@@ -13,7 +13,7 @@ import urllib.error
 import urllib.request
 
 from cdm.platform.create import init_workspace
-from cdm.platform.stack import credentials, free_port
+from cdm.platform.stack.services import credentials, free_port
 
 
 def status(url: str, data: bytes | None = None, auth: str | None = None) -> int:

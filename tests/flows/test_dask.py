@@ -17,7 +17,7 @@ import psutil
 import pytest
 import torch
 
-from cdm.platform.context import Context
+from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
 from flows.ingestion import ingest
 from flows.training import placement, run_training

@@ -8,7 +8,7 @@ import time
 import pytest
 
 from cdm.platform.create import init_workspace
-from cdm.platform.owner_records import sign_revocation
+from cdm.platform.workspace.owner_records import sign_revocation
 from flows.deployments import REVOKED_EVENT, deployments
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from cdm.config import Params
-from cdm.platform import owner_records, registry
+from cdm.platform.workspace import owner_records
+from cdm.platform.models import registry
 from cdm.platform.create import init_workspace
-from cdm.platform.workspace import Workspace
+from cdm.platform.workspace.paths import Workspace
 
 pytestmark = pytest.mark.slow
 CDM = [sys.executable, "-m", "flows.cli"]
@@ -85,7 +86,7 @@ KILL_AFTER = {"plan": "erin", "go_live": "carol", "retrain": "bob", "forgetting_
 
 
 def steps_done(ws: Workspace, owner: str) -> list[str]:
-    from cdm.platform.revocations import load
+    from cdm.platform.workspace.revocations import load
 
     rec = owner_records.record(ws, ws.owner_key(owner))
     try:
@@ -183,9 +184,9 @@ def test_unlearning_killed_inside_a_step_completes_on_rerun(ws_faults, point):
     assert searched.get("sample file bytes", 0) > 0 and searched.get("sample pixels", 0) > 0, (point, searched)
     prod = registry.alias_version(c, registry.COMPOSITE)
     assert prod is not None and key not in json.loads(prod.tags["cdm.owner_keys"])
-    from cdm.platform import ledger
+    from cdm.platform.workspace import ledger
 
-    from cdm.platform.revocations import load
+    from cdm.platform.workspace.revocations import load
 
     # One ledger entry, whose hash is the certificate's (a rerun after a kill in certify certifies the same document).
     recorded = load(ws, cert["request_id"]).certify
@@ -286,7 +287,8 @@ def test_composition_killed_while_logging_is_completed_by_a_rerun(ws2):
 
 
 def test_ingestion_concurrent_with_a_revocation_gives_the_sequential_result(ws2):
-    from cdm.platform import dvc, ledger
+    from cdm.platform.data import dvc
+    from cdm.platform.workspace import ledger
 
     ws, sources = ws2
     bob_md5 = {dvc.md5_bytes(f.read_bytes()) for f in sources["bob"].rglob("*.png")}

@@ -19,12 +19,14 @@ from pathlib import Path
 import pytest
 
 from cdm.config import Params
-from cdm.platform import dvc, ledger, owner_records, registry
-from cdm.platform.context import Context
+from cdm.platform.data import dvc
+from cdm.platform.workspace import ledger, owner_records
+from cdm.platform.models import registry
+from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
-from cdm.platform.errors import OwnerRevoked
-from cdm.platform.ingest import IngestionRejected
-from cdm.platform.revocations import all_revocations
+from cdm.platform.workspace.errors import OwnerRevoked
+from cdm.platform.data.ingest import IngestionRejected
+from cdm.platform.workspace.revocations import all_revocations
 from flows.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
@@ -444,8 +446,8 @@ def test_malformed_or_missing_configuration_exits_2_and_changes_nothing(story, c
 
 def test_verification_catches_a_trace_planted_in_each_store(story, s3):
     """A made-up owner's raw id, sample hash and token planted in every store: the scan names each store."""
-    from cdm.platform.scan import Needles, scan
-    from cdm.platform.stores import workspace_stores
+    from cdm.platform.forgetting.scan import Needles, scan
+    from cdm.platform.forgetting.stores import workspace_stores
     from prefect.client.orchestration import get_client
 
     ws, ctx = story["ws"], story["ctx"]

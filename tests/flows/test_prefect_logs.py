@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from cdm.platform import cleanup, owner_records
-from cdm.platform.workspace import Workspace
+from cdm.platform.forgetting import stores
+from cdm.platform.workspace import owner_records
+from cdm.platform.workspace.paths import Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -102,7 +103,7 @@ def test_run_logs_reach_prefect_redacted_and_the_purge_deletes_what_got_there(tm
         if event_names_raw(db):
             break
         time.sleep(1)
-    assert cleanup.purge_prefect_logs(db, RAW, key) >= 3  # the two log lines and the failed state's message
+    assert stores.purge_prefect_logs(db, RAW, key) >= 3  # the two log lines and the failed state's message
     assert run_log_messages(leaked) == [] and RAW.encode() not in db_bytes(db)
     assert run_log_messages(clean)  # the redacted lines stay
 

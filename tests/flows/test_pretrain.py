@@ -12,10 +12,10 @@ import pytest
 
 from cdm.config import Params
 from cdm.data import digits_uint8, heldout_split, write_class_folders
-from cdm.platform import registry
-from cdm.platform.context import Context
+from cdm.platform.models import registry
+from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
-from cdm.platform.errors import WorkspaceError
+from cdm.platform.workspace.errors import WorkspaceError
 from flows.cli import main as cli
 
 # ~35 s of training: in `make test-slow`, beside the other end-to-end runs.
@@ -24,7 +24,7 @@ pytestmark = [pytest.mark.usefixtures("prefect_harness"), pytest.mark.slow]
 
 def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(tmp_path, small_params,
                                                                              digit_owners):
-    from cdm.platform.ingest import ingest
+    from cdm.platform.data.ingest import ingest
     from flows.training import pretrain, run_training
 
     p = small_params()
@@ -63,7 +63,7 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
                                                                    artifact_path="public_manifest.json")).read_text())
     assert len(manifest) == n_public and {m["label"] for m in manifest} <= set(range(10))
     # The evaluation's "unseen" data leaves out every public image the initialization was trained on.
-    from cdm.platform.evaluate import heldout, unseen
+    from cdm.platform.evaluation.evaluate import heldout, unseen
 
     left = unseen(Context.load(ws.root))
     assert not set(left.ids) & {m["sha256"] for m in manifest}
@@ -84,8 +84,8 @@ def test_pretrain_refuses_owner_data_and_shards_start_from_the_registered_init(t
 
 def test_lora_compartments_register_adapters_alone_and_a_revocation_never_touches_the_base(
         tmp_path, small_params, digit_owners, monkeypatch):
-    from cdm.platform.composites import load_production
-    from cdm.platform.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT
+    from cdm.platform.models.composites import load_production
+    from cdm.platform.models.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT
     from flows.ingestion import ingest
     from flows.training import pretrain
 
@@ -128,7 +128,7 @@ def test_lora_compartments_register_adapters_alone_and_a_revocation_never_touche
     assert all(key not in json.loads(mv.tags["cdm.owner_keys"]) for mv in left) and len(left) == 1
     init_after = c.get_model_version(registry.INIT, base["version"])  # the base is untouched
     assert init_after.tags["cdm.weights_sha256"] == init_before.tags["cdm.weights_sha256"]
-    from cdm.platform.revocations import all_revocations
+    from cdm.platform.workspace.revocations import all_revocations
 
     cert = all_revocations(ws)[0].certify
     assert cert["verification"]["ok"] and cert["shared_base"]["version"] == base["version"]

@@ -66,7 +66,7 @@ def stack_run(request):
 
 
 def run_stack(small_params, digit_owners, full: bool):
-    from cdm.platform.stack import Stack, s3_client
+    from cdm.platform.stack.services import Stack, s3_client
     from tests.flows.test_pipeline import upload
 
     # PostgreSQL runs as the `postgres` user when we are root: the workspace must be reachable by it.
@@ -87,7 +87,7 @@ def run_stack(small_params, digit_owners, full: bool):
         upload(s3, sources["alice"], "owners", "alice")
         out["ingest"] = {"alice": cdm("ingest", "alice", "s3://owners/alice", "--workspace", str(ws.root))}
         out["unauthenticated"] = unauthenticated_requests(stack)
-        from cdm.platform.stack import s3_keys
+        from cdm.platform.stack.services import s3_keys
 
         out["s3_keys"] = s3_keys(ws)  # made by the S3 server at its start, removed at `down`
         if full:
@@ -102,7 +102,7 @@ def run_stack(small_params, digit_owners, full: bool):
 def whole_story(out: dict, ws, stack, s3, sources) -> None:
     """After one ingestion: a second owner, training on Dask, compose, bob's revocation by event on the work pool,
     the registry and the bucket as they are after it, and a probe of every store for alice's key."""
-    from cdm.platform.stack import client_env
+    from cdm.platform.stack.services import client_env
 
     out["ingest"]["bob"] = cdm("ingest", "bob", str(sources["bob"]), "--workspace", str(ws.root))
     out["train"] = cdm("train", "--workspace", str(ws.root))
@@ -110,7 +110,7 @@ def whole_story(out: dict, ws, stack, s3, sources) -> None:
     # bob revokes by event: the stack's automation creates a flow run of `on-revocation` on the work pool.
     bob = out["ingest"]["bob"]
     emit = ("from prefect.events import emit_event; import sys; "
-            "from cdm.platform.owner_records import sign_revocation; "
+            "from cdm.platform.workspace.owner_records import sign_revocation; "
             "emit_event('cdm.owner.revoked', resource={'prefect.resource.id': 'cdm.owner.' + sys.argv[1]}, "
             "payload=sign_revocation(sys.stdin.readline().strip(), sys.argv[1], 'consent withdrawn'))")
     subprocess.run([sys.executable, "-c", emit, bob["owner_key"]], input=bob["token"] + "\n", text=True,
@@ -186,8 +186,8 @@ def unauthenticated_requests(stack) -> dict[str, int]:
 
 
 def wait_for_revocation(root: Path, timeout: float) -> dict:
-    from cdm.platform.revocations import all_revocations
-    from cdm.platform.workspace import Workspace
+    from cdm.platform.workspace.revocations import all_revocations
+    from cdm.platform.workspace.paths import Workspace
 
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -223,8 +223,8 @@ def sample_and_probe(root: Path, alice_key: str) -> dict:
     stack's tracking server; and the positive control of the stack's stores: a remaining owner's key, which the
     registry holds in tags, is found in each of them (so that finding nothing of bob means something)."""
     code = ("import json, sys, collections, mlflow; from flows.cli import env_defaults; env_defaults(); "
-            "from cdm.platform.context import Context; from cdm.platform.stores import workspace_stores; "
-            "from cdm.platform.scan import scan, Needles; ctx = Context.load(sys.argv[1]); _ = ctx.client; "
+            "from cdm.platform.workspace.context import Context; from cdm.platform.forgetting.stores import workspace_stores; "
+            "from cdm.platform.forgetting.scan import scan, Needles; ctx = Context.load(sys.argv[1]); _ = ctx.client; "
             "out = mlflow.pyfunc.load_model('models:/cdm-composite@production').predict({'n': 16, 'seed': 0}); "
             "r = scan(workspace_stores(ctx), Needles(None, {sys.argv[2]: 'key'}, {})); "
             "print(json.dumps({'stores': collections.Counter(f.store for f in r.findings), "
@@ -303,7 +303,7 @@ def test_the_purge_check_asks_the_server_and_the_bucket_and_finds_nothing(story)
 def test_stack_down_stops_every_process(stack_run):
     stack = stack_run["stack"]
     assert set(stack_run["down"]["stopped"]) >= {"worker", "prefect", "mlflow", "s3", "postgres"}
-    from cdm.platform.stack import alive
+    from cdm.platform.stack.services import alive
 
     assert not [name for name, pid in stack.pids.items() if alive(pid)]
     assert not (stack_run["ws"].root / ".cdm" / "stack" / "pg" / "postmaster.pid").exists()

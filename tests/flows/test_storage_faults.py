@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from cdm.platform import dvc
-from cdm.platform.context import Context
+from cdm.platform.data import dvc
+from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
-from cdm.platform.workspace import Workspace
+from cdm.platform.workspace.paths import Workspace
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")
 
@@ -85,12 +85,12 @@ def test_s3_errors_are_retried_with_backoff_and_the_push_completes(faulty, caplo
 
     proxy.errors(10**9)  # every request answered 503 until healed: DVC's push fails, ours retries
     handler = HealOnRetry()
-    logging.getLogger("cdm.platform.dvc").addHandler(handler)
+    logging.getLogger("cdm.platform.data.dvc").addHandler(handler)
     try:
-        with caplog.at_level("WARNING", logger="cdm.platform.dvc"):
+        with caplog.at_level("WARNING", logger="cdm.platform.data.dvc"):
             result = ingest(ctx, "bob", str(sources["bob"]))
     finally:
-        logging.getLogger("cdm.platform.dvc").removeHandler(handler)
+        logging.getLogger("cdm.platform.data.dvc").removeHandler(handler)
     assert result["total"] == 60 and proxy.errored > 0
     retries = [r.getMessage() for r in caplog.records if "retrying" in r.getMessage()]
     assert len(retries) == 1 and "attempt 1 of 3" in retries[0] and "in 0.5 s" in retries[0], retries
@@ -104,8 +104,8 @@ def assert_remote_in_sync(ws: Workspace) -> None:
 
 
 def test_unreadable_s3_object_and_missing_bucket_are_refused_naming_them(faulty, workspace_snapshot):
-    from cdm.platform.ingest import IngestionRejected
-    from cdm.platform.sources import SourceError
+    from cdm.platform.data.ingest import IngestionRejected
+    from cdm.platform.data.sources import SourceError
     from flows.ingestion import ingest
 
     ctx, proxy, sources, s3 = faulty

@@ -12,8 +12,8 @@ import pytest
 import yaml
 
 from cdm.config import Params
-from cdm.platform import registry
-from cdm.platform.context import Context
+from cdm.platform.models import registry
+from cdm.platform.workspace.context import Context
 from cdm.text.base import TextBaseConfig, build_base, save_base, write_tokenizer
 from cdm.text.digits import write_demo_owners
 from flows.cli import main as cli
@@ -97,7 +97,7 @@ def test_a_prompt_only_one_owner_matches_is_attributed_to_her(story, capsys):
     assert all(abs(sum(s["attribution"].values()) - 1) < 1e-4 and set(s["attribution"]) == set(OWNERS)
                for s in doc["samples"])
     # `prior` draws each sample's compartment from p(i | c); `average` weighs by p(i | c) itself: her share.
-    from cdm.platform.composites import load_production
+    from cdm.platform.models.composites import load_production
 
     with load_production(Context.load(ws.root)) as model:
         out = model.predict({"prompt": f"a {colour} 3 on the left", "n": 1, "estimator": "average",
@@ -133,7 +133,7 @@ def test_revoking_a_text_owner_deletes_her_adapter_captions_and_latents_and_leav
     holding = [p for p in ws.root.rglob("*") if p.is_file() and any(c.encode() in p.read_bytes() for c in captions)]
     assert holding  # the search below can find her captions: it does before the revocation
     # A server that loaded the composite (and her compartment) before the revocation.
-    from cdm.platform.composites import load_production
+    from cdm.platform.models.composites import load_production
     from cdm.text.digits import colour_domains
 
     prompt = f"a {colour_domains(3)[1].colours[0]} 5 on the right"  # her colours only
@@ -169,7 +169,7 @@ def prior_sha(ctx) -> str:
     """sha256 of production's prompt prior."""
     import hashlib
 
-    from cdm.platform.composites import production
+    from cdm.platform.models.composites import production
 
     with registry.model_files(ctx.client, registry.COMPOSITE, production(ctx)[0], ctx.ws.tmp_dir) as files:
         return hashlib.sha256((files / "prior.safetensors").read_bytes()).hexdigest()

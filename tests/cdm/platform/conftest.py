@@ -25,9 +25,9 @@ def begin_needles():
     """`take(ctx, owner, request_id)`: a revocation record of `owner` (not saved) and its needles file written as
     `begin` writes it, while the owner's data exists."""
     def take(ctx, owner: str, request_id: str):
-        from cdm.platform import owner_records
-        from cdm.platform.revocations import Revocation, needles_path
-        from cdm.platform.verification import write_needles
+        from cdm.platform.workspace import owner_records
+        from cdm.platform.workspace.revocations import Revocation, needles_path
+        from cdm.platform.forgetting.verification import write_needles
 
         key = ctx.ws.owner_key(owner)
         rev = Revocation(request_id=request_id, owner_key=key, received="now", received_ts=0.0)
