@@ -41,17 +41,35 @@ def env_defaults() -> None:
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 
+# Commands that run Prefect flows (or serve them): only these import Prefect and route its loggers; the others
+# (status, sample, promote, consent, ci-report, ui, init, stack down) answer without it.
+FLOW_COMMANDS = {"demo", "ingest", "train", "pretrain", "compose", "revoke", "finish-revocation", "evaluate", "serve",
+                 "stack up"}
+# Of those, the ones that run flows against the workspace's own API (flows/prefect_api.py): `serve` starts its own
+# server with the UI on :4200; `stack up` deploys to the stack's; `demo` creates its workspace as it goes.
+LOCAL_API_COMMANDS = FLOW_COMMANDS - {"serve", "stack up", "demo"}
+
+
 @contextlib.contextmanager
-def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
-    """The workspace's Prefect home (unless PREFECT_API_URL is set) and logging: library log records and warnings
-    go to `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw
-    owner ids — the records' and `owners` named on the command line — replaced by their keys."""
+def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), command: str = ""):
+    """The workspace's Prefect home and API (unless PREFECT_API_URL is set: a flow command uses the workspace's
+    running API, `flows/prefect_api.py`) and logging: library log records and warnings go to
+    `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw owner
+    ids — the records' and `owners` named on the command line — replaced by their keys."""
     stack = _stack_env(root)
-    saved = {k: os.environ.get(k) for k in {"PREFECT_HOME", "PREFECT_API_URL", *stack}}
+    saved = {k: os.environ.get(k) for k in {"PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", *stack}}
     if stack:
         os.environ.update(stack)
     elif not os.environ.get("PREFECT_API_URL"):
         os.environ["PREFECT_HOME"] = str(root / ".cdm" / "prefect")
+        if command in LOCAL_API_COMMANDS and (root / "params.yaml").is_file():
+            from flows import prefect_api
+
+            if prefect_api.wanted():
+                from cdm.platform.stack.services import credentials
+                from cdm.platform.workspace.paths import Workspace
+
+                os.environ.update(prefect_api.ensure(root, credentials(Workspace(root))["prefect_auth"]))
     if (root / "params.yaml").is_file() or not root.exists() or not any(root.iterdir()):
         log_file = root / ".cdm" / "logs" / "cdm.log"  # a workspace, or one about to be created
     else:  # not a workspace: leave no trace in someone else's folder
@@ -68,12 +86,12 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = ()):
 
         redact = RedactOwnerIds(Workspace(root), also=owners)
         handler.addFilter(redact)
-    import prefect  # noqa: F401 - configures its loggers on import; we route them below
-
+    if command in FLOW_COMMANDS or "prefect" in sys.modules:
+        import prefect  # noqa: F401 - configures its loggers on import; we route them below
     # Prefect's API log handlers send records to its database: redacted there too.
     from flows import api_log_handlers
 
-    api_handlers = api_log_handlers() if redact is not None else []
+    api_handlers = api_log_handlers() if redact is not None and "prefect" in sys.modules else []
     for h in api_handlers:
         h.addFilter(redact)
 
@@ -139,15 +157,16 @@ def classify(e: BaseException) -> tuple[int, str]:
     return code, (lines[0] if lines else type(e).__name__) + (f" (+{len(lines) - 1} lines: --json)" if len(lines) > 1 else "")
 
 
-def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args) -> None:
+def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args, flows: bool | None = None) -> None:
     """Run one command's function `fn(*args) -> (result, text)` in the workspace's environment; exit with the
-    contract's code."""
+    contract's code. `flows`: whether this invocation runs Prefect flows here (default: by `FLOW_COMMANDS`)."""
     real_stdout = sys.stdout
     root = Path(workspace).expanduser().resolve()
     code, result, text, message = 0, None, "", None
     try:
         owners = (args[1],) if name in ("revoke", "ingest", "consent") and len(args) > 1 else ()
-        with workspace_env(root, verbose, tuple(o for o in owners if isinstance(o, str))) as log_file:
+        uses = name if flows is None else (name if flows else "")
+        with workspace_env(root, verbose, tuple(o for o in owners if isinstance(o, str)), uses) as log_file:
             # With --json, stdout carries only the JSON document; everything else goes to stderr.
             with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
                 try:
@@ -363,8 +382,10 @@ def revoke(owner, reason, token_stdin, token, wait, workspace, want_json, verbos
     at its next request), then in the background: retrain shared shards, purge, scan every store, certify."""
     from flows import commands
 
+    # Without --wait no flow runs here (acceptance and going live are recorded steps; the rest runs in the
+    # background process): Prefect is neither imported nor started before the owner is out of serving.
     run("revoke", workspace, want_json, verbose, commands.revoke, workspace, owner, reason, token, wait,
-        bars(want_json), token_stdin)
+        bars(want_json), token_stdin, flows=wait)
 
 
 @cli.command("sign-revocation")

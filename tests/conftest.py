@@ -13,6 +13,10 @@ from flows.cli import env_defaults  # noqa: E402
 
 env_defaults()  # the CLI's: Prefect start-up timeout, telemetry off
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# One ephemeral Prefect server per command, as before the workspace's persistent API (flows/prefect_api.py): the
+# suite's workspaces are temporary folders a lasting server would outlive. tests/flows/test_prefect_api.py runs the
+# persistent one.
+os.environ.setdefault("CDM_PREFECT_API", "ephemeral")
 # Credentials for the loopback S3 server (moto accepts any).
 os.environ.setdefault("AWS_ACCESS_KEY_ID", "testing")
 os.environ.setdefault("AWS_SECRET_ACCESS_KEY", "testing")

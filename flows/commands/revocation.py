@@ -29,7 +29,6 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
     from cdm.platform.forgetting import unlearn
     from cdm.platform.workspace.revocations import load, run_step, sweep_needles
     from cdm.platform.workspace.paths import check_owner_id
-    from flows.unlearning import known_token, unlearn_owner
 
     token = read_token(token, token_stdin)
     ctx = _ctx(workspace)
@@ -50,6 +49,8 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         proof = owner_records.sign_revocation(token, key, reason)
     rev = unlearn.begin(ctx, key, proof, reason)
     if wait:
+        from flows.unlearning import known_token, unlearn_owner
+
         marker = known_token.set(token)
         try:
             with _status(f"revoking {owner}: live without them, retrain, purge, scan, certify", progress):

@@ -25,8 +25,6 @@ import time
 import uuid
 from pathlib import Path
 
-import torch
-
 from cdm.platform.models import cleanup, registry
 from cdm.platform.data import dvc
 from cdm.platform.workspace import ledger, owner_records
@@ -273,6 +271,8 @@ def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: boo
 def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retrained) -> Forgetting:
     """Membership-inference AUC of the owner's samples vs held-out samples of the same labels, before and after.
     Score: the lowest denoising loss over the composite's shards (an attacker who can query every component)."""
+    import torch
+
     from cdm.metrics import membership_verdict
     from cdm.platform.evaluation.evaluate import base_membership_auc, composite_membership_auc, heldout
 

@@ -17,8 +17,6 @@ import hashlib
 import json
 from pathlib import Path
 
-import torch
-
 from cdm.platform.data import dvc
 from cdm.platform.workspace import owner_records
 from cdm.platform.models import registry
@@ -57,6 +55,8 @@ def needles(ctx: Context, rev: Revocation, token: str | None = None) -> tuple[Ne
     key, the token (in clear when this process holds it) and its hash, the owner's sample hashes and DVC object ids,
     each sample's file bytes and decoded pixels. Content another remaining owner also holds is theirs and left out.
     Returns (needles, whether pixels are included)."""
+    import torch
+
     from cdm.data import load_image_bytes
 
     rec = owner_records.record(ctx.ws, rev.owner_key)

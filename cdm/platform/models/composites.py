@@ -13,14 +13,11 @@ import json
 from dataclasses import asdict
 from pathlib import Path
 
-import torch
-
 from cdm.config import model_config
 from cdm.platform.models import gate, registry
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import WorkspaceError
 from cdm.platform.models.shards import load_plan, load_shard_data
-from cdm.schedulers import NoiseSchedule
 
 
 class NothingToCompose(WorkspaceError):
@@ -39,6 +36,8 @@ def _shard_entry(sid: str, mv) -> dict:
 def _spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[str]) -> dict:
     if not shards:
         raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
+    from cdm.schedulers import NoiseSchedule
+
     p = ctx.params.compose
     if ctx.params.data.conditioning == "text":
         return _text_spec(ctx, shards, estimator, revocations)
@@ -105,9 +104,12 @@ def spec_with_shards(ctx: Context, spec: dict, updated: list[str], estimator: st
 
 def train_spec_router(ctx: Context, spec: dict, path: Path, progress: bool = False) -> Path:
     """Train the router on the spec's shards' current data (only theirs) and save it (safetensors)."""
+    import torch
+
     from cdm.compose import RouterConfig, train_router
     from cdm.data import Dataset
     from cdm.safetensors_io import save_tree
+    from cdm.schedulers import NoiseSchedule
 
     plan = load_plan(ctx.ws)
     parts, shard_of = [], []
@@ -197,6 +199,8 @@ def register(ctx: Context, spec: dict, progress: bool = False, grid: bool = True
 def sample_grid(model, path: Path) -> Path:
     """A PNG grid of 20 samples (seed 0, two rows) of a loaded composite: the one every composite's run logs and
     `cdm compose --out` writes."""
+    import torch
+
     from cdm.data import save_grid
 
     # A text composite: the empty prompt (every compartment by its share of the captions), not an owner's caption.

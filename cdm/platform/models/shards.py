@@ -12,17 +12,20 @@ import hashlib
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from cdm.config import Params, model_config, train_config
-from cdm.data import Dataset
-from cdm.model import ModelConfig, save_unet
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import WorkspaceError
 from cdm.platform.workspace.fileio import atomic_write
 from cdm.platform.workspace.paths import Workspace
-from cdm.schedulers import NoiseSchedule
+
+if TYPE_CHECKING:  # torch and the diffusion core load where a function trains or samples: `cdm status` needs none
+    import torch
+
+    from cdm.data import Dataset
+    from cdm.model import ModelConfig
+    from cdm.schedulers import NoiseSchedule
 
 
 @dataclass
@@ -32,6 +35,8 @@ class ShardData:
     owners: list[str]
 
     def owner_counts(self, ws: Workspace) -> dict[str, int]:
+        import torch
+
         counts = torch.bincount(self.owner_index, minlength=len(self.owners)).tolist()
         return {ws.owner_key(o): int(n) for o, n in zip(self.owners, counts)}
 
@@ -101,6 +106,10 @@ def _group_id(ws: Workspace, owners: list[str]) -> str:
 
 
 def load_shard_data(ws: Workspace, owners: list[str], params: Params) -> ShardData:
+    import torch
+
+    from cdm.data import Dataset
+
     d = params.data
     parts, index = [], []
     for i, owner in enumerate(owners):
@@ -117,6 +126,8 @@ def owner_slices(ws: Workspace, shard_id: str, shard: ShardData, num_slices: int
     """Slices of a group shard follow its owners in ingestion order (owner of rank r starts at slice
     r * num_slices // n_owners), so revoking a later owner resumes from the checkpoint before its data.
     A single-owner shard keeps the default (by content hash)."""
+    import torch
+
     if not shard_id.startswith(GROUP_PREFIX):
         return None
     first_seen = {o: min(s["consent_time"] for s in ws.manifest(o)["samples"]) for o in shard.owners}
@@ -141,10 +152,12 @@ def manifest_hash(ws: Workspace, owners: list[str]) -> str:
 
 def preview_grid(unet, cfg: ModelConfig, path: Path, steps: int = 20, seed: int = 0) -> Path:
     """A 2-row grid: one sample per label, then unconditional samples."""
+    import torch
+
     from cdm.data import save_grid
     from cdm.model import UNetDenoiser
     from cdm.pipeline import CDMPipeline
-    from cdm.schedulers import sampling_scheduler
+    from cdm.schedulers import NoiseSchedule, sampling_scheduler
 
     labels = torch.cat([torch.arange(cfg.num_classes), torch.full((cfg.num_classes,), cfg.null_label)])
     pipe = CDMPipeline(UNetDenoiser(unet, cfg.null_label), sampling_scheduler(NoiseSchedule()),
@@ -161,6 +174,7 @@ def train_and_register(ctx: Context, name: str, owners: list[str], steps: int | 
     steps run, resumed slice, final loss.
     """
     from cdm.platform.models import cleanup, gate, registry
+    from cdm.schedulers import NoiseSchedule
 
     if ctx.params.data.conditioning == "text":  # a compartment on the text-to-image base
         from cdm.platform.models.text_models import train_and_register_text
@@ -255,6 +269,7 @@ def stored_weights(result, tcfg, init: dict | None, tmp: Path) -> tuple[Path, di
     """What a trained shard registers: the full UNet folder, or a LoRA compartment's adapter alone with the base
     it needs. -> (folder, its record for `meta.json`: kind, weights_sha256 [, base, parameters, bytes])."""
     from cdm.adapters import save_adapter, size
+    from cdm.model import save_unet
     from cdm.platform.models import registry
     from cdm.platform.models.weights import ADAPTER_ARTIFACT, UNET_ARTIFACT, WEIGHTS_FILE, adapter_sha256, sha256_file
 
