@@ -8,7 +8,7 @@ PIP    := $(VENV)/bin/pip
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install postgres test test-slow demo demo-text bench bench-lora bench-memorization bench-lr bench-text bench-sweep clean
+.PHONY: install postgres test test-slow demo demo-text bench bench-lora bench-memorization bench-lr bench-text bench-sweep bench-cli clean
 
 install: $(STAMP)
 
@@ -54,6 +54,10 @@ bench-lora: install
 	$(PY) bench/regime.py --kinds lora --seeds 0 1 2 --out-name lora
 bench-memorization: install
 	$(PY) bench/memorization.py
+
+# How long commands take as new processes on the embedded default (bench/cli.json, ~5 min).
+bench-cli: install
+	$(PY) bench/cli.py
 
 # The learning-rate rule's sweep (bench/lr_sweep.json), and the equal-compute budget sweep.
 bench-lr: install

@@ -230,6 +230,9 @@ def row(bench: Bench, kind: str, regime: str, budget: int | None, seeds: list[in
 
     a, per_seed = bench.args, list(done or [])
     worse = sum(r["shards_worse_than_base"] for r in per_seed)
+    if per_seed:  # a resumed row: its kept seeds are saved before the first new one is trained
+        results["in_progress"] = {"kind": kind, "regime": regime, "budget": budget, "seeds": per_seed}
+        checkpoint()
     for seed in seeds:
         if any(r["seed"] == seed for r in per_seed):
             continue

@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 import numpy as np
-import torch
 
+# torch is imported inside the functions that use it: ingestion hashes and validates files without it (a new
+# `cdm ingest` process then skips its ~1.5 s import).
 PartitionName = Literal["iid", "by-class"]
 IMAGE_SUFFIXES = (".png",)
 
@@ -30,17 +31,23 @@ class Dataset:
         return len(self.ids)
 
     def subset(self, index: Sequence[int] | torch.Tensor) -> "Dataset":
+        import torch
+
         index = torch.as_tensor(index, dtype=torch.long)
         return Dataset(self.x[index], self.y[index], [self.ids[i] for i in index.tolist()])
 
     @staticmethod
     def concat(parts: Sequence["Dataset"]) -> "Dataset":
+        import torch
+
         parts = [p for p in parts if len(p)]
         if not parts:
             raise ValueError("no samples to concatenate")
         return Dataset(torch.cat([p.x for p in parts]), torch.cat([p.y for p in parts]), sum((p.ids for p in parts), []))
 
     def class_counts(self, num_classes: int) -> torch.Tensor:
+        import torch
+
         return torch.bincount(self.y, minlength=num_classes)
 
 
@@ -50,6 +57,8 @@ def sha256_bytes(data: bytes) -> str:
 
 def image_to_tensor(image, image_size: int, channels: int) -> torch.Tensor:
     """A PIL image as a [channels, size, size] tensor in [-1, 1]. 16-bit, palette and alpha images are converted."""
+    import torch
+
     from PIL import Image
 
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
@@ -88,6 +97,8 @@ def load_folder(root: str | Path, image_size: int, channels: int, labels: Sequen
     Raises:
         ValueError: when a label folder is not in `labels` or the folder holds no image.
     """
+    import torch
+
     root = Path(root)
     xs, ys, ids = [], [], []
     allowed = {str(label) for label in labels}
@@ -108,6 +119,8 @@ def load_folder(root: str | Path, image_size: int, channels: int, labels: Sequen
 
 def tensor_to_uint8(x: torch.Tensor) -> np.ndarray:
     """[N, C, H, W] in [-1, 1] -> uint8 array [N, H, W, C]."""
+    import torch
+
     arr = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     return arr.permute(0, 2, 3, 1).cpu().numpy()
 
@@ -272,6 +285,8 @@ def write_demo_owners(
 def digits_dataset(index: np.ndarray | None = None) -> Dataset:
     """The bundled digits (optionally a subset) as a `Dataset` in [-1, 1], 1x8x8; ids are the content ids of the
     PNG files `write_class_folders` writes for them (`png_bytes`), as a workspace's manifests record them."""
+    import torch
+
     images, labels = digits_uint8()
     if index is not None:
         images, labels = images[index], labels[index]

@@ -16,8 +16,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import torch
-
 METADATA = "metadata.jsonl"
 
 
@@ -33,12 +31,16 @@ class CaptionedDataset:
         return len(self.ids)
 
     def subset(self, index: Sequence[int]) -> "CaptionedDataset":
+        import torch
+
         index = list(index)
         return CaptionedDataset(self.x[torch.as_tensor(index, dtype=torch.long)],
                                 [self.captions[i] for i in index], [self.ids[i] for i in index])
 
     @staticmethod
     def concat(parts: Sequence["CaptionedDataset"]) -> "CaptionedDataset":
+        import torch
+
         parts = [p for p in parts if len(p)]
         if not parts:
             raise ValueError("no samples to concatenate")
@@ -104,6 +106,8 @@ def read_imagefolder(root: str | Path) -> tuple[list[tuple[str, bytes]], dict[st
 
 def load_imagefolder(root: str | Path, image_size: int) -> CaptionedDataset:
     """An imagefolder as a `CaptionedDataset` (RGB, `image_size`), in file-name order."""
+    import torch
+
     from cdm.data import load_image_bytes, sha256_bytes
 
     files, captions = read_imagefolder(root)
