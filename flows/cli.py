@@ -57,7 +57,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), comma
     `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw owner
     ids — the records' and `owners` named on the command line — replaced by their keys."""
     stack = _stack_env(root)
-    saved = {k: os.environ.get(k) for k in {"PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING", *stack}}
+    saved = {k: os.environ.get(k) for k in {"PREFECT_HOME", "PREFECT_API_URL", "PREFECT_API_AUTH_STRING",
+                                             "CDM_WORKSPACE_PREFECT_API", *stack}}
     if stack:
         os.environ.update(stack)
     elif not os.environ.get("PREFECT_API_URL"):
@@ -69,7 +70,11 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), comma
                 from cdm.platform.stack.services import credentials
                 from cdm.platform.workspace.paths import Workspace
 
-                os.environ.update(prefect_api.ensure(root, credentials(Workspace(root))["prefect_auth"]))
+                try:
+                    os.environ.update(prefect_api.ensure(root, credentials(Workspace(root))["prefect_auth"]))
+                except Exception as e:  # noqa: BLE001 - the command still runs, on a server of its own
+                    print(f"cdm: the workspace's Prefect API is not available ({type(e).__name__}: {e}); this "
+                          "command starts its own", file=sys.stderr)
     if (root / "params.yaml").is_file() or not root.exists() or not any(root.iterdir()):
         log_file = root / ".cdm" / "logs" / "cdm.log"  # a workspace, or one about to be created
     else:  # not a workspace: leave no trace in someone else's folder

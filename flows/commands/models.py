@@ -146,14 +146,11 @@ def sample_text(ctx, n: int, consumer: str | None, seed: int, out: str | None, t
 
 def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed: int, out: str | None,
            text: dict | None = None):
-    import torch
-
-    from cdm.data import save_grid
     from cdm.platform.models.composites import load_production, production
 
-    ctx = _ctx(workspace)
     if n < 1 or n > 10_000:
         raise WorkspaceError("--n must be between 1 and 10000")
+    ctx = _ctx(workspace)
     text = {k: v for k, v in (text or {}).items() if v is not None}
     if ctx.params.data.conditioning == "text":
         if label is not None:
@@ -176,6 +173,10 @@ def sample(workspace: str, n: int, label: int | None, consumer: str | None, seed
         raise WorkspaceError(f"no remaining owner's data holds label {label}; the shards served cover labels {served}")
     request = {"n": n, "seed": seed, **({"label": label} if label is not None else {}),
                **({"allowed_owners": allowed} if allowed is not None else {})}
+    import torch  # after every refusal: a refused request answers without loading it
+
+    from cdm.data import save_grid
+
     with load_production(ctx) as model:
         out_dict = model.predict(request)
     path = Path(out) if out else ctx.ws.root / "outputs" / "samples.png"

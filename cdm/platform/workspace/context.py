@@ -79,8 +79,12 @@ class Context:
         from cdm.platform.workspace.fileio import atomic_write
 
         path = self.ws.used_stores_path
+        # The workspace's own Prefect API (flows/prefect_api.py, CDM_WORKSPACE_PREFECT_API) keeps its runs in the
+        # workspace's Prefect home, on a port that changes each time it starts: what is used is the home.
+        api = os.environ.get("PREFECT_API_URL")
+        own = api is not None and api == os.environ.get("CDM_WORKSPACE_PREFECT_API")
         now = {"mlflow": self.tracking_uri, "artifacts": self.artifact_root,
-               "prefect": os.environ.get("PREFECT_API_URL") or str(self.ws.prefect_home)}
+               "prefect": str(self.ws.prefect_home) if not api or own else api}
         used = json.loads(path.read_text()) if path.exists() else {}
         if all(v in used.get(k, []) for k, v in now.items()):
             return
