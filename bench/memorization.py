@@ -23,10 +23,10 @@ interval, `cdm.metrics.auc_interval_of`) for the paragon (its ELBO), the composi
 attacker who queries each compartment (the lowest low-t denoising loss); every AUC is read as a paired difference
 to the negative control's on the same images, over seeds.
 
-Known limits (not yet run in full; `--quick` exercises every path): the seeds reuse the same 100 members and 100
-non-members and the base control is one model, so the t interval over seeds leaves out the image-sampling noise of
-an AUC and "leaks beyond the control" is overconfident; a paired bootstrap over images inside each seed, combined
-with the seed variance, is the fix. The equal-epochs and equal-steps arms differ only in the compartments' steps.
+Every seed scores the same 100 members and 100 non-members (and the base control is one model), so each
+"minus the control" difference is read with a two-way bootstrap over seeds and images (`crossed_bootstrap`): a
+t interval over seeds alone would leave out the image-sampling noise of an AUC. The equal-epochs and equal-steps
+arms differ only in the compartments' steps.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from cdm.data import Dataset, partition  # noqa: E402
 from cdm.likelihood import BoundConfig, elbo, mixture_elbo  # noqa: E402
 from cdm.metrics import auc, auc_interval_of, membership_loss  # noqa: E402
 from cdm.model import UNetDenoiser  # noqa: E402
-from cdm.quality import paired_difference, stratified_labels, t_interval  # noqa: E402
+from cdm.quality import stratified_labels, t_interval  # noqa: E402
 from cdm.schedulers import train_scheduler  # noqa: E402
 
 N_OWNERS = 8
@@ -123,18 +123,22 @@ def seed_run(bench: Bench, base: dict, members: Dataset, nonmembers: Dataset, du
         return elbo(UNetDenoiser(u, bench.null), x_all.x, x_all.y, SCHEDULE, cfg)
 
     ac = train_scheduler(SCHEDULE).alphas_cumprod
-    mem = out["membership"]
-    mem["paragon_elbo"] = auc_of(elbo_of(para))
-    mem["negative_control_base_elbo"] = auc_of(elbo_of(base_net))
+    mem, scores = out["membership"], out.setdefault("scores", {})
+
+    def put(key: str, score: torch.Tensor) -> None:  # per-image scores kept for the bootstrap over images
+        scores[key] = [round(float(v), 6) for v in score]
+        mem[key] = auc_of(score)
+
+    put("paragon_elbo", elbo_of(para))
+    put("negative_control_base_elbo", elbo_of(base_net))
     e_ctl = elbo_of(control).numpy()  # its own 24 members vs the same non-members
     mem["positive_control_elbo"] = auc(e_ctl[:n_m][_positions(members, small)], e_ctl[n_m:])
     for arm, unets in arms.items():
         e = torch.stack([elbo_of(u) for u in unets])
-        mem[f"composite_{arm}_mixture_elbo"] = auc_of(mixture_elbo(e, class_priors(counts)[:, x_all.y].double().log()))
+        put(f"composite_{arm}_mixture_elbo", mixture_elbo(e, class_priors(counts)[:, x_all.y].double().log()))
         loss = torch.stack([membership_loss(UNetDenoiser(u, bench.null), x_all.x, x_all.y, ac) for u in unets])
-        mem[f"composite_{arm}_min_loss"] = auc_of(-loss.min(0).values)
-    mem["negative_control_base_min_loss"] = auc_of(-membership_loss(UNetDenoiser(base_net, bench.null), x_all.x,
-                                                                    x_all.y, ac))
+        put(f"composite_{arm}_min_loss", -loss.min(0).values)
+    put("negative_control_base_min_loss", -membership_loss(UNetDenoiser(base_net, bench.null), x_all.x, x_all.y, ac))
     log(f"seed {seed}: memorization {out['memorization']} extraction {out['extraction']} membership {mem} "
         f"({train_s:.0f} s training)")
     return out
@@ -159,15 +163,36 @@ def summarize(runs: list[dict], n_members: int, n_nonmembers: int) -> dict:
         out["membership"][key] = {"over_seeds": t_interval(values).as_dict(), "per_seed": per_seed}
         if "control" not in key:
             ctl = "negative_control_base_min_loss" if key.endswith("min_loss") else "negative_control_base_elbo"
-            d = paired_difference(np.array(values)[:, None], np.array([x["membership"][ctl] for x in runs])[:, None])
+            d = crossed_bootstrap(runs, key, ctl, n_members)
             out["membership_minus_control"][key] = {
-                **d.as_dict(), "verdict": "leaks beyond the control" if d.low > 0 else
-                "no leak beyond the control detected" if d.high >= 0 else "below the control"}
+                **d, "verdict": "leaks beyond the control" if d["low"] > 0 else
+                "no leak beyond the control detected" if d["high"] >= 0 else "below the control"}
     pos = out["membership"]["positive_control_elbo"]["per_seed"]
     out["positive_control_fired"] = {
         "membership": all(p["low"] > c["high"] for p, c in zip(pos, out["membership"]["negative_control_base_elbo"]["per_seed"])),
         "memorization": all(x["memorization"]["positive_control"]["0.333"] >= 0.5 for x in runs)}
     return out
+
+
+def crossed_bootstrap(runs: list[dict], key: str, ctl: str, n_members: int, reps: int = 1000) -> dict:
+    """AUC(attack) - AUC(control) averaged over seeds, with a 95% percentile interval from a two-way bootstrap:
+    each replicate redraws the seeds and, once for all of them, the members and the non-members (the same images
+    are scored in every seed: a crossed design), so the interval carries both the training noise and the
+    image-sampling noise of an AUC. Attack and control are scored on the same draw (paired)."""
+    rng = np.random.default_rng(0)
+    a = np.array([x["scores"][key] for x in runs])  # [seeds, members + non-members]
+    c = np.array([x["scores"][ctl] for x in runs])
+    n_s, n_non = len(runs), a.shape[1] - n_members
+
+    def diff(seeds: np.ndarray, im: np.ndarray, inn: np.ndarray) -> float:
+        return float(np.mean([auc(a[s, im], a[s, inn]) - auc(c[s, im], c[s, inn]) for s in seeds]))
+
+    point = diff(np.arange(n_s), np.arange(n_members), n_members + np.arange(n_non))
+    reps_ = [diff(rng.integers(0, n_s, n_s), rng.integers(0, n_members, n_members),
+                  n_members + rng.integers(0, n_non, n_non)) for _ in range(reps)]
+    low, high = np.percentile(reps_, [2.5, 97.5])
+    return {"mean": point, "low": float(low), "high": float(high), "n": n_s,
+            "method": f"two-way (seeds x images) percentile bootstrap, {reps} replicates"}
 
 
 def write_report(res: dict, path: Path) -> None:
@@ -180,7 +205,8 @@ def write_report(res: dict, path: Path) -> None:
              f"{res['members']} members ({res['settings']['per_class']} per class; {len(res['duplicated'])} of them "
              f"given to two owners), {res['nonmembers']} unseen non-members, {len(res['runs'])} training seeds; "
              f"paragon {res['settings']['steps']} steps at batch 64 ({res['runs'][0]['paragon_epochs']:.0f} epochs). "
-             "Intervals: Student t over seeds.", "",
+             "Intervals: Student t over seeds; differences to the control: a two-way bootstrap over seeds and "
+             "images.", "",
              f"Positive controls fired: membership {s['positive_control_fired']['membership']}, memorization "
              f"{s['positive_control_fired']['memorization']}.", "",
              "## Memorization share (nearest member closer than r x the second nearest)", "",
