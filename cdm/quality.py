@@ -259,7 +259,9 @@ def paired_difference(a: np.ndarray, b: np.ndarray) -> Interval:
 
 def minus(value: Interval, floor: Interval) -> Interval:
     """value - floor for two independent measurements, the half-widths added in quadrature (the floor's own
-    uncertainty carried into the floor-subtracted figure, not dropped)."""
+    uncertainty carried into the floor-subtracted figure, not dropped). Conservative on purpose: against a floor of
+    2 sets, Welch-Satterthwaite's interval covered 89-91% in simulation (tests/cdm/test_quality.py), this one
+    96-99%."""
     half = float(np.hypot((value.high - value.low) / 2, (floor.high - floor.low) / 2))
     mid = value.mean - floor.mean
     return Interval(mid, mid - half, mid + half, min(value.n, floor.n))

@@ -171,6 +171,15 @@ def test_the_floor_from_disjoint_sets_and_its_uncertainty_carried():
         disjoint_floor(ref, pool[:50], pool_labels[:50], torch.as_tensor(np.repeat(np.arange(4), 100)))
     d = minus(Interval(5.0, 4.0, 6.0, 8), Interval(2.0, 1.25, 2.75, 4))
     assert d.mean == 3.0 and (d.high - d.low) / 2 == pytest.approx(np.hypot(1.0, 0.75))
+    # Coverage against a floor of 2 sets: at least the stated 95% (Welch-Satterthwaite's t covered ~0.90 here).
+    from cdm.quality import t_interval
+
+    rng = np.random.default_rng(3)
+    covered = 0
+    for _ in range(2000):
+        d = minus(t_interval(rng.normal(5, 1, 8)), t_interval(rng.normal(2, 1, 2)))
+        covered += d.low <= 3.0 <= d.high
+    assert 0.95 <= covered / 2000 <= 0.995
     same = standardized_kid(ref, means[labels] + rng.normal(0, 1, (1000, 8)))
     shifted = standardized_kid(ref, means[labels] + rng.normal(0.5, 1, (1000, 8)))
     assert abs(same) < 0.2 * shifted
