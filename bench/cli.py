@@ -147,7 +147,7 @@ def main() -> None:
 
         state = prefect_api.read_state(root)
         if state is not None:
-            prefect_api.stop(state)
+            prefect_api.stop(state, root)
         shutil.rmtree(tmp, ignore_errors=True)
     Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
     print(json.dumps({k: results["commands"][k]["median_s"] for k in results["commands"]}

@@ -30,7 +30,7 @@ REVOKED = "cdm.revoked"
 REVOCATION_EPOCH = "cdm.revocation_epoch"
 EXPERIMENT = "cdm"
 DISTRIBUTION = "cdm-compartments"  # our distribution's name: PyPI's `cdm` is an unrelated project
-MODELS_DIR = Path(__file__).parent.parent / "mlflow_models"
+MODELS_DIR = Path(__file__).resolve().parents[2] / "mlflow_models"  # cdm/mlflow_models
 
 
 @dataclass
