@@ -42,13 +42,18 @@ def persistent_env():
     return env
 
 
-def test_one_api_per_workspace_reused_replaced_guarded_and_stopped_when_idle(tmp_path, persistent_env):
+def sources_for(tmp_path: Path, n: int) -> list[Path]:
+    x, y = digits_uint8()
+    out = [tmp_path / f"src{i}" for i in range(n)]
+    for i, src in enumerate(out):
+        write_class_folders(x[i * 30:(i + 1) * 30], y[i * 30:(i + 1) * 30], src)
+    return out
+
+
+def test_one_api_per_workspace_reused_guarded_and_replaced_after_kill(tmp_path, persistent_env):
     root = tmp_path / "ws"
     init_workspace(root)
-    x, y = digits_uint8()
-    sources = [tmp_path / f"src{i}" for i in range(3)]
-    for i, src in enumerate(sources):
-        write_class_folders(x[i * 30:(i + 1) * 30], y[i * 30:(i + 1) * 30], src)
+    sources = sources_for(tmp_path, 3)
 
     first = cdm(root, "ingest", "alice", str(sources[0]), "--json", env=persistent_env)
     assert first.returncode == 0, first.stderr
@@ -77,6 +82,22 @@ def test_one_api_per_workspace_reused_replaced_guarded_and_stopped_when_idle(tmp
     assert third.returncode == 0, third.stderr
     replaced = prefect_api.read_state(root)
     assert replaced is not None and replaced.pid != state.pid and prefect_api.healthy(replaced, root)
+    prefect_api.stop(replaced, root)
+    assert not alive(replaced.pid)
+
+
+@pytest.mark.slow
+def test_a_revocation_through_it_verifies_clean_and_it_stops_when_idle(tmp_path, persistent_env):
+    from cdm.platform.forgetting.stores import require_reachable
+    from cdm.platform.workspace.context import Context
+
+    root = tmp_path / "ws"
+    init_workspace(root)
+    sources = sources_for(tmp_path, 2)
+    for owner, src in zip(("alice", "bob"), sources):
+        done = cdm(root, "ingest", owner, str(src), "--json", env=persistent_env)
+        assert done.returncode == 0, done.stderr
+    state = prefect_api.read_state(root)
 
     # A revocation run through it (--wait: the flow runs in this command) verifies clean, the Prefect database
     # included.
@@ -86,22 +107,20 @@ def test_one_api_per_workspace_reused_replaced_guarded_and_stopped_when_idle(tmp
 
     # Idle (no request for 20 s, no command registered): it stops and removes its record.
     deadline = time.time() + 180
-    while time.time() < deadline and alive(replaced.pid):
+    while time.time() < deadline and alive(state.pid):
         time.sleep(1)
-    assert not alive(replaced.pid)
+    assert not alive(state.pid)
     assert prefect_api.read_state(root) is None
     assert list((root / ".cdm" / "prefect" / "clients").iterdir()) == []  # each command unregistered at exit
 
     # The workspace recorded its Prefect home as the store it used, not the stopped server's port: a revocation
-    # after the server stopped is not refused as "a store is unreachable" (it starts a new server).
-    used = json.loads(Workspace(root).used_stores_path.read_text())["prefect"]
-    assert used == [str(Workspace(root).prefect_home)]
-    again = cdm(root, "revoke", "bob", "--wait", "--json", env=persistent_env)
-    assert again.returncode == 0, again.stderr
-    last = prefect_api.read_state(root)
-    assert last is not None and last.pid != replaced.pid
-    prefect_api.stop(last, root)
-    assert not alive(last.pid)
+    # after the server stopped is not refused as "a store is unreachable".
+    assert json.loads(Workspace(root).used_stores_path.read_text())["prefect"] == [str(Workspace(root).prefect_home)]
+    require_reachable(Context.load(root))
+    # Nothing the server wrote after the purge (events, logs, states persisted late) names the revoked owner.
+    for f in (root / ".cdm" / "prefect").rglob("*"):
+        if f.is_file():
+            assert b"alice" not in f.read_bytes(), f
 
 
 def test_only_the_workspace_server_itself_is_trusted_or_stopped(tmp_path):
