@@ -51,7 +51,7 @@ LOCAL_API_COMMANDS = FLOW_COMMANDS - {"serve", "stack up", "demo"}
 
 
 @contextlib.contextmanager
-def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), command: str = ""):
+def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), command: str = "", creates: bool = False):
     """The workspace's Prefect home and API (unless PREFECT_API_URL is set: a flow command uses the workspace's
     running API, `flows/prefect_api.py`) and logging: library log records and warnings go to
     `<root>/.cdm/logs/cdm.log` instead of the console (`--verbose` keeps them on the console too), with raw owner
@@ -75,8 +75,8 @@ def workspace_env(root: Path, verbose: bool, owners: tuple[str, ...] = (), comma
                 except Exception as e:  # noqa: BLE001 - the command still runs, on a server of its own
                     print(f"cdm: the workspace's Prefect API is not available ({type(e).__name__}: {e}); this "
                           "command starts its own", file=sys.stderr)
-    if (root / "params.yaml").is_file() or not root.exists() or not any(root.iterdir()):
-        log_file = root / ".cdm" / "logs" / "cdm.log"  # a workspace, or one about to be created
+    if (root / "params.yaml").is_file() or (creates and (not root.exists() or not any(root.iterdir()))):
+        log_file = root / ".cdm" / "logs" / "cdm.log"  # a workspace, or one `init`/`demo` is about to create
     else:  # not a workspace: leave no trace in someone else's folder
         import tempfile
 
@@ -162,28 +162,25 @@ def classify(e: BaseException) -> tuple[int, str]:
     return code, (lines[0] if lines else type(e).__name__) + (f" (+{len(lines) - 1} lines: --json)" if len(lines) > 1 else "")
 
 
-def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args, flows: bool | None = None) -> None:
+def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args, flows: bool | None = None,
+        ready=None) -> None:
     """Run one command's function `fn(*args) -> (result, text)` in the workspace's environment; exit with the
-    contract's code. `flows`: whether this invocation runs Prefect flows here (default: by `FLOW_COMMANDS`)."""
+    contract's code. `flows`: whether this invocation runs Prefect flows here (default: by `FLOW_COMMANDS`).
+    `ready() -> (None, "")`: the refusals a flow command can give from the workspace's files and registry alone,
+    checked first without Prefect, so bad input is answered before any API server is imported or started."""
     real_stdout = sys.stdout
     root = Path(workspace).expanduser().resolve()
     code, result, text, message = 0, None, "", None
     try:
-        owners = (args[1],) if name in ("revoke", "ingest", "consent") and len(args) > 1 else ()
+        owners = tuple(o for o in ((args[1],) if name in ("revoke", "ingest", "consent") and len(args) > 1 else ())
+                       if isinstance(o, str))
         uses = name if flows is None else (name if flows else "")
-        with workspace_env(root, verbose, tuple(o for o in owners if isinstance(o, str)), uses) as log_file:
-            # With --json, stdout carries only the JSON document; everything else goes to stderr.
-            with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
-                try:
-                    result, text = fn(*args)
-                except KeyboardInterrupt:
-                    raise
-                except BaseException as e:  # noqa: BLE001 - mapped to the exit-code contract
-                    code, message = classify(e)
-                    logging.getLogger("cdm").error("cdm %s failed (exit %d)", name, code, exc_info=True)
-                    result, text = getattr(e, "result", None), getattr(e, "text", "")
-                    if verbose or code == 1:
-                        message += f" [details: {log_file}]"
+        if ready is not None:
+            with workspace_env(root, verbose, owners, "") as log_file:
+                code, result, text, message = _outcome(name, log_file, verbose, want_json, ready)
+        if message is None:
+            with workspace_env(root, verbose, owners, uses, creates=name in ("init", "demo")) as log_file:
+                code, result, text, message = _outcome(name, log_file, verbose, want_json, fn, *args)
     except KeyboardInterrupt:
         sys.exit(130)
     if want_json:
@@ -196,6 +193,23 @@ def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args, fl
     if message is not None:
         print(f"cdm {name}: {message}", file=sys.stderr)
     sys.exit(code)
+
+
+def _outcome(name: str, log_file: Path, verbose: bool, want_json: bool, fn, *args):
+    """(exit code, result, text, error message or None) of `fn(*args) -> (result, text)`."""
+    # With --json, stdout carries only the JSON document; everything else goes to stderr.
+    with contextlib.redirect_stdout(sys.stderr) if want_json else contextlib.nullcontext():
+        try:
+            result, text = fn(*args)
+            return 0, result, text, None
+        except KeyboardInterrupt:
+            raise
+        except BaseException as e:  # noqa: BLE001 - mapped to the exit-code contract
+            code, message = classify(e)
+            logging.getLogger("cdm").error("cdm %s failed (exit %d)", name, code, exc_info=True)
+            if verbose or code == 1:
+                message += f" [details: {log_file}]"
+            return code, getattr(e, "result", None), getattr(e, "text", ""), message
 
 
 def bars(want_json: bool) -> bool:
@@ -277,7 +291,7 @@ def ingest(owner, source, license, cron, token_stdin, operator, workspace, want_
     from flows import commands
 
     run("ingest", workspace, want_json, verbose, commands.ingest, workspace, owner, source, license, cron,
-        token_stdin, operator)
+        token_stdin, operator, ready=lambda: commands.ingest_ready(workspace, owner, source))
 
 
 @cli.command()
@@ -301,7 +315,7 @@ def train(owners, paragon, out, curves, workspace, want_json, verbose):
     from flows import commands
 
     run("train", workspace, want_json, verbose, commands.train, workspace, owners, paragon, bars(want_json), out,
-        curves)
+        curves, ready=lambda: commands.train_ready(workspace, owners))
 
 
 @cli.command()
@@ -332,7 +346,8 @@ def compose(estimator, out, candidate, workspace, want_json, verbose):
     from flows import commands
 
     run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json), out,
-        candidate)
+        candidate,
+        ready=lambda: commands.compose_ready(workspace))
 
 
 @cli.command()
@@ -441,7 +456,7 @@ def evaluate(fail_on_regression, out, history, grid, candidate, workspace, want_
     from flows import commands
 
     run("evaluate", workspace, want_json, verbose, commands.evaluate, workspace, out, fail_on_regression, history,
-        grid, candidate)
+        grid, candidate, ready=lambda: commands.evaluate_ready(workspace, candidate))
 
 
 @cli.command("ci-report")

@@ -23,6 +23,18 @@ def init(dir: str, remote: str | None, endpoint_url: str | None, artifact_root: 
             f"{conditioning} workspace ready: {ws.root} (MLflow store {uri})")
 
 
+def ingest_ready(workspace: str, owner: str, source: str):
+    """`cdm ingest`'s refusals that need no flow: an owner id that is not allowed, a source folder that is not there
+    (an s3:// source is read by the flow)."""
+    from cdm.platform.workspace.paths import check_owner_id
+
+    check_owner_id(owner)
+    _ctx(workspace)  # not a workspace: refused here
+    if not source.startswith("s3://") and not Path(source).expanduser().is_dir():
+        raise WorkspaceError(f"{source}: source folder not found")
+    return None, ""
+
+
 def ingest(workspace: str, owner: str, source: str, license: str | None, cron: str | None,
            token_stdin: bool = False, operator: bool = False):
     from cdm.platform.data.ingest import IngestionRejected

@@ -20,6 +20,37 @@ def _owner_keys(ctx, owners: str | None) -> list[str] | None:
     return [ctx.ws.owner_key(o) for o in names]
 
 
+def train_ready(workspace: str, owners: str | None):
+    """`cdm train`'s refusals that need no flow: no owner to train, an owner named that is not in the workspace."""
+    from cdm.platform.models.gate import active_owners
+
+    ctx = _ctx(workspace)
+    if not active_owners(ctx.ws):
+        raise WorkspaceError("no owners in the workspace; ingest data first")
+    _owner_keys(ctx, owners)
+    return None, ""
+
+
+def compose_ready(workspace: str):
+    """`cdm compose`'s refusal that needs no flow: no shard in the plan (nothing was trained)."""
+    from cdm.platform.models.composites import NothingToCompose
+    from cdm.platform.models.shards import load_plan
+
+    if not load_plan(_ctx(workspace).ws):
+        raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
+    return None, ""
+
+
+def evaluate_ready(workspace: str, candidate: bool):
+    """`cdm evaluate`'s refusal that needs no flow: no composite under the alias to evaluate."""
+    from cdm.platform.models import registry
+
+    ctx, alias = _ctx(workspace), registry.CANDIDATE if candidate else registry.PRODUCTION
+    if registry.alias_version(ctx.client, registry.COMPOSITE, alias) is None:
+        raise WorkspaceError(f"no {alias} composite; run `cdm compose{' --candidate' if candidate else ''}` first")
+    return None, ""
+
+
 def train(workspace: str, owners: str | None, paragon: bool, progress: bool, out: str | None = None,
           curves: str | None = None):
     from cdm.platform.models import pipeline_files

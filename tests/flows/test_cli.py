@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 CDM = [sys.executable, "-m", "flows.cli"]
 
 
@@ -37,3 +39,14 @@ def test_what_a_command_creates_is_private_from_creation(tmp_path, digit_owners)
     for folder in (".", "data", "data/owners", ".dvc", ".dvc/cache", ".dvc-storage", ".cdm"):
         assert stat.S_IMODE((ws / folder).stat().st_mode) == 0o700, folder
     assert any(Path(p).is_file() for p in (ws / "data" / "owners" / "alice").rglob("*.png"))
+
+
+@pytest.mark.parametrize("command", [["status"], ["train"], ["ingest", "alice", "/nonexistent"], ["revoke", "alice"]])
+def test_a_command_on_a_folder_that_is_not_there_leaves_no_folder(tmp_path, command):
+    """Bad input changes nothing: a mistyped --workspace is refused (exit 2) and not created (its log goes to the
+    temp folder); only `init` and `demo` create one."""
+    from flows.cli import main as cli
+
+    missing = tmp_path / "not-here"
+    assert cli([*command, "--workspace", str(missing)]) == 2
+    assert not missing.exists()

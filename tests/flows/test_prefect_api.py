@@ -162,11 +162,13 @@ def test_only_the_workspace_server_itself_is_trusted_or_stopped(tmp_path):
         squatter.shutdown()
 
 
-@pytest.mark.parametrize("command", [["status"], ["sample", "--n", "4"], ["revoke", "nobody"]])
+@pytest.mark.parametrize("command", [["status"], ["sample", "--n", "4"], ["revoke", "nobody"], ["train"], ["compose"],
+                                     ["evaluate"], ["ingest", "alice", "/nonexistent"]])
 def test_commands_that_run_no_flow_load_neither_prefect_nor_torch(tmp_path, persistent_env, command):
     """`cdm status`, a refused sample and a refused revocation answer without Prefect and torch (their import is
     most of a new process's time; a command that loaded Prefect without `workspace_env` routing it would also miss
-    the owner-id redaction of Prefect's log handlers)."""
+    the owner-id redaction of Prefect's log handlers); so do flow commands refused on bad input (nothing to train,
+    compose or evaluate; no such source folder), before any API server starts."""
     root = tmp_path / "ws"
     init_workspace(root)
     probe = ("import sys\nfrom flows.cli import main\ncode = main(sys.argv[1:])\n"
