@@ -3,6 +3,7 @@ eighth of the data, copy and leak their owners' images more than one model train
 
     python bench/memorization.py                 # `make bench-memorization`: bench/memorization.json, MEMORIZATION.md
     python bench/memorization.py --quick         # a smoke run of every code path (numbers meaningless)
+    python bench/memorization.py --resume        # after a stop: the seeds saved in memorization.partial.json stay
 
 A regime small enough to memorize (`--per-class` owners' images per class, fine-tuned from the public base of
 `bench/regime.py`), per training seed (>= 3):
@@ -139,6 +140,7 @@ def seed_run(bench: Bench, base: dict, members: Dataset, nonmembers: Dataset, du
         loss = torch.stack([membership_loss(UNetDenoiser(u, bench.null), x_all.x, x_all.y, ac) for u in unets])
         put(f"composite_{arm}_min_loss", -loss.min(0).values)
     put("negative_control_base_min_loss", -membership_loss(UNetDenoiser(base_net, bench.null), x_all.x, x_all.y, ac))
+    out["run_seconds"] = round(time.perf_counter() - t0, 1)
     log(f"seed {seed}: memorization {out['memorization']} extraction {out['extraction']} membership {mem} "
         f"({train_s:.0f} s training)")
     return out
@@ -201,7 +203,9 @@ def write_report(res: dict, path: Path) -> None:
 
     s = res["summary"]
     lines = ["# Memorization and membership (issue #29 item 4)", "",
-             f"Written by `{res['command']}` ({res['minutes']} min). Figures: `memorization.json`. "
+             f"Written by `{res['command']}` ({res['minutes']} min"
+             + (f"; seeds {res['resumed_seeds']} kept from the stopped run it resumed" if res.get("resumed_seeds") else "")
+             + f"; per seed, minutes: {res.get('seed_minutes')}). Figures: `memorization.json`. "
              f"{res['members']} members ({res['settings']['per_class']} per class; {len(res['duplicated'])} of them "
              f"given to two owners), {res['nonmembers']} unseen non-members, {len(res['runs'])} training seeds; "
              f"paragon {res['settings']['steps']} steps at batch 64 ({res['runs'][0]['paragon_epochs']:.0f} epochs). "
@@ -237,12 +241,14 @@ def main() -> None:
     ap.add_argument("--nll-steps", type=int, default=20)
     ap.add_argument("--base-cache", default="", help="the base of bench/regime.py (same settings), reused")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--resume", action="store_true",
+                    help="keep the seeds a stopped run with the same settings saved (bench/memorization.partial.json)")
     args = ap.parse_args()
     # Bench's own settings: only what its constructor and `fit`/`sample` read.
     if args.quick:
         args.seeds, args.steps, args.samples, args.nll_steps = [0, 1], 40, 48, 5
     # Bench's own settings (what its constructor, `fit` and `sample` read; the base's as in bench/regime.py) and ours.
-    ns = argparse.Namespace(**{**vars(args), "image_size": 16, "every": 100, "patience": 3, "min_delta": 0.001,
+    ns = argparse.Namespace(**{**vars(args), "image_size": 16, "every": 100, "patience": 3, "min_delta": 0.002,
                                "classifier_steps": 100 if args.quick else 1500, "sets": 1, "nll_images": 50,
                                "sampling_steps": 10 if args.quick else 50, "lora_rank": 8, "lr": 2e-3,
                                "lora_lr": 2e-3, "lr_power": 0.0, "base_cap": 60 if args.quick else 4000})
@@ -258,11 +264,24 @@ def main() -> None:
     members = bench.owners.subset(pick)
     nonmembers = bench.unseen.subset(torch.randperm(len(bench.unseen), generator=g)[: len(members)])
     dup = [int((members.y == c).nonzero()[0]) for c in range(10)][: args.duplicates]
-    runs = [seed_run(bench, base, members, nonmembers, dup, s) for s in args.seeds]
+    # Each finished seed is saved before the next one trains: a stopped run resumes (--resume) where it stopped.
+    partial = Path(__file__).parent / ("memorization.quick.partial.json" if args.quick else "memorization.partial.json")
+    same = {k: v for k, v in vars(args).items() if k != "resume"}
+    kept = {}
+    if args.resume and partial.exists():
+        saved = json.loads(partial.read_text())
+        if saved["settings"] == same and saved["members"] == members.ids:
+            kept = {r["seed"]: r for r in saved["runs"]}
+        log(f"resume: keeping seeds {sorted(kept)}" if kept else "resume: the saved run differs; starting anew")
+    runs = []
+    for s in args.seeds:
+        runs.append(kept.get(s) or seed_run(bench, base, members, nonmembers, dup, s))
+        partial.write_text(json.dumps({"settings": same, "members": members.ids, "runs": runs}) + "\n")
     res = {"command": "python bench/memorization.py " + " ".join(sys.argv[1:]), "settings": vars(args),
            "members": len(members), "nonmembers": len(nonmembers), "duplicated": dup, "runs": runs,
            "summary": summarize(runs, len(members), len(nonmembers)),
-           "minutes": round((time.perf_counter() - T0) / 60, 1)}
+           "minutes": round((time.perf_counter() - T0) / 60, 1), "resumed_seeds": sorted(kept),
+           "seed_minutes": {r["seed"]: round(r["run_seconds"] / 60, 1) for r in runs if "run_seconds" in r}}
     name = "memorization.quick" if args.quick else "memorization"
     (Path(__file__).parent / f"{name}.json").write_text(json.dumps(res, indent=1) + "\n")
     write_report(res, Path(__file__).parent / f"{name.upper()}.md")
