@@ -162,7 +162,7 @@ def commit(ctx: Context, owner_key: str, files: list[SourceFile], meta: dict, pu
     with ws.lock():
         rec = owner_records.record(ws, owner_key)
         owner_records.require_consent(rec, owner_key)
-        recover_interrupted(ctx)
+        recover_interrupted(ctx, keep=owner_key)  # this batch's own record stays: it is being committed now
         target = ws.owner_dir(rec.owner)
         before = len(ws.manifest(rec.owner)["samples"]) if target.exists() else 0
         pairs = batch_entries(ctx, files)
@@ -284,9 +284,11 @@ def _restore_files(ws: Workspace, state: dict) -> Path:
     return target
 
 
-def recover_interrupted(ctx: Context) -> list[str]:
+def recover_interrupted(ctx: Context, keep: str | None = None) -> list[str]:
     """Undo ingestions that did not reach their git commit (crash, kill -9, failed push). The caller holds the
-    workspace lock, so no ingestion is in flight: every journal left is an interrupted one. Returns owner keys."""
+    workspace lock, so no ingestion is in flight: every journal left is an interrupted one. The record of a first
+    ingestion that never committed is removed, except `keep`'s: the owner whose batch the caller commits next (a
+    rerun after a kill -9 of that owner's first ingestion). Returns owner keys."""
     ws, undone = ctx.ws, []
     for journal in sorted(ws.staging_dir.glob("journal-*.json")) if ws.staging_dir.exists() else []:
         state = json.loads(journal.read_text())
@@ -302,7 +304,7 @@ def recover_interrupted(ctx: Context) -> list[str]:
         if orphans:
             dvc.delete_objects(ws.root, orphans, s3_client=ctx.dvc_s3())
         _end_journal(journal)
-        if not target.exists():
+        if not target.exists() and state["owner_key"] != keep:
             owner_records.remove(ws, state["owner_key"])  # a first ingestion that never committed leaves no record
         undone.append(state["owner_key"])
     for leftover in ws.staging_dir.iterdir() if ws.staging_dir.exists() else []:

@@ -204,6 +204,21 @@ def test_an_ingestion_interrupted_before_its_commit_is_undone_by_the_next_run(ct
     assert dvc.md5_bytes(files[0]) not in dvc.list_objects(ws.root)["cache"]
 
 
+def test_the_rerun_of_a_first_ingestion_killed_before_its_commit_commits(ctx, ws, tmp_path, interrupted_ingestion):
+    """kill -9 inside an owner's first ingestion, then the same owner again: the rerun's own recovery undoes the
+    interrupted batch but keeps the record it is committing for (it removed it, and the rerun failed with "no
+    owner record": found by the slow fault test)."""
+    from cdm.platform.workspace import owner_records
+
+    src = tmp_path / "src" / "3"
+    src.mkdir(parents=True)
+    (src / "a.png").write_bytes(good_png(31337))
+    key, _ = interrupted_ingestion(ctx, "owner-rerun", tmp_path, good_png(31337))
+    result = ingest(ctx, "owner-rerun", str(tmp_path / "src"), push=False)
+    assert result.total == 1 and owner_records.record(ws, key).state == "active"
+    assert not list(ws.staging_dir.glob("journal-*.json"))
+
+
 def test_rejection_survives_pickling_with_its_report():
     """Prefect may persist a failed task's exception; the CLI must still see a rejection (exit 2)."""
     import pickle
