@@ -172,8 +172,8 @@ def run(name: str, workspace: str, want_json: bool, verbose: bool, fn, *args, fl
     root = Path(workspace).expanduser().resolve()
     code, result, text, message = 0, None, "", None
     try:
-        owners = tuple(o for o in ((args[1],) if name in ("revoke", "ingest", "consent") and len(args) > 1 else ())
-                       if isinstance(o, str))
+        named = args[1] if name in ("revoke", "ingest", "consent") and len(args) > 1 else None
+        owners = (named,) if isinstance(named, str) else ()
         uses = name if flows is None else (name if flows else "")
         if ready is not None:
             with workspace_env(root, verbose, owners, "") as log_file:
@@ -346,8 +346,7 @@ def compose(estimator, out, candidate, workspace, want_json, verbose):
     from flows import commands
 
     run("compose", workspace, want_json, verbose, commands.compose, workspace, estimator, bars(want_json), out,
-        candidate,
-        ready=lambda: commands.compose_ready(workspace))
+        candidate, ready=lambda: commands.compose_ready(workspace))
 
 
 @cli.command()
