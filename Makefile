@@ -18,6 +18,7 @@ install: $(STAMP)
 UV     := uv==0.13.10
 # `make test` runs the suite on this many pytest-xdist workers (one torch thread each, tests/conftest.py); each
 # worker takes whole modules (`--dist loadscope`), so a module's fixtures are built once.
+# JOBS=0: one process, no workers.
 JOBS   ?= 2
 
 $(STAMP): pyproject.toml constraints.txt
