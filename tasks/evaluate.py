@@ -16,6 +16,8 @@ def evaluate_production(ctx: Context, alias: str = "production") -> dict:
 
         metrics = evaluate_text(ctx, alias)
     else:
-        metrics = evaluate(ctx, alias)
+        from cdm.platform.forgetting.request import revoked_membership
+
+        metrics = evaluate(ctx, alias, revoked=revoked_membership(ctx.ws))
     metrics["mlflow_run"] = log_evaluation(ctx, metrics)
     return metrics

@@ -1,7 +1,9 @@
-"""Unlearning tasks: one Prefect task per step of `cdm.platform.forgetting.unlearn`, typed inputs and outputs.
+"""Unlearning tasks: one Prefect task per step of a revocation (`cdm.platform.forgetting`: one module per step),
+typed inputs and outputs.
 
-Each task returns the step's recorded output when the step is already done (a rerun after a crash), else runs it
-and records the output before returning. Steps that talk to remote stores retry on I/O failures.
+Each task loads the request's record and calls its step's `run`, which returns the step's recorded output when the
+step is already done (a rerun after a crash), else runs it and records the output before returning. Steps that
+talk to remote stores retry on I/O failures.
 
 Why the revocation record and not Prefect's result persistence with cache keys: the record must be readable by
 `cdm status` and the evaluation without the Prefect API, survive a Prefect database that is reset or remote, and
@@ -11,32 +13,38 @@ tasks still pass their typed outputs to each other, so the Prefect UI shows the 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from cdm.platform.models import cleanup
-from cdm.platform.forgetting import unlearn
+from cdm.platform.forgetting import certify as certify_step
+from cdm.platform.forgetting import forgetting_check as forgetting_check_step
+from cdm.platform.forgetting import go_live as go_live_step
+from cdm.platform.forgetting import plan as plan_step
+from cdm.platform.forgetting import purge as purge_step
+from cdm.platform.forgetting import reevaluate as reevaluate_step
+from cdm.platform.forgetting import retrain as retrain_step
+from cdm.platform.forgetting import verification as verify_step
+from cdm.platform.forgetting.forgetting_check import Forgetting
+from cdm.platform.forgetting.go_live import Live
+from cdm.platform.forgetting.plan import Plan
+from cdm.platform.forgetting.purge import Purged
+from cdm.platform.forgetting.request import load
+from cdm.platform.forgetting.retrain import Retrained
+from cdm.platform.forgetting.verification import Verification
 from cdm.platform.workspace.context import Context
-from cdm.platform.workspace.revocations import (Forgetting, Live, Plan, Purged, Retrained, Revocation, Verification, load,
-                                                record_step, run_step, save)
 from tasks import retry_on_io
-
-
-def _step(ctx: Context, request_id: str, name: str, run):
-    return run_step(ctx.ws, request_id, name, run)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="plan")
 def plan(ctx: Context, request_id: str) -> Plan:
-    return _step(ctx, request_id, "plan", lambda rev: unlearn.plan(ctx, rev))
+    return plan_step.run(ctx, load(ctx.ws, request_id))
 
 
 @task(cache_policy=NO_CACHE, task_run_name="go-live")
 def go_live(ctx: Context, request_id: str, plan: Plan) -> Live:
-    return _step(ctx, request_id, "go_live", lambda rev: unlearn.go_live(ctx, rev, plan))
+    return go_live_step.run(ctx, load(ctx.ws, request_id), plan)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="remove-ingestion-schedule", retries=2, retry_delay_seconds=2,
@@ -61,66 +69,48 @@ def remove_schedule(owner_key: str) -> list[str]:
 
 @task(cache_policy=NO_CACHE, task_run_name="retrain")
 def retrain(ctx: Context, request_id: str, plan: Plan, live: Live, progress: bool = False) -> Retrained:
-    cleanup.sweep_dead_runs(ctx.client, ctx.backend, ctx.experiment_id)  # after a killed run
-    return _step(ctx, request_id, "retrain", lambda rev: unlearn.retrain(ctx, rev, plan, live, progress))
+    return retrain_step.run(ctx, load(ctx.ws, request_id), plan, live, progress)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="forgetting-check")
 def forgetting_check(ctx: Context, request_id: str, plan: Plan, retrained: Retrained) -> Forgetting:
-    return _step(ctx, request_id, "forgetting_check", lambda rev: unlearn.forgetting_check(ctx, rev, plan, retrained))
+    return forgetting_check_step.run(ctx, load(ctx.ws, request_id), plan, retrained)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="purge", retries=2, retry_delay_seconds=[2, 8],
       retry_condition_fn=retry_on_io)
 def purge(ctx: Context, request_id: str, plan: Plan, live: Live, retrained: Retrained) -> Purged:
     """The intent (every version, object and file to delete) is recorded before anything is deleted."""
-    def run(rev: Revocation) -> Purged:
-        intent = unlearn.purge_intent(ctx, rev, plan, live, retrained)
-        rev = record_step(ctx.ws, rev, "purge_intent", intent)
-        unlearn.fault_point("purge:after-intent")
+    rev = load(ctx.ws, request_id)
+    db = None
+    if rev.purge is None and ctx.stack is None:  # Prefect's log lines that name the owner go too
         from prefect.runtime import flow_run
 
-        db, _ = prefect_database(flow_run.get_id()) if ctx.stack is None else (None, None)
-        return unlearn.purge(ctx, rev, intent, plan, db)
-
-    return _step(ctx, request_id, "purge", run)
+        db, _ = prefect_database(flow_run.get_id())
+    return purge_step.run(ctx, rev, plan, live, retrained, db)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="verify", retries=2, retry_delay_seconds=2, retry_condition_fn=retry_on_io)
 def verify(ctx: Context, request_id: str, purged: Purged, needles) -> Verification:
-    """A verification that finds anything is kept with the request (`failed_verifications`), the purge is reopened
-    and the run fails (exit 1): the next run purges and verifies again; only an ok verification is recorded."""
-    from cdm.platform.forgetting.verification import verify as verify_step
-
+    """A verification that finds anything is kept with the request, the purge is reopened and the run fails
+    (exit 1): the next run purges and verifies again; only an ok verification is recorded."""
     rev = load(ctx.ws, request_id)
     if rev.verify is not None:
         return rev.verify
     from prefect.runtime import flow_run
 
     db, server = prefect_database(flow_run.get_id())
-    result = verify_step(ctx, rev, purged, needles, db, server)
-    if not result.ok:
-        rev.failed_verifications.append(result.model_dump())
-        rev.purge = None
-        save(ctx.ws, rev)
-        findings = result.scan.get("findings", [])[:3] or [result.mlflow, result.dvc]
-        raise unlearn.VerificationFailed(f"verification found traces of {rev.owner_key}; the request stays open "
-                                         f"and the next run purges again: {json.dumps(findings)}", code=1)
-    record_step(ctx.ws, rev, "verify", result)
-    return result
+    return verify_step.run(ctx, rev, purged, needles, db, server)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="reevaluate")
 def reevaluate(ctx: Context, request_id: str, retrained: Retrained) -> dict:
-    return _step(ctx, request_id, "reevaluate", lambda rev: unlearn.reevaluate(ctx, rev, retrained))
+    return reevaluate_step.run(ctx, load(ctx.ws, request_id), retrained)
 
 
 @task(cache_policy=NO_CACHE, task_run_name="certify")
 def certify(ctx: Context, request_id: str, verification: Verification, evaluation: dict) -> dict:
-    rev = load(ctx.ws, request_id)
-    if rev.completed:
-        return rev.certify
-    return unlearn.complete(ctx, rev, unlearn.certify(ctx, rev)).certify
+    return certify_step.run(ctx, load(ctx.ws, request_id))
 
 
 def prefect_database(flow_run_id: str | None = None) -> tuple[Path | None, str | None]:

@@ -65,7 +65,7 @@ def test_a_teams_pipeline_folder_is_registered_and_served_by_prompt(ws, pipeline
     model = registry.load_pyfunc(ctx.client, f"models:/{registry.INIT}/{doc['version']}", ws.tmp_dir / "t")
     out = model.predict({"prompt": "a red 3 on the left", "n": 2, "num_inference_steps": 3, "seed": 0})
     assert out["images"].shape == (2, 3, 16, 16) and out["prompt"] == "a red 3 on the left"
-    from cdm.platform.forgetting.unlearn import shared_base
+    from cdm.platform.forgetting.certify import shared_base
 
     base = shared_base(ctx)  # what a revocation's certificate names: the base as stored, untouched
     assert base["version"] == str(doc["version"]) and base["weights_sha256"] == doc["base_sha256"]

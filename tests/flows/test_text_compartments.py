@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 
 from cdm.config import Params
 from cdm.platform.models import registry

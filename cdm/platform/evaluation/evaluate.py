@@ -203,9 +203,10 @@ def likelihood(m: Models, data: Dataset, e: EvaluateParams) -> dict:
     return out
 
 
-def evaluate(ctx: Context, alias: str = "production") -> dict:
+def evaluate(ctx: Context, alias: str = "production", revoked: dict | None = None) -> dict:
     """Metrics of the production composite (or of the one `alias` names, e.g. a candidate) against the owners'
-    current data (`measure`), with the attribution by owner key, the revoked owners' membership figures and the
+    current data (`measure`), with the attribution by owner key, the revoked owners' membership figures (`revoked`:
+    {owner key: the revocation's recorded membership check}, `forgetting.request.revoked_membership`) and the
     gate's verdict."""
     from cdm.attribution import attribute
     from cdm.compose import class_priors
@@ -249,7 +250,7 @@ def evaluate(ctx: Context, alias: str = "production") -> dict:
     metrics["nll"]["shards_bpd"] = dict(zip([s["id"] for s in spec["shards"]], metrics["nll"]["shards_bpd"]))
     if paragon is None:
         metrics["paragon_note"] = "no servable paragon trained on exactly the composite's owners (`cdm train --paragon`)"
-    checks = revoked_membership(ctx)
+    checks = revoked or {}
     metrics["membership_auc"] = {k: f.auc_after for k, f in checks.items()}
     metrics["membership_verdict"] = {k: f.verdict for k, f in checks.items()}
     metrics["membership_auc_control"] = {k: f.auc_control for k, f in checks.items() if f.auc_control is not None}
@@ -281,15 +282,6 @@ def verdicts(metrics: dict, params: Params) -> dict[str, str]:
             f"no verdict: the detector found only {mem['control_found']:.0%} of planted near-copies of owners' images,"
             " so it cannot see copies in these images")
     return out
-
-
-def revoked_membership(ctx: Context) -> dict:
-    """The membership check (`Forgetting`: AUC after, verdict with its positive control) of each revoked owner, as
-    measured when it was revoked (their data is gone now), by owner key."""
-    from cdm.platform.workspace.revocations import all_revocations
-
-    return {r.owner_key: r.forgetting_check for r in all_revocations(ctx.ws)
-            if r.completed and r.forgetting_check is not None and r.forgetting_check.auc_after is not None}
 
 
 def regressions(metrics: dict, params: Params) -> list[str]:

@@ -26,8 +26,9 @@ def begin_needles():
     `begin` writes it, while the owner's data exists."""
     def take(ctx, owner: str, request_id: str):
         from cdm.platform.workspace import owner_records
-        from cdm.platform.workspace.revocations import Revocation, needles_path
-        from cdm.platform.forgetting.verification import write_needles
+        from cdm.platform.forgetting.needles import write_needles
+        from cdm.platform.forgetting.record import needles_path
+        from cdm.platform.forgetting.request import Revocation
 
         key = ctx.ws.owner_key(owner)
         rev = Revocation(request_id=request_id, owner_key=key, received="now", received_ts=0.0)

@@ -89,8 +89,8 @@ def test_one_bad_entry_refuses_the_whole_batch_naming_it_and_changes_nothing(ctx
 
 def test_the_revocations_needles_hold_the_owners_captions_and_not_those_another_owner_shares(ctx, tmp_path,
                                                                                               begin_needles):
-    from cdm.platform.workspace.revocations import needles_path
-    from cdm.platform.forgetting.verification import needle_counts, needles
+    from cdm.platform.forgetting.record import needles_path
+    from cdm.platform.forgetting.needles import needle_counts, needles
 
     ws = ctx.ws
     src = owner_batch(tmp_path / "w", seed=4, domain=Domain(colours=("magenta",), two=0.0))

@@ -12,9 +12,9 @@ from PIL import Image
 
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
-from cdm.platform.workspace.revocations import needles_path
+from cdm.platform.forgetting.record import needles_path
 from cdm.platform.forgetting.scan import Needles
-from cdm.platform.forgetting.verification import missing_needles, needle_counts, needles
+from cdm.platform.forgetting.needles import missing_needles, needle_counts, needles
 
 
 def png(seed: int) -> bytes:
