@@ -199,7 +199,7 @@ def accept(ctx: Context, owner_key: str, request_id: str) -> None:
 
 @contextlib.contextmanager
 def runner(ws: Workspace, request_id: str):
-    """Hold the request's runner lock (`revocations.runner_lock`), or refuse: another process is on it."""
+    """Hold the request's runner lock (`record.runner_lock`), or refuse: another process is on it."""
     from filelock import Timeout
 
     lock = runner_lock(ws, request_id)
