@@ -11,7 +11,7 @@ from prefect import flow
 from cdm.config import TrainParams
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import WorkspaceError
-from cdm.platform.models.gate import active_owners
+from cdm.platform.models.gate import NO_OWNERS, active_owners
 from tasks.ingest import validate_batch
 from tasks.train import plan, train_init, train_paragon, train_shard, train_text_base
 
@@ -80,7 +80,7 @@ def train(workspace: str, owner_keys: list[str] | None = None, paragon: bool = F
     started = time.perf_counter()
     shard_plan = plan(ctx)
     if not shard_plan:
-        raise WorkspaceError("no owners in the workspace; ingest data first")
+        raise WorkspaceError(NO_OWNERS)
     owners = active_owners(ctx.ws)
     by_key = {ctx.ws.owner_key(o): o for o in owners}
     unknown = sorted(set(owner_keys or []) - set(by_key))

@@ -22,32 +22,33 @@ def _owner_keys(ctx, owners: str | None) -> list[str] | None:
 
 def train_ready(workspace: str, owners: str | None):
     """`cdm train`'s refusals that need no flow: no owner to train, an owner named that is not in the workspace."""
-    from cdm.platform.models.gate import active_owners
+    from cdm.platform.models.gate import NO_OWNERS, active_owners
 
     ctx = _ctx(workspace)
     if not active_owners(ctx.ws):
-        raise WorkspaceError("no owners in the workspace; ingest data first")
+        raise WorkspaceError(NO_OWNERS)
     _owner_keys(ctx, owners)
     return None, ""
 
 
 def compose_ready(workspace: str):
     """`cdm compose`'s refusal that needs no flow: no shard in the plan (nothing was trained)."""
-    from cdm.platform.models.composites import NothingToCompose
+    from cdm.platform.models.composites import NO_SHARD, NothingToCompose
     from cdm.platform.models.shards import load_plan
 
     if not load_plan(_ctx(workspace).ws):
-        raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
+        raise NothingToCompose(NO_SHARD)
     return None, ""
 
 
 def evaluate_ready(workspace: str, candidate: bool):
     """`cdm evaluate`'s refusal that needs no flow: no composite under the alias to evaluate."""
     from cdm.platform.models import registry
+    from cdm.platform.models.composites import no_composite
 
     ctx, alias = _ctx(workspace), registry.CANDIDATE if candidate else registry.PRODUCTION
     if registry.alias_version(ctx.client, registry.COMPOSITE, alias) is None:
-        raise WorkspaceError(f"no {alias} composite; run `cdm compose{' --candidate' if candidate else ''}` first")
+        raise no_composite(alias)
     return None, ""
 
 

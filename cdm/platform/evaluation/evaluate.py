@@ -210,13 +210,13 @@ def evaluate(ctx: Context, alias: str = "production", revoked: dict | None = Non
     gate's verdict."""
     from cdm.attribution import attribute
     from cdm.compose import class_priors
-    from cdm.platform.models.composites import load_production, production
+    from cdm.platform.models.composites import load_production, no_composite, production
     from cdm.platform.models.serving import build_composite
     from cdm.schedulers import sampling_scheduler
 
     prod = production(ctx, alias)
     if prod is None:
-        raise WorkspaceError(f"no {alias} composite; run `cdm compose` first")
+        raise no_composite(alias)
     version, spec = prod
     with load_production(ctx, alias) as model:
         served = model.unwrap_python_model()

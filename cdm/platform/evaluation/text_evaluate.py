@@ -95,7 +95,7 @@ def evaluate_text(ctx, alias: str = "production") -> dict:
     with the real images' score as the ceiling. The newest servable paragon on exactly the composite's owners is
     measured on the same prompts and noise, and the ratios come with paired bootstrap intervals."""
     from cdm.platform.models import gate, registry
-    from cdm.platform.models.composites import load_production, production
+    from cdm.platform.models.composites import load_production, no_composite, production
     from cdm.platform.workspace.errors import WorkspaceError
     from cdm.quality import frechet_distance
     from cdm.text.alignment import alignment
@@ -104,7 +104,7 @@ def evaluate_text(ctx, alias: str = "production") -> dict:
 
     prod = production(ctx, alias)
     if prod is None:
-        raise WorkspaceError(f"no {alias} composite; run `cdm compose` first")
+        raise no_composite(alias)
     version, spec = prod
     e, ws = ctx.params.evaluate, ctx.ws
     served_keys = {k for s in spec["shards"] for k in s["owners"]}

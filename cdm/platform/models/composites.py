@@ -24,6 +24,17 @@ class NothingToCompose(WorkspaceError):
     """No shard is left to compose (every owner revoked, or nothing trained)."""
 
 
+# The refusals a command meets before any flow runs (flows/commands: `compose_ready`, `evaluate_ready`) and the
+# flows themselves (a deployment runs them without the CLI), worded once.
+NO_SHARD = "no shard to compose; ingest data and run `cdm train` first"
+
+
+def no_composite(alias: str) -> WorkspaceError:
+    """The refusal of a command that needs the composite `alias` names when the registry has none."""
+    hint = " --candidate" if alias != registry.PRODUCTION else ""
+    return WorkspaceError(f"no {alias} composite; run `cdm compose{hint}` first")
+
+
 def _shard_entry(sid: str, mv) -> dict:
     entry = {"id": sid, "model": mv.name, "version": str(mv.version),
              "owners": json.loads(mv.tags["cdm.owner_counts"]), "class_counts": json.loads(mv.tags["cdm.class_counts"]),
@@ -35,7 +46,7 @@ def _shard_entry(sid: str, mv) -> dict:
 
 def _spec(ctx: Context, shards: list[dict], estimator: str, revocations: list[str]) -> dict:
     if not shards:
-        raise NothingToCompose("no shard to compose; ingest data and run `cdm train` first")
+        raise NothingToCompose(NO_SHARD)
     from cdm.schedulers import NoiseSchedule
 
     p = ctx.params.compose
@@ -229,7 +240,6 @@ def load_production(ctx: Context, alias: str = registry.PRODUCTION):
     """The production composite (or the one `alias` names) as an MLflow pyfunc, its files in the workspace's
     temporary folder while it is in use (removed on exit); its code checked against the installed copy first."""
     if registry.alias_version(ctx.client, registry.COMPOSITE, alias) is None:
-        raise WorkspaceError(f"no {alias} composite; run `cdm compose" + (" --candidate" if alias != registry.PRODUCTION
-                                                                          else "") + "` first")
+        raise no_composite(alias)
     with ctx.ws.tempdir() as tmp:
         yield registry.load_pyfunc(ctx.client, f"models:/{registry.COMPOSITE}@{alias}", tmp)

@@ -46,6 +46,10 @@ def revoked_owner_keys(ws: Workspace) -> dict[str, str]:
     return {k: r.revocation or "revoked" for k, r in owner_records.records(ws).items() if r.state == "revoked"}
 
 
+# `cdm train`'s refusal with no owner to plan, worded once for the command's check before any flow and the flow.
+NO_OWNERS = "no owners in the workspace; ingest data first"
+
+
 def active_owners(ws: Workspace) -> list[str]:
     """Owners with data in the workspace, minus those under revocation (their folder stays until the purge)."""
     revoked = {r.owner for r in owner_records.records(ws).values() if r.state == "revoked"}
