@@ -34,15 +34,19 @@ def run_cdm(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
 
 
 def start_cdm(*args: str) -> subprocess.Popen:
+    """The command in its own process group, so that `kill_when` kills what it started with it."""
     return subprocess.Popen([*CDM, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            cwd=Path(__file__).resolve().parents[2])
+                            cwd=Path(__file__).resolve().parents[2], start_new_session=True)
 
 
 def kill_when(proc: subprocess.Popen, condition, timeout: float = 300) -> bool:
+    """kill -9 the command once `condition()` holds, with its process group: the Prefect server of its own that an
+    ephemeral API starts (tests/conftest.py) dies with it instead of outliving the test (a background revocation is
+    a session of its own, and lives on)."""
     deadline = time.time() + timeout
     while time.time() < deadline and proc.poll() is None:
         if condition():
-            os.kill(proc.pid, signal.SIGKILL)
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             return True
         time.sleep(0.05)
