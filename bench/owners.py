@@ -33,7 +33,7 @@ def run_n(n: int, images: int, steps: int, root: Path) -> dict:
     from cdm.config import Params
     from cdm.data import digits_uint8, write_class_folders
     from cdm.platform.workspace import owner_records
-    from cdm.platform.forgetting import request
+    from cdm.platform.forgetting import begin
     from cdm.platform.workspace.context import Context
     from cdm.platform.create import init_workspace
     from flows.commands import status
@@ -86,7 +86,7 @@ def run_n(n: int, images: int, steps: int, root: Path) -> dict:
     victim = owners[0]
     key = ctx.ws.owner_key(victim)
     t = time.perf_counter()
-    rev = request.begin(ctx, key, owner_records.sign_revocation(tokens[victim], key, "bench"), "bench")
+    rev = begin.begin(ctx, key, owner_records.sign_revocation(tokens[victim], key, "bench"), "bench")
     plan = steps_.plan.fn(ctx, rev.request_id)
     steps_.go_live.fn(ctx, rev.request_id, plan)
     out["revoke_to_live_s"] = round(time.perf_counter() - t, 3)

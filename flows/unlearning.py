@@ -7,7 +7,7 @@ Parameters are the owner key and, for a request that comes as an event, the owne
 (`owner_records.sign_revocation`): never the token or the raw id (Prefect stores flow parameters), and nothing a
 reader of Prefect's database could reuse for another request. `cdm revoke` checks the token itself and begins the
 request before the flow runs, so no proof reaches Prefect on that path. `until="go_live"` stops once the owner is out of serving; running the
-flow again finishes the job (each step is recorded, see cdm/platform/forgetting/request.py).
+flow again finishes the job (each step is recorded, see cdm/platform/forgetting/record.py).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Literal
 
 from prefect import flow
 
-from cdm.platform.forgetting import request
+from cdm.platform.forgetting import begin, record
 from cdm.platform.forgetting.needles import needles
 from flows import load_served
 from tasks import unlearn as steps
@@ -40,9 +40,9 @@ def unlearn_owner(workspace: str, owner_key: str, signature: str | None = None, 
     # nobody who merely reaches the Prefect API can start an operator revocation.
     proof = {"signature": signature, "issued_at": issued_at,
              "received": received.timestamp() if received is not None else None} if signature else None
-    rev = request.begin(ctx, owner_key, proof, reason or None, via="event" if proof else "command",
+    rev = begin.begin(ctx, owner_key, proof, reason or None, via="event" if proof else "command",
                         create=proof is not None)
-    with request.runner(ctx.ws, rev.request_id):  # one process at a time on a request
+    with record.runner(ctx.ws, rev.request_id):  # one process at a time on a request
         plan = steps.plan(ctx, rev.request_id)
         live = steps.go_live(ctx, rev.request_id, plan)
         steps.remove_schedule(owner_key)
@@ -51,7 +51,7 @@ def unlearn_owner(workspace: str, owner_key: str, signature: str | None = None, 
                     "completed": False}
         # From the needles file taken at `begin`, plus the token in memory (never written). Not needed once
         # verified.
-        found = needles(ctx, rev, known_token.get()) if request.load(ctx.ws, rev.request_id).verify is None else None
+        found = needles(ctx, rev, known_token.get()) if record.load(ctx.ws, rev.request_id).verify is None else None
         retrained = steps.retrain(ctx, rev.request_id, plan, live, progress)
         steps.forgetting_check(ctx, rev.request_id, plan, retrained)
         purged = steps.purge(ctx, rev.request_id, plan, live, retrained)

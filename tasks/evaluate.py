@@ -16,7 +16,7 @@ def evaluate_production(ctx: Context, alias: str = "production") -> dict:
 
         metrics = evaluate_text(ctx, alias)
     else:
-        from cdm.platform.forgetting.request import revoked_membership
+        from cdm.platform.forgetting.record import revoked_membership
 
         metrics = evaluate(ctx, alias, revoked=revoked_membership(ctx.ws))
     metrics["mlflow_run"] = log_evaluation(ctx, metrics)

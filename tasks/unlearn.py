@@ -26,13 +26,7 @@ from cdm.platform.forgetting import purge as purge_step
 from cdm.platform.forgetting import reevaluate as reevaluate_step
 from cdm.platform.forgetting import retrain as retrain_step
 from cdm.platform.forgetting import verification as verify_step
-from cdm.platform.forgetting.forgetting_check import Forgetting
-from cdm.platform.forgetting.go_live import Live
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.purge import Purged
-from cdm.platform.forgetting.request import load
-from cdm.platform.forgetting.retrain import Retrained
-from cdm.platform.forgetting.verification import Verification
+from cdm.platform.forgetting.record import Forgetting, Live, Plan, Purged, Retrained, Verification, load
 from cdm.platform.workspace.context import Context
 from tasks import retry_on_io
 

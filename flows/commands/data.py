@@ -99,7 +99,7 @@ def consent(workspace: str, owner: str):
         raise WorkspaceError(f"no record of owner {owner!r}: a first `cdm ingest` records their consent")
     if rec.state != "revoked":
         raise WorkspaceError(f"owner {owner!r} has not revoked consent; nothing to record")
-    from cdm.platform.forgetting.request import load
+    from cdm.platform.forgetting.record import load
 
     if rec.revocation and not load(ctx.ws, rec.revocation).completed:
         raise WorkspaceError(f"the revocation of {owner!r} is still in progress; consent can follow once it ends")

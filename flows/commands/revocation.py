@@ -26,8 +26,8 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
     """Checked and begun here (the token stays in this process), out of serving in this process, the rest in a
     background process unless `wait` (it gets the token through a pipe, to search the stores for it)."""
     from cdm.platform.workspace import owner_records
-    from cdm.platform.forgetting import go_live, plan, request
-    from cdm.platform.forgetting.request import load, sweep_needles
+    from cdm.platform.forgetting import begin, go_live, plan, record
+    from cdm.platform.forgetting.record import load, sweep_needles
     from cdm.platform.workspace.paths import check_owner_id
 
     token = read_token(token, token_stdin)
@@ -47,7 +47,7 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         if not rec.token_public_key:  # a record made before signed requests: the token shown here upgrades it
             owner_records.update(ctx.ws, key, token_public_key=owner_records.public_key(token), drop=("token_sha256",))
         proof = owner_records.sign_revocation(token, key, reason)
-    rev = request.begin(ctx, key, proof, reason)
+    rev = begin.begin(ctx, key, proof, reason)
     if wait:
         from flows.unlearning import known_token, unlearn_owner
 
@@ -60,7 +60,7 @@ def revoke(workspace: str, owner: str, reason: str | None, token: str | None, wa
         return _revoked(owner, cert)
     # Out of serving without waiting for a Prefect API to start: the two steps run here, under the request's
     # runner lock, and are recorded; the background flow run finds them done and removes the schedule first.
-    with request.runner(ctx.ws, rev.request_id):
+    with record.runner(ctx.ws, rev.request_id):
         rev = load(ctx.ws, rev.request_id)
         live_step = go_live.run(ctx, rev, plan.run(ctx, rev))
     live = {"request_id": rev.request_id, "owner_key": key, "live": live_step.model_dump(), "completed": False}

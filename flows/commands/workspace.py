@@ -15,7 +15,7 @@ def status(workspace: str):
     from cdm.platform.models import registry
     from cdm.platform.models.composites import production
     from cdm.platform.models.gate import active_owners
-    from cdm.platform.forgetting.request import all_revocations, sweep_needles
+    from cdm.platform.forgetting.record import all_revocations, sweep_needles
     from cdm.platform.models.shards import load_plan
 
     ctx = _ctx(workspace)

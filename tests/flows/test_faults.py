@@ -90,7 +90,7 @@ KILL_AFTER = {"plan": "erin", "go_live": "carol", "retrain": "bob", "forgetting_
 
 
 def steps_done(ws: Workspace, owner: str) -> list[str]:
-    from cdm.platform.forgetting.request import load
+    from cdm.platform.forgetting.record import load
 
     rec = owner_records.record(ws, ws.owner_key(owner))
     try:
@@ -190,7 +190,7 @@ def test_unlearning_killed_inside_a_step_completes_on_rerun(ws_faults, point):
     assert prod is not None and key not in json.loads(prod.tags["cdm.owner_keys"])
     from cdm.platform.workspace import ledger
 
-    from cdm.platform.forgetting.request import load
+    from cdm.platform.forgetting.record import load
 
     # One ledger entry, whose hash is the certificate's (a rerun after a kill in certify certifies the same document).
     recorded = load(ws, cert["request_id"]).certify

@@ -26,7 +26,7 @@ from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
 from cdm.platform.workspace.errors import OwnerRevoked
 from cdm.platform.data.ingest import IngestionRejected
-from cdm.platform.forgetting.request import all_revocations
+from cdm.platform.forgetting.record import all_revocations
 from flows.cli import main as cli
 
 pytestmark = pytest.mark.usefixtures("prefect_harness")

@@ -128,7 +128,7 @@ def test_lora_compartments_register_adapters_alone_and_a_revocation_never_touche
     assert all(key not in json.loads(mv.tags["cdm.owner_keys"]) for mv in left) and len(left) == 1
     init_after = c.get_model_version(registry.INIT, base["version"])  # the base is untouched
     assert init_after.tags["cdm.weights_sha256"] == init_before.tags["cdm.weights_sha256"]
-    from cdm.platform.forgetting.request import all_revocations
+    from cdm.platform.forgetting.record import all_revocations
 
     cert = all_revocations(ws)[0].certify
     assert cert["verification"]["ok"] and cert["shared_base"]["version"] == base["version"]

@@ -186,7 +186,7 @@ def unauthenticated_requests(stack) -> dict[str, int]:
 
 
 def wait_for_revocation(root: Path, timeout: float) -> dict:
-    from cdm.platform.forgetting.request import all_revocations
+    from cdm.platform.forgetting.record import all_revocations
     from cdm.platform.workspace.paths import Workspace
 
     deadline = time.time() + timeout

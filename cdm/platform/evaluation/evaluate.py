@@ -206,7 +206,7 @@ def likelihood(m: Models, data: Dataset, e: EvaluateParams) -> dict:
 def evaluate(ctx: Context, alias: str = "production", revoked: dict | None = None) -> dict:
     """Metrics of the production composite (or of the one `alias` names, e.g. a candidate) against the owners'
     current data (`measure`), with the attribution by owner key, the revoked owners' membership figures (`revoked`:
-    {owner key: the revocation's recorded membership check}, `forgetting.request.revoked_membership`) and the
+    {owner key: the revocation's recorded membership check}, `forgetting.record.revoked_membership`) and the
     gate's verdict."""
     from cdm.attribution import attribute
     from cdm.compose import class_priors

@@ -1,6 +1,7 @@
 """A revocation carried out and proven, one module per step (docs/design.md §5):
 
-    request           the record (`Revocation`, one field per step), acceptance (`begin`), the runner lock
+    record            the record's schema (`Revocation`, one typed output per step), its writes, the runner lock
+    begin             the request accepted (or resumed)
     plan              which of the owner's shards drop and which retrain
     go_live           the owner leaves the shard plan; production without every shard that saw them
     retrain           shared shards retrain without the owner; production gets them back
@@ -10,8 +11,8 @@
     reevaluate        the composite served after, measured
     certify           the certificate, the ledger entry and its anchor; `complete`
 
-Each step module holds its typed output, its logic, its writes and fault points, and `run`, which records the
-output through `record` (paths, the write of a step's output, the runner lock). Beside them: `needles` (what the
+Each step module holds its logic, its writes and fault points, and `run`, which records its output through
+`record.recorded`. `record` imports no step, and every step imports it: no circle. Beside them: `needles` (what the
 scan looks for, taken at `begin`), `stores` (every store cdm writes, and the purge of Prefect's log lines) and
 `scan` (the byte and pixel search).
 

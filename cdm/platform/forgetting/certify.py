@@ -8,17 +8,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import TYPE_CHECKING
-
-from cdm.platform.forgetting.record import fault_point, needles_path, save
+from cdm.platform.forgetting.record import Revocation, fault_point, needles_path, save
 from cdm.platform.forgetting.verification import VerificationFailed
 from cdm.platform.models import registry
 from cdm.platform.workspace import ledger, owner_records
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.paths import now
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
 
 
 def shared_base(ctx: Context) -> dict | None:

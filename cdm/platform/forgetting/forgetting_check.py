@@ -2,28 +2,10 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.record import recorded
-from cdm.platform.forgetting.retrain import Retrained
+from cdm.platform.forgetting.record import Forgetting, Plan, Retrained, Revocation, recorded
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import WorkspaceError
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
-
-class Forgetting(BaseModel):
-    n: int = 0
-    auc_before: float | None = None
-    auc_after: float | None = None
-    auc_control: float | None = None  # the shared base (saw neither set) on the same images; None: no base
-    verdict: str = "not measured"  # `membership_verdict` (95% intervals): met only if the attack fired before
-    skipped: str | None = None
 
 
 def forgetting_check(ctx: Context, rev: Revocation, plan: Plan, retrained: Retrained) -> Forgetting:

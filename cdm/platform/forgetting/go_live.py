@@ -3,25 +3,11 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.record import fault_point, recorded
+from cdm.platform.forgetting.record import Live, Plan, Revocation, fault_point, recorded
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
 
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
 PROMOTE_ATTEMPTS = 5  # compare-and-set retries when another command moves production at the same moment
-
-
-class Live(BaseModel):
-    composite_live: str | None  # production without every shard that saw the owner (None: nothing left to serve)
-    estimator: str | None
-    seconds_to_live: float
 
 
 def leave_shard_plan(ctx: Context, owner_key: str) -> None:

@@ -15,18 +15,13 @@ import base64
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
 from cdm.platform.data import dvc
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.fileio import atomic_write
-from cdm.platform.forgetting.record import needles_path
+from cdm.platform.forgetting.record import Revocation, needles_path
 from cdm.platform.forgetting.scan import Needles
 from cdm.platform.workspace.paths import Workspace
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
 
 
 def write_needles(ctx: Context, rec: owner_records.OwnerRecord, path: Path) -> None:

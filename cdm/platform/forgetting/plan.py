@@ -3,22 +3,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
-from cdm.platform.forgetting.record import recorded
+from cdm.platform.forgetting.record import Plan, Revocation, recorded
 from cdm.platform.workspace.context import Context
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
-
-class Plan(BaseModel):
-    exclusive_shards: list[str]  # only the owner's data: dropped
-    shared_shards: list[str]  # the owner and others: retrained without the owner
-    composite_before: str | None  # production version when the request came
-    estimator: str | None
 
 
 def plan(ctx: Context, rev: Revocation) -> Plan:

@@ -14,47 +14,15 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
 from cdm.platform.data import dvc
-from cdm.platform.forgetting.go_live import Live
 from cdm.platform.forgetting.needles import owner_objects
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.record import fault_point, needles_path, recorded, save
-from cdm.platform.forgetting.retrain import Retrained
+from cdm.platform.forgetting.record import (Live, Plan, Purged, PurgeIntent, Retrained, Revocation, fault_point, needles_path,
+                                           recorded, save)
 from cdm.platform.models import cleanup, registry
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.gitrepo import commit
 from cdm.platform.workspace.paths import Workspace
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
-
-class PurgeIntent(BaseModel):
-    """What the purge will delete, recorded before it deletes anything: a rerun after a crash inside the purge
-    deletes at least this, even once the tags and local files it was derived from are gone."""
-    versions: list[tuple[str, str]]  # (registered model, version)
-    registered_models: list[str]  # deleted whole (the owner's exclusive shards)
-    runs: list[str] = []  # runs that name the owner and registered nothing (a training refused or killed)
-    # (The owner's DVC object ids are not here: they are needles, kept in the needles file taken at `begin`, which
-    # the scan skips and completion deletes; no ingestion of the owner can add objects after `begin`.)
-    paths: list[str]  # workspace-relative files and folders (checkpoints, reports)
-
-
-class Purged(BaseModel):
-    versions: list[str]
-    runs: list[str]
-    logged_models: list[str]
-    registered_models: list[str]
-    paths: list[str]
-    objects: dict[str, int]  # {"cache": n, "remote": n}
-    data_hash: str | None
-    seconds: float
-    prefect_logs: int = 0  # Prefect log lines that named the owner, deleted
 
 
 def purge_intent(ctx: Context, rev: Revocation, plan: Plan, live: Live, retrained: Retrained) -> PurgeIntent:

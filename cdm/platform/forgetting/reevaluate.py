@@ -2,19 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-from cdm.platform.forgetting.record import recorded
-from cdm.platform.forgetting.retrain import Retrained
+from cdm.platform.forgetting.record import Retrained, Revocation, recorded, revoked_membership
 from cdm.platform.workspace.context import Context
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
 
 
 def reevaluate(ctx: Context, rev: Revocation, retrained: Retrained) -> dict:
     from cdm.platform.evaluation.evaluate import evaluate
-    from cdm.platform.forgetting.request import revoked_membership
     from cdm.platform.models.serving import ShardRevoked
 
     if retrained.composite_after is None:

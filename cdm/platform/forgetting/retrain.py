@@ -3,24 +3,10 @@
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
-from cdm.platform.forgetting.go_live import PROMOTE_ATTEMPTS, Live
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.record import fault_point, recorded
+from cdm.platform.forgetting.go_live import PROMOTE_ATTEMPTS
+from cdm.platform.forgetting.record import Live, Plan, Retrained, Revocation, fault_point, recorded
 from cdm.platform.models import cleanup, registry
 from cdm.platform.workspace.context import Context
-
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
-
-class Retrained(BaseModel):
-    shards: dict[str, dict]  # shard -> {version, resumed_from_slice, steps_run, wall_seconds}
-    composite_after: str | None
-    router_retrained: bool
 
 
 def retrain(ctx: Context, rev: Revocation, plan: Plan, live: Live, progress: bool = False) -> Retrained:

@@ -8,35 +8,17 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-from pydantic import BaseModel
-
 from cdm.platform.data import dvc
 from cdm.platform.forgetting.needles import missing_needles, needle_counts, needles, with_tokens
-from cdm.platform.forgetting.purge import Purged
-from cdm.platform.forgetting.record import needles_path, recorded, save
+from cdm.platform.forgetting.record import Purged, Revocation, Verification, needles_path, recorded, save
 from cdm.platform.forgetting.scan import Needles, ScanReport
 from cdm.platform.models import registry
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import CommandFailed
 
-if TYPE_CHECKING:
-    from cdm.platform.forgetting.request import Revocation
-
 
 class VerificationFailed(CommandFailed):
     """The scan found traces: the request stays open, its purge is redone by the next run (exit 1)."""
-
-
-class Verification(BaseModel):
-    ok: bool
-    mlflow: dict  # versions and runs still there, tags still naming the owner key
-    dvc: dict  # the owner's objects still in cache and remote
-    scan: dict  # ScanReport.as_dict(): stores scanned, findings
-    pixel_search: bool  # the sample files and their decoded pixels were searched too
-    needles: dict[str, int] = {}  # how many needles of each kind were searched for
-    needles_missing: dict[str, list[int]] = {}  # kinds searched less than the needles file asks: [searched, asked]
 
 
 def verify(ctx: Context, rev: Revocation, purged: Purged, found: tuple[Needles, bool],

@@ -7,7 +7,7 @@ How each path is held to it:
 
     accept     `mark_revoked`, under the workspace lock: every registered version that saw the owner (and every
                composite of such a version) is tagged `cdm.revoked=<request>`, and the registry's revocation epoch
-               moves on. The owner record turns `revoked` in the same critical section (`forgetting.request.begin`).
+               moves on. The owner record turns `revoked` in the same critical section (`forgetting.begin`).
     train      `active_owners` leaves owners under revocation out of every plan; a new version is created under
                the lock only if none of its owners is revoked (`admit_owners`), else its run is discarded.
     compose    `servable` picks, per shard, the newest version that is not marked and saw no revoked owner.

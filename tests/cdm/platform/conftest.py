@@ -28,7 +28,7 @@ def begin_needles():
         from cdm.platform.workspace import owner_records
         from cdm.platform.forgetting.needles import write_needles
         from cdm.platform.forgetting.record import needles_path
-        from cdm.platform.forgetting.request import Revocation
+        from cdm.platform.forgetting.record import Revocation
 
         key = ctx.ws.owner_key(owner)
         rev = Revocation(request_id=request_id, owner_key=key, received="now", received_ts=0.0)

@@ -18,7 +18,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cdm.config import Params
 from cdm.platform.models import composites, gate, registry
 from cdm.platform.workspace import owner_records
-from cdm.platform.forgetting import go_live, plan, request
+from cdm.platform.forgetting import begin, go_live, plan
 from cdm.platform.workspace.context import Context
 from cdm.platform.create import init_workspace
 from cdm.platform.models.serving import RevocationWatch
@@ -144,7 +144,7 @@ class Serving(RuleBasedStateMachine):
         key = self.ctx.ws.owner_key(owner)
         prod = production_spec(self.ctx)
         with self.ctx.ws.lock():
-            request.accept(self.ctx, key, f"rev-{owner}")
+            begin.accept(self.ctx, key, f"rev-{owner}")
         self.stale[owner] = prod[0] if prod else None
         self.revoked.add(owner)
         self.tainted |= {v for v, seen in self.versions.items() if owner in seen}
@@ -237,7 +237,7 @@ def test_promote_is_a_compare_and_set_that_refuses_revoked_versions(ctx):
     with pytest.raises(gate.ProductionMoved):  # someone else's expectation of production is stale
         register_composite(ctx, composites.build_spec(ctx, "prior"), expected=str(int(first) + 7))
     with ctx.ws.lock():
-        request.accept(ctx, ctx.ws.owner_key("ann"), "rev-test")
+        begin.accept(ctx, ctx.ws.owner_key("ann"), "rev-test")
     assert ctx.client.get_model_version(registry.SHARD_PREFIX + "sa", v1).tags[registry.REVOKED] == "rev-test"
     assert ctx.client.get_model_version(registry.COMPOSITE, first).tags[registry.REVOKED] == "rev-test"
     assert registry.revocation_epoch(ctx.client) == "1"
@@ -258,8 +258,7 @@ def test_a_registry_outage_is_an_error_in_promote_plan_and_go_live(ctx, monkeypa
     the owner's shard)."""
     from mlflow.exceptions import MlflowException
 
-    from cdm.platform.forgetting.plan import Plan
-    from cdm.platform.forgetting.request import Revocation
+    from cdm.platform.forgetting.record import Plan, Revocation
 
     reset(ctx)
     save_plan(ctx.ws, {"sa": ["ann"], "sb": ["ben"]})

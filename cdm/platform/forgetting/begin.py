@@ -1,117 +1,24 @@
-"""A revocation request: its typed record and its acceptance (docs/design.md §5).
-
-    begin (accept) -> plan -> go_live -> retrain -> forgetting_check -> purge -> verify -> reevaluate -> certify
-
-Each step is one module of this package holding its typed output (its field of `Revocation`), its logic, the writes
-it makes and its fault points, and a `run(ctx, revocation, inputs...)` that returns the recorded output or runs the
-step and records it (`record.recorded`) before the next starts: a run that died anywhere is finished by running it
-again, and `cdm status` reads progress from the record. `tasks/unlearn.py` runs each as one Prefect task. The owner's
-raw id is read from the owner record when a step needs it, never stored in the record.
-
-Needles for the final scan (the token's public key, the owner's sample hashes and files, DVC object ids) are taken
-at `begin`, while the data still exists, into `<request_id>.needles.json` beside the record (0600): a run resumed
-after the purge searches for the same; `certify.complete` deletes that file.
-"""
+"""Step `begin`: a revocation accepted (or resumed), under the workspace lock — its record and needles first, then
+the owner record `revoked` and every version that saw them marked unservable (docs/design.md §5)."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 import uuid
-from typing import Literal
 
-from pydantic import BaseModel
-
-from cdm.platform.forgetting.forgetting_check import Forgetting
-from cdm.platform.forgetting.go_live import Live
 from cdm.platform.forgetting.needles import write_needles
-from cdm.platform.forgetting.plan import Plan
-from cdm.platform.forgetting.purge import PurgeIntent, Purged
-from cdm.platform.forgetting.record import fault_point, needles_path, record_path, runner_lock, save
-from cdm.platform.forgetting.retrain import Retrained
-from cdm.platform.forgetting.verification import Verification
+from cdm.platform.forgetting.record import (Revocation, all_revocations, fault_point, load, needles_path, record_path, save,
+                                           sweep_needles)
 from cdm.platform.workspace import owner_records
 from cdm.platform.workspace.context import Context
 from cdm.platform.workspace.errors import WorkspaceError
 from cdm.platform.workspace.paths import Workspace, now
-
-STEPS = ("plan", "go_live", "retrain", "forgetting_check", "purge", "verify", "reevaluate", "certify")
 
 
 class AlreadyRevoked(WorkspaceError):
     pass
 
 
-class RevocationRunning(WorkspaceError):
-    """Another process is working on this request (one runner per request)."""
-
-
-class Revocation(BaseModel):
-    request_id: str
-    owner_key: str
-    received: str
-    received_ts: float
-    reason: str | None = None
-    requested_by: Literal["owner", "operator"] = "operator"
-    # How the request came: a command (the token, if any, was checked in that process) or a Prefect event (its
-    # payload, the token's sha256, is then stored by Prefect as the request's proof).
-    requested_via: Literal["command", "event"] = "command"
-    shards: dict[str, list[str]] | None = None  # the shard plan's shards holding the owner at acceptance (keys)
-    accepted_ts: float | None = None  # when the marks and the owner record were written (the request took effect)
-    plan: Plan | None = None
-    go_live: Live | None = None
-    retrain: Retrained | None = None
-    forgetting_check: Forgetting | None = None
-    purge_intent: PurgeIntent | None = None  # recorded first thing in `purge`
-    purge: Purged | None = None
-    verify: Verification | None = None
-    # Verifications that found something: each reopened the purge (the request stays open until one is ok).
-    failed_verifications: list[dict] = []
-    reevaluate: dict | None = None
-    certificate_draft: dict | None = None  # the certificate as the ledger entry hashes it (written first)
-    certify: dict | None = None  # the certificate
-    completed: bool = False
-
-    @property
-    def steps_done(self) -> list[str]:
-        return [s for s in STEPS if getattr(self, s) is not None]
-
-    @property
-    def next_step(self) -> str | None:
-        return next((s for s in STEPS if getattr(self, s) is None), None)
-
-
-def load(ws: Workspace, request_id: str) -> Revocation:
-    return Revocation.model_validate_json(record_path(ws, request_id).read_text())
-
-
-def all_revocations(ws: Workspace) -> list[Revocation]:
-    if not ws.revocations_dir.exists():
-        return []
-    return [Revocation.model_validate_json(p.read_text()) for p in sorted(ws.revocations_dir.glob("rev-*.json"))
-            if not p.name.endswith(".needles.json")]
-
-
-def sweep_needles(ws: Workspace) -> list[str]:
-    """Delete the needles file of every completed request (a crash between completion and the deletion leaves
-    one; it holds the owner's sample hashes, which must not outlive the certificate)."""
-    swept = []
-    for rev in all_revocations(ws):
-        path = needles_path(ws, rev.request_id)
-        if rev.completed and path.exists():
-            path.unlink(missing_ok=True)
-            swept.append(rev.request_id)
-    return swept
-
-
-def revoked_membership(ws: Workspace) -> dict[str, Forgetting]:
-    """The membership check (AUC after, verdict with its positive control) of each revoked owner, as measured when
-    it was revoked (their data is gone now), by owner key: what `evaluate` reports beside the composite's figures."""
-    return {r.owner_key: r.forgetting_check for r in all_revocations(ws)
-            if r.completed and r.forgetting_check is not None and r.forgetting_check.auc_after is not None}
-
-
-# -- acceptance ----------------------------------------------------------------------------------------------
 def begin(ctx: Context, owner_key: str, proof: dict | None = None, reason: str | None = None,
           via: str = "command", create: bool = True) -> Revocation:
     """Accept (or resume) the revocation of the owner `owner_key`.
@@ -195,20 +102,3 @@ def accept(ctx: Context, owner_key: str, request_id: str) -> None:
     fault_point("begin:after-mark")
     owner_records.update(ctx.ws, owner_key, state="revoked", revocation=request_id,
                          drop=("source", "cron", "license", "token_public_key", "token_sha256"))
-
-
-@contextlib.contextmanager
-def runner(ws: Workspace, request_id: str):
-    """Hold the request's runner lock (`record.runner_lock`), or refuse: another process is on it."""
-    from filelock import Timeout
-
-    lock = runner_lock(ws, request_id)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise RevocationRunning(f"{request_id} is being processed by another process; `cdm status` shows its "
-                                "progress") from None
-    try:
-        yield
-    finally:
-        lock.release()
