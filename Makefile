@@ -13,7 +13,7 @@ STAMP  := $(VENV)/.installed
 install: $(STAMP)
 
 # torch through pip (it finds the CPU build on this disk; uv does not look there), then everything else through uv,
-# pinned, from constraints.txt, compiled to bytecode as pip does: ~35 s instead of pip's ~90 s on a fresh machine. uv
+# pinned, from constraints.txt, compiled to bytecode as pip does: 48 s instead of pip's 1 min 53 s here, uv's cache empty. uv
 # keeps the torch it finds.
 UV     := uv==0.13.10
 # `make test` runs the suite on this many pytest-xdist workers (one torch thread each, tests/conftest.py); each
